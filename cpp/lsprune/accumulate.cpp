@@ -1,0 +1,294 @@
+#include "accumulate.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#include "blas.hpp"
+
+namespace lsp {
+namespace {
+
+// Exact IEEE half -> float conversion by table (portable; no F16C needed).
+const float* half_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(65536);
+    for (std::uint32_t h = 0; h < 65536; ++h) {
+      std::uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu, bits;
+      if (exp == 0) {
+        if (man == 0) {
+          bits = sign;
+        } else {  // subnormal: renormalize
+          int e = -1;
+          do { ++e; man <<= 1; } while ((man & 0x400u) == 0);
+          bits = sign | (std::uint32_t(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+        }
+      } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+      } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+      }
+      std::memcpy(&t[h], &bits, 4);
+    }
+    return t;
+  }();
+  return table.data();
+}
+
+template <class S>
+struct Reader;  // S = storage type; read(i) returns the value as double/float
+template <>
+struct Reader<float> {
+  const float* p;
+  float operator()(Index i) const { return p[i]; }
+};
+template <>
+struct Reader<double> {
+  const double* p;
+  double operator()(Index i) const { return p[i]; }
+};
+template <>
+struct Reader<std::uint16_t> {
+  const std::uint16_t* p;
+  const float* t = half_table();
+  float operator()(Index i) const { return t[p[i]]; }
+};
+
+template <class F>
+void dispatch(DType dt, const void* data, F&& f) {
+  switch (dt) {
+    case DType::F16: f(Reader<std::uint16_t>{static_cast<const std::uint16_t*>(data)}); break;
+    case DType::F32: f(Reader<float>{static_cast<const float*>(data)}); break;
+    case DType::F64: f(Reader<double>{static_cast<const double*>(data)}); break;
+  }
+}
+
+// Column sums (and optionally sums of squares) in float64 of a strided view.
+// Deterministic for a given thread count (fixed partition, ordered reduction).
+void column_sums(const MatrixView& v, double* sum, double* sumsq) {
+  const Index N = v.rows, D = v.cols, rs = v.row_stride, cs = v.col_stride;
+  std::fill(sum, sum + D, 0.0);
+  if (sumsq) std::fill(sumsq, sumsq + D, 0.0);
+  if (N == 0 || D == 0) return;
+  dispatch(v.dtype, v.data, [&](auto rd) {
+    if (cs == 1 && D < N) {  // row-contiguous: threads take row ranges
+      int nt = omp_get_max_threads();
+      std::vector<double> part(std::size_t(nt) * D * (sumsq ? 2 : 1), 0.0);
+#pragma omp parallel num_threads(nt)
+      {
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+        Index r0 = N * t / T, r1 = N * (t + 1) / T;
+        double* s = part.data() + std::size_t(t) * D * (sumsq ? 2 : 1);
+        double* q = s + D;
+        for (Index r = r0; r < r1; ++r) {
+          Index base = r * rs;
+          if (sumsq) {
+            for (Index j = 0; j < D; ++j) { double a = rd(base + j); s[j] += a; q[j] += a * a; }
+          } else {
+            for (Index j = 0; j < D; ++j) s[j] += rd(base + j);
+          }
+        }
+      }
+      for (int t = 0; t < nt; ++t) {
+        const double* s = part.data() + std::size_t(t) * D * (sumsq ? 2 : 1);
+        for (Index j = 0; j < D; ++j) sum[j] += s[j];
+        if (sumsq) for (Index j = 0; j < D; ++j) sumsq[j] += s[D + j];
+      }
+    } else {  // threads take columns
+#pragma omp parallel for schedule(static)
+      for (Index j = 0; j < D; ++j) {
+        double s = 0, q = 0;
+        Index base = j * cs;
+        for (Index r = 0; r < N; ++r) { double a = rd(base + r * rs); s += a; q += a * a; }
+        sum[j] = s;
+        if (sumsq) sumsq[j] = q;
+      }
+    }
+  });
+}
+
+bool all_finite(const double* p, Index n) {
+  for (Index i = 0; i < n; ++i)
+    if (!std::isfinite(p[i])) return false;
+  return true;
+}
+
+template <class T>
+constexpr DType dtype_of();
+template <>
+constexpr DType dtype_of<float>() { return DType::F32; }
+template <>
+constexpr DType dtype_of<double>() { return DType::F64; }
+
+// A matrix usable by BLAS without a copy: unit stride in one dimension.
+bool blas_ready(const MatrixView& v, DType want) {
+  if (v.dtype != want) return false;
+  if (v.col_stride == 1 && (v.row_stride >= v.cols || v.rows <= 1)) return true;
+  if (v.row_stride == 1 && (v.col_stride >= v.rows || v.cols <= 1)) return true;
+  return false;
+}
+
+// BLAS operand for rows [r0, r0+n) of a view: pointer, leading dimension and
+// whether the memory holds the matrix (row-major) or its transpose.
+template <class T>
+struct Operand {
+  const T* p;
+  Index ld;
+  bool transposed;  // memory is cols x rows row-major
+};
+
+template <class T>
+Operand<T> direct_operand(const MatrixView& v, Index r0) {
+  const T* base = static_cast<const T*>(v.data);
+  if (v.col_stride == 1 && (v.row_stride >= v.cols || v.rows <= 1))
+    return {base + r0 * v.row_stride, std::max<Index>(v.row_stride, v.cols), false};
+  return {base + r0, std::max<Index>(v.col_stride, v.rows), true};
+}
+
+// Converts rows [r0, r0+n) to a contiguous row-major T buffer.
+template <class T>
+Operand<T> copy_operand(const MatrixView& v, Index r0, Index n, std::vector<T>& buf) {
+  const Index D = v.cols;
+  if (buf.size() < std::size_t(n * D)) buf.resize(std::size_t(n * D));
+  T* out = buf.data();
+  dispatch(v.dtype, v.data, [&](auto rd) {
+#pragma omp parallel for schedule(static)
+    for (Index r = 0; r < n; ++r) {
+      Index base = (r0 + r) * v.row_stride;
+      T* o = out + r * D;
+      for (Index j = 0; j < D; ++j) o[j] = static_cast<T>(rd(base + j * v.col_stride));
+    }
+  });
+  return {out, D, false};
+}
+
+}  // namespace
+
+Accumulator::Accumulator(Index D, Index m) : D_(D), m_(m) {
+  if (D <= 0) throw std::invalid_argument("n_features must be positive");
+  if (m < 0) throw std::invalid_argument("n_targets must be >= 0");
+}
+
+void Accumulator::update(const MatrixView& x, const MatrixView* y, const Sums& s) {
+  if (x.cols != D_)
+    throw std::invalid_argument("x has " + std::to_string(x.cols) + " columns; expected (N, " + std::to_string(D_) +
+                                ")");
+  if (m_ > 0 && !y) throw std::invalid_argument("these statistics have targets: pass y of shape (N, " +
+                                                std::to_string(m_) + ")");
+  if (m_ == 0 && y) throw std::invalid_argument("these statistics were created with n_targets=0; y must be None");
+  if (y && y->cols != m_)
+    throw std::invalid_argument("y has " + std::to_string(y->cols) + " columns; expected (N, " + std::to_string(m_) +
+                                ")");
+  if (y && y->rows != x.rows)
+    throw std::invalid_argument("x has " + std::to_string(x.rows) + " rows but y has " + std::to_string(y->rows));
+  if (x.rows == 0) return;
+
+  // First- and second-moment column sums into temporaries: they are the NaN/Inf
+  // check, and by Cauchy-Schwarz bound every entry of the batch products.
+  const Index D = D_, m = m_;
+  std::vector<double> sx(D), sxx(D), sy(m), syy(m);
+  column_sums(x, sx.data(), sxx.data());
+  if (!all_finite(sx.data(), D) || !all_finite(sxx.data(), D))
+    throw std::invalid_argument("x contains NaN or Inf (or overflows float64); the batch was not added");
+  if (y) {
+    column_sums(*y, sy.data(), syy.data());
+    if (!all_finite(sy.data(), m) || !all_finite(syy.data(), m))
+      throw std::invalid_argument("y contains NaN or Inf (or overflows float64); the batch was not added");
+  }
+  // float32 products are used when all inputs are float16/float32 and cannot overflow.
+  double big = 0;
+  for (double v : sxx) big = std::max(big, v);
+  for (double v : syy) big = std::max(big, v);
+  bool f64 = x.dtype == DType::F64 || (y && y->dtype == DType::F64) || big > 1e37;
+  if (f64)
+    accumulate<double>(x, y, s);
+  else
+    accumulate<float>(x, y, s);
+  for (Index j = 0; j < D; ++j) s.sum_x[j] += sx[j];
+  for (Index j = 0; j < m; ++j) {
+    s.sum_y[j] += sy[j];
+    s.sum_yy[j] += syy[j];
+  }
+}
+
+template <class T>
+void Accumulator::accumulate(const MatrixView& x, const MatrixView* y, const Sums& s) {
+  const Index N = x.rows, D = D_, m = m_;
+  constexpr bool f32 = std::is_same<T, float>::value;
+
+  // float32 products go to scratch and are then added; float64 ones straight
+  // into the sums (nothing can fail after the checks in update()).
+  const DType want = dtype_of<T>();
+  const bool xd = blas_ready(x, want), yd = !y || blas_ready(*y, want);
+  Index chunk = N;
+  if (!(xd && yd)) {
+    Index width = D + m;
+    chunk = chunk_rows_ > 0 ? chunk_rows_ : std::max<Index>(256, (Index(4) << 20) / std::max<Index>(width, 1));
+  }
+  T* G;
+  T* B;
+  if constexpr (f32) {
+    gram32_.resize(std::size_t(D) * D);
+    cross32_.resize(std::size_t(D) * m);
+    G = gram32_.data();
+    B = cross32_.data();
+  } else {
+    G = s.gram;
+    B = s.cross;
+  }
+  std::vector<T>& xbuf = [&]() -> std::vector<T>& {
+    if constexpr (f32) return xbuf32_; else return xbuf64_;
+  }();
+  std::vector<T>& ybuf = [&]() -> std::vector<T>& {
+    if constexpr (f32) return ybuf32_; else return ybuf64_;
+  }();
+  for (Index r0 = 0; r0 < N; r0 += chunk) {
+    const Index n = std::min(chunk, N - r0);
+    const T beta = (f32 && r0 == 0) ? T(0) : T(1);
+    Operand<T> a = xd ? direct_operand<T>(x, r0) : copy_operand<T>(x, r0, n, xbuf);
+    if (a.transposed)
+      blas::syrk_n(D, n, T(1), a.p, a.ld, beta, G, D);
+    else
+      blas::syrk_t(D, n, T(1), a.p, a.ld, beta, G, D);
+    if (y && m > 0) {
+      Operand<T> b = yd ? direct_operand<T>(*y, r0) : copy_operand<T>(*y, r0, n, ybuf);
+      // B (D x m) = x^T y
+      blas::gemm(!a.transposed, b.transposed, D, m, n, T(1), a.p, a.ld, b.p, b.ld, beta, B, m);
+    }
+  }
+
+  if constexpr (f32) {
+#pragma omp parallel for schedule(dynamic, 16)
+    for (Index i = 0; i < D; ++i) {
+      double* g = s.gram + i * D;
+      const float* h = G + i * D;
+      for (Index j = i; j < D; ++j) g[j] += double(h[j]);
+    }
+    if (m > 0) {
+#pragma omp parallel for schedule(static)
+      for (Index i = 0; i < D; ++i)
+        for (Index j = 0; j < m; ++j) s.cross[i * m + j] += double(B[i * m + j]);
+    }
+  }
+}
+
+template void Accumulator::accumulate<float>(const MatrixView&, const MatrixView*, const Sums&);
+template void Accumulator::accumulate<double>(const MatrixView&, const MatrixView*, const Sums&);
+
+}  // namespace lsp
+
+namespace lsp {
+void mirror_upper(double* a, Index n) {
+  // Blocked so both the read (column) and write (row) sides stay in cache.
+  const Index bs = 64;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (Index ib = 0; ib < n; ib += bs)
+    for (Index jb = 0; jb <= ib; jb += bs)
+      for (Index i = ib; i < std::min(ib + bs, n); ++i)
+        for (Index j = jb; j < std::min({jb + bs, n, i}); ++j) a[std::size_t(i) * n + j] = a[std::size_t(j) * n + i];
+}
+}  // namespace lsp

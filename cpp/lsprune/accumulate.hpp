@@ -1,0 +1,51 @@
+// Streaming float64 second-order statistics of a layer's inputs x and targets y.
+#pragma once
+
+#include <vector>
+
+#include "common.hpp"
+
+namespace lsp {
+
+// Caller-owned float64 sums, updated in place by Accumulator::update.
+struct Sums {
+  double* gram = nullptr;    // D x D row-major; only the upper triangle is accumulated
+  double* cross = nullptr;   // D x m row-major (null when m == 0)
+  double* sum_x = nullptr;   // D
+  double* sum_y = nullptr;   // m
+  double* sum_yy = nullptr;  // m, per-target sum of squares
+  Index D = 0, m = 0;
+};
+
+// Adds batches into Sums with BLAS rank-k updates. Precision: float16/float32
+// batches are multiplied in float32 (one SYRK/GEMM per batch, in chunks when the
+// batch must be converted) and the batch product is added into the float64 sums;
+// a float64 batch (x or y) is multiplied in float64. Keeps its scratch between
+// calls so small batches do not pay for allocation.
+class Accumulator {
+ public:
+  Accumulator(Index D, Index m);
+  // Adds x (N x D) and y (N x m, or null when m == 0). Validates shapes; if the
+  // batch holds NaN/Inf (or float32 products overflow) it throws
+  // std::invalid_argument and the sums are exactly as before.
+  void update(const MatrixView& x, const MatrixView* y, const Sums& sums);
+  Index D() const { return D_; }
+  Index m() const { return m_; }
+  // Rows per converted chunk (0 = automatic); exposed for tests of the chunked path.
+  void set_chunk_rows(Index r) { chunk_rows_ = r; }
+
+ private:
+  template <class T>
+  void accumulate(const MatrixView& x, const MatrixView* y, const Sums& sums);
+  Index D_, m_;
+  Index chunk_rows_ = 0;
+  std::vector<float> gram32_, cross32_, xbuf32_, ybuf32_;
+  std::vector<double> xbuf64_, ybuf64_;
+};
+
+}  // namespace lsp
+
+namespace lsp {
+// Copies the upper triangle of a row-major n x n matrix onto its lower triangle.
+void mirror_upper(double* a, Index n);
+}  // namespace lsp

@@ -1,0 +1,39 @@
+// Thin wrappers over the OpenBLAS/LAPACK of the scipy-openblas32 wheel (symbols
+// carry a scipy_ prefix). Row-major everywhere; sizes are checked to fit the
+// 32-bit BLAS integer.
+#pragma once
+
+#include "common.hpp"
+
+namespace lsp::blas {
+
+// C(upper) = alpha * A^T A + beta * C, A is k x n row-major with leading dim lda.
+void syrk_t(Index n, Index k, float alpha, const float* A, Index lda, float beta, float* C, Index ldc);
+void syrk_t(Index n, Index k, double alpha, const double* A, Index lda, double beta, double* C, Index ldc);
+// C(upper) = alpha * A A^T + beta * C, A is n x k row-major.
+void syrk_n(Index n, Index k, float alpha, const float* A, Index lda, float beta, float* C, Index ldc);
+void syrk_n(Index n, Index k, double alpha, const double* A, Index lda, double beta, double* C, Index ldc);
+
+// C = alpha * op(A) op(B) + beta * C, row-major.
+void gemm(bool ta, bool tb, Index m, Index n, Index k, float alpha, const float* A, Index lda, const float* B,
+          Index ldb, float beta, float* C, Index ldc);
+void gemm(bool ta, bool tb, Index m, Index n, Index k, double alpha, const double* A, Index lda, const double* B,
+          Index ldb, double beta, double* C, Index ldc);
+
+// Cholesky of the upper triangle of a row-major symmetric matrix, in place:
+// afterwards A(upper) = U with U^T U = A. Returns 0 on success or the LAPACK info
+// (> 0: leading minor not positive definite).
+int potrf_upper(Index n, double* A, Index lda);
+// Inverse from the Cholesky factor: A(upper) = (U^T U)^{-1}.
+int potri_upper(Index n, double* A, Index lda);
+// Solve U^T X = B (lower-triangular solve with the transposed factor), B is n x nrhs row-major.
+void trsm_upper_t(Index n, Index nrhs, const double* U, Index ldu, double* B, Index ldb);
+// Solve U X = B.
+void trsm_upper_n(Index n, Index nrhs, const double* U, Index ldu, double* B, Index ldb);
+// Solve L^T X = B with L lower triangular (row-major), B is n x nrhs.
+void trsm_lower_t(Index n, Index nrhs, const double* L, Index ldl, double* B, Index ldb);
+
+int num_threads();
+void set_num_threads(int n);
+
+}  // namespace lsp::blas

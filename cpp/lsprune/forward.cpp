@@ -1,0 +1,265 @@
+// Greedy forward selection (exact LS gain) and group simultaneous OMP, both with
+// the Cholesky/Schur state of DESIGN.md §2 and no refactorization per step.
+//
+// State after selecting columns S (working positions of the candidates):
+//   L L^T = Gd_SS,  C = L^{-1} Gd_{S,:}  (K x Dact),  Z = L^{-1} Bc_S,
+//   R = Bc - C^T Z  (Dact x m),  Dblk_I = Gd_II - C_I^T C_I  per group.
+// Adding group J: c = L_J^{-1}(Gd_{J,:} - C_J^T C), z = L_J^{-1} R_J,
+//   R -= c^T z, Dblk_I -= c_I^T c_I, error -= ||z||^2.
+// Columns of chosen/degenerate groups are compacted away lazily so the sweeps
+// over C and R only touch live candidates.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "blas.hpp"
+#include "kernels.hpp"
+#include "problem.hpp"
+#include "small.hpp"
+
+namespace lsp {
+namespace {
+
+enum : char { ACTIVE = 0, CHOSEN = 1, DEGENERATE = 2 };
+
+struct ForwardState {
+  Problem& P;
+  const Groups& grp;
+  const bool omp;
+  const double rcond;
+  Index NG, m, Du, Dact, K = 0, dead = 0;
+  std::vector<Index> pos2col, wstart;
+  std::vector<char> state, counted;
+  std::vector<double> R, C, Lpacked, Z, Dblk, tol, gain;
+  std::vector<Index> dboff;
+  std::vector<Index> sel_cols;  // columns in selection order
+  std::vector<double> work;     // per-thread scratch
+  Index work_stride, gJmax;
+
+  ForwardState(Problem& p, bool omp_, double rc)
+      : P(p), grp(p.groups()), omp(omp_), rcond(rc), NG(grp.size()), m(p.m()) {
+    Du = Index(grp.columns.size());
+    Dact = Du;
+    pos2col = grp.columns;
+    wstart.assign(grp.offsets.begin(), grp.offsets.end() - 1);
+    state.assign(NG, ACTIVE);
+    counted.assign(NG, 0);
+    gain.assign(NG, 0.0);
+    R.resize(std::size_t(Du) * m);
+    for (Index p = 0; p < Du; ++p) std::memcpy(&R[std::size_t(p) * m], P.cross_row(pos2col[p]), sizeof(double) * m);
+    dboff.resize(NG + 1, 0);
+    for (Index g = 0; g < NG; ++g) dboff[g + 1] = dboff[g] + grp.size_of(g) * grp.size_of(g);
+    Dblk.resize(dboff[NG]);
+    tol.resize(Du);
+#pragma omp parallel for schedule(dynamic, 8)
+    for (Index g = 0; g < NG; ++g) {
+      const Index gs = grp.size_of(g), o = grp.offsets[g];
+      for (Index i = 0; i < gs; ++i) {
+        P.gram_row(grp.columns[o + i], &grp.columns[o], gs, &Dblk[dboff[g] + i * gs]);
+        // Degeneracy threshold: relative to the column's own damped variance, and
+        // absolute against exactly-dead columns when damping is 0.
+        double v = P.gram_diag(grp.columns[o + i]);
+        tol[o + i] = std::max(rcond * v, 0.0);
+      }
+    }
+    Index gmax = grp.max_size();
+    gJmax = gmax;
+    work_stride = gmax * gmax * 2 + gmax * m;
+    work.resize(std::size_t(omp_get_max_threads()) * work_stride);
+  }
+
+  // One live group's share of a step: downdate its residual block and R rows by
+  // the new rows (c, z) of the chosen group (gJ = 0 at the start), then its gain
+  // (or mark it degenerate). buf: per-thread scratch.
+  void evaluate(Index g, double* buf, const double* c, Index ldc, Index gJ, const double* z) {
+    const Index gs = grp.size_of(g), p = wstart[g];
+    double* Db = &Dblk[dboff[g]];
+    double* cc = buf;               // gs x gJ coefficients of group g in c
+    double* Lg = cc + gs * gJmax;   // gs x gs
+    double* T = Lg + gs * gs;       // gs x m
+    for (Index a = 0; a < gs; ++a)
+      for (Index i = 0; i < gJ; ++i) cc[a * gJ + i] = c[i * ldc + p + a];
+    for (Index a = 0; a < gs; ++a)
+      for (Index b = 0; b <= a; ++b) {
+        double s = 0;
+        for (Index i = 0; i < gJ; ++i) s += cc[a * gJ + i] * cc[b * gJ + i];
+        Db[a * gs + b] -= s;
+        if (b != a) Db[b * gs + a] = Db[a * gs + b];
+      }
+    std::memcpy(Lg, Db, sizeof(double) * gs * gs);
+    if (!small::cholesky(Lg, gs, &tol[grp.offsets[g]])) {
+      state[g] = DEGENERATE;
+      return;
+    }
+    double v = kern::update_gain(&R[std::size_t(p) * m], gs, cc, gJ, z, m, Lg, !omp, T);
+    if (!std::isfinite(v)) state[g] = DEGENERATE;
+    gain[g] = v;
+  }
+
+  void evaluate_all() {
+#pragma omp parallel for schedule(dynamic, 4)
+    for (Index g = 0; g < NG; ++g)
+      if (state[g] == ACTIVE) evaluate(g, &work[std::size_t(omp_get_thread_num()) * work_stride], nullptr, 0, 0, nullptr);
+    count_degenerate();
+  }
+
+  // Newly degenerate groups' positions are dead (compacted away later).
+  void count_degenerate() {
+    for (Index g = 0; g < NG; ++g)
+      if (state[g] == DEGENERATE && !counted[g]) {
+        counted[g] = 1;
+        dead += grp.size_of(g);
+      }
+  }
+
+  // Best active group; ties go to the lowest index. -1 if none is left.
+  Index best() const {
+    Index b = -1;
+    for (Index g = 0; g < NG; ++g)
+      if (state[g] == ACTIVE && (b < 0 || gain[g] > gain[b])) b = g;
+    return b;
+  }
+
+  // Adds group J (which must be ACTIVE and non-degenerate); returns ||z||^2.
+  double add(Index J) {
+    const Index gJ = grp.size_of(J), pj = wstart[J], o = grp.offsets[J];
+    std::vector<double> LJ(&Dblk[dboff[J]], &Dblk[dboff[J]] + gJ * gJ);
+    if (!small::cholesky(LJ.data(), gJ, &tol[o])) throw NumericalError("internal: chosen group is singular");
+    // A = C[:, J] (K x gJ); c = LJ^{-1}(Gd_{J,act} - A^T C).
+    std::vector<double> A(std::size_t(K) * gJ);
+    for (Index k = 0; k < K; ++k)
+      for (Index i = 0; i < gJ; ++i) A[k * gJ + i] = C[std::size_t(k) * Du + pj + i];
+    std::vector<double> c(std::size_t(gJ) * Dact);
+    kern::at_c(A.data(), K, gJ, C.data(), Du, Dact, c.data(), Dact);
+    std::vector<double> row(Dact);
+    for (Index i = 0; i < gJ; ++i) {
+      P.gram_row(grp.columns[o + i], pos2col.data(), Dact, row.data());
+      double* ci = &c[std::size_t(i) * Dact];
+#pragma omp parallel for schedule(static)
+      for (Index p = 0; p < Dact; ++p) ci[p] = row[p] - ci[p];
+    }
+    small::solve_lower(LJ.data(), gJ, c.data(), Dact, Dact);
+    std::vector<double> z(&R[std::size_t(pj) * m], &R[std::size_t(pj) * m] + gJ * m);
+    small::solve_lower(LJ.data(), gJ, z.data(), m, m);
+
+    // Grow C, Z and the packed L by gJ rows.
+    C.resize(std::size_t(K + gJ) * Du);
+    for (Index i = 0; i < gJ; ++i)
+      std::memcpy(&C[std::size_t(K + i) * Du], &c[std::size_t(i) * Dact], sizeof(double) * Dact);
+    Z.insert(Z.end(), z.begin(), z.end());
+    for (Index i = 0; i < gJ; ++i) {
+      for (Index k = 0; k < K; ++k) Lpacked.push_back(A[k * gJ + i]);
+      for (Index k = 0; k <= i; ++k) Lpacked.push_back(LJ[i * gJ + k]);
+      sel_cols.push_back(grp.columns[o + i]);
+    }
+    K += gJ;
+    state[J] = CHOSEN;
+    dead += gJ;
+
+    // Fused sweep: rank-gJ downdate of every live group's R rows and residual
+    // block, then its new gain.
+#pragma omp parallel for schedule(dynamic, 4)
+    for (Index g = 0; g < NG; ++g)
+      if (state[g] == ACTIVE)
+        evaluate(g, &work[std::size_t(omp_get_thread_num()) * work_stride], c.data(), Dact, gJ, z.data());
+    count_degenerate();
+    return kern::sumsq(z.data(), gJ * m);
+  }
+
+  // Moves live groups' columns to the front (stable, in place) once enough
+  // positions are dead; C rows, R rows and pos2col follow.
+  void maybe_compact() {
+    if (dead < 64 || dead * 8 < Dact) return;
+    std::vector<std::pair<Index, Index>> moves;  // (old, new) start, group order by position
+    std::vector<Index> live;
+    for (Index g = 0; g < NG; ++g)
+      if (state[g] == ACTIVE) live.push_back(g);
+    std::sort(live.begin(), live.end(), [&](Index a, Index b) { return wstart[a] < wstart[b]; });
+    Index np = 0;
+    for (Index g : live) {
+      moves.push_back({wstart[g], np});
+      wstart[g] = np;
+      np += grp.size_of(g);
+    }
+#pragma omp parallel for schedule(static)
+    for (Index k = 0; k < K; ++k) {
+      double* row = &C[std::size_t(k) * Du];
+      for (std::size_t q = 0; q < live.size(); ++q)
+        std::memmove(row + moves[q].second, row + moves[q].first, sizeof(double) * grp.size_of(live[q]));
+    }
+    for (std::size_t q = 0; q < live.size(); ++q) {
+      const Index gs = grp.size_of(live[q]);
+      std::memmove(&R[std::size_t(moves[q].second) * m], &R[std::size_t(moves[q].first) * m],
+                   sizeof(double) * gs * m);
+      std::memmove(&pos2col[moves[q].second], &pos2col[moves[q].first], sizeof(Index) * gs);
+    }
+    Dact = np;
+    dead = 0;
+  }
+};
+
+}  // namespace
+
+SelectResult select_forward(Problem& P, const SelectOptions& opt) {
+  ForwardState S(P, opt.method == Method::Omp, opt.rcond);
+  if (opt.n_keep >= 0) {  // room for the largest possible kept set: no regrowth copies
+    std::vector<Index> sizes;
+    for (Index g = 0; g < S.NG; ++g) sizes.push_back(S.grp.size_of(g));
+    std::sort(sizes.rbegin(), sizes.rend());
+    Index cap = 0;
+    for (Index i = 0; i < opt.n_keep; ++i) cap += sizes[i];
+    S.C.reserve(std::size_t(cap) * S.Du);
+    S.Z.reserve(std::size_t(cap) * S.m);
+    S.Lpacked.reserve(std::size_t(cap) * (cap + 1) / 2);
+  }
+  SelectResult res;
+  const double energy = P.energy();
+  double E = energy;
+  res.error_path.push_back(E);
+  res.kept_path.push_back(0);
+  const Index target = opt.n_keep >= 0 ? opt.n_keep : S.NG;
+  auto done = [&]() {
+    if (Index(res.selected.size()) >= target) return true;
+    return opt.tol >= 0 && E <= opt.tol * energy;
+  };
+  auto take = [&](Index J) {
+    E -= S.add(J);
+    E = std::max(E, 0.0);
+    res.selected.push_back(J);
+    res.error_path.push_back(E);
+    res.kept_path.push_back(Index(res.selected.size()));
+    S.maybe_compact();
+  };
+
+  S.evaluate_all();
+  for (Index J : opt.force)  // kept whatever their gain; degenerate ones are reported in skipped
+    if (S.state[J] == ACTIVE) take(J);
+  while (!done()) {
+    Index J = S.best();
+    if (J < 0) {
+      res.stopped_early = opt.n_keep >= 0;
+      break;
+    }
+    take(J);
+  }
+  for (Index g = 0; g < S.NG; ++g)
+    if (S.state[g] == DEGENERATE) res.skipped.push_back(g);
+
+  // W^T = L^{-T} Z on the chosen columns (selection order); finish() sorts them.
+  const Index K = S.K;
+  std::vector<double> Wt(S.Z);
+  if (K > 0) {
+    std::vector<double> L(std::size_t(K) * K, 0.0);
+    std::size_t q = 0;
+    for (Index i = 0; i < K; ++i)
+      for (Index k = 0; k <= i; ++k) L[std::size_t(i) * K + k] = S.Lpacked[q++];
+    blas::trsm_lower_t(K, S.m, L.data(), K, Wt.data(), S.m);
+  }
+  P.finish(S.sel_cols, Wt, E, res);
+  return res;
+}
+
+}  // namespace lsp

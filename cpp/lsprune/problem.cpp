@@ -1,0 +1,189 @@
+#include "problem.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+
+#include "blas.hpp"
+
+namespace lsp {
+
+Index Groups::max_size() const {
+  Index g = 0;
+  for (Index i = 0; i < size(); ++i) g = std::max(g, size_of(i));
+  return g;
+}
+
+Groups Groups::consecutive(Index D, Index group_size) {
+  if (group_size <= 0) throw std::invalid_argument("group_size must be a positive integer");
+  if (D % group_size != 0)
+    throw std::invalid_argument("n_features (" + std::to_string(D) + ") is not a multiple of group_size (" +
+                                std::to_string(group_size) + ")");
+  Groups g;
+  Index n = D / group_size;
+  g.offsets.resize(n + 1);
+  for (Index i = 0; i <= n; ++i) g.offsets[i] = i * group_size;
+  g.columns.resize(D);
+  std::iota(g.columns.begin(), g.columns.end(), Index(0));
+  return g;
+}
+
+void validate(const Groups& groups, Index D, const SelectOptions& opt) {
+  const Index G = groups.size();
+  if (G <= 0) throw std::invalid_argument("there are no candidate groups");
+  std::vector<char> seen(D, 0);
+  for (Index g = 0; g < G; ++g) {
+    if (groups.size_of(g) <= 0) throw std::invalid_argument("group " + std::to_string(g) + " is empty");
+    for (Index k = groups.offsets[g]; k < groups.offsets[g + 1]; ++k) {
+      Index c = groups.columns[k];
+      if (c < 0 || c >= D)
+        throw std::invalid_argument("group " + std::to_string(g) + " has column " + std::to_string(c) +
+                                    " outside [0, " + std::to_string(D) + ")");
+      if (seen[c]) throw std::invalid_argument("column " + std::to_string(c) + " appears in more than one group");
+      seen[c] = 1;
+    }
+  }
+  const bool has_n = opt.n_keep >= 0, has_tol = opt.tol >= 0;
+  if (has_n == has_tol) throw std::invalid_argument("give exactly one of n_keep and tol");
+  if (has_n && opt.n_keep > G)
+    throw std::invalid_argument("n_keep=" + std::to_string(opt.n_keep) + " is out of range [0, " +
+                                std::to_string(G) + "] (number of groups)");
+  if (has_tol && !(opt.tol <= 1.0)) throw std::invalid_argument("tol must be in [0, 1]");
+  std::vector<char> f(G, 0);
+  for (Index g : opt.force) {
+    if (g < 0 || g >= G)
+      throw std::invalid_argument("force contains group " + std::to_string(g) + " outside [0, " +
+                                  std::to_string(G) + ")");
+    if (f[g]) throw std::invalid_argument("force contains group " + std::to_string(g) + " twice");
+    f[g] = 1;
+  }
+  if (has_n && Index(opt.force.size()) > opt.n_keep)
+    throw std::invalid_argument("force names " + std::to_string(opt.force.size()) + " groups but n_keep is " +
+                                std::to_string(opt.n_keep));
+  if (!(opt.rcond >= 0)) throw std::invalid_argument("rcond must be >= 0");
+}
+
+Problem::Problem(const ProblemInput& in, const Groups& groups) : in_(in), groups_(groups), D_(in.D), m_(in.m) {
+  if (D_ <= 0) throw std::invalid_argument("n_features must be positive");
+  if (m_ <= 0) throw std::invalid_argument("there are no targets: stream y or pass weights_in");
+  if (!in.gram) throw std::invalid_argument("gram is required");
+  if (!in.cross && !in.weights_in) throw std::invalid_argument("either cross statistics or weights_in are required");
+  if (!(in.damping >= 0) || !std::isfinite(in.damping)) throw std::invalid_argument("damping must be >= 0");
+  const double n = in.count;
+  if (in.fit_intercept) {
+    if (!(n > 0)) throw std::invalid_argument("the statistics hold no samples (count == 0)");
+    if (!in.sum_x) throw std::invalid_argument("fit_intercept needs the sum (or mean) of x and the count");
+  }
+  mx_.assign(D_, 0.0);
+  if (in.fit_intercept)
+    for (Index j = 0; j < D_; ++j) mx_[j] = in.sum_x[j] / n;
+  my_.assign(m_, 0.0);
+  Bc_.assign(std::size_t(D_) * m_, 0.0);
+
+  if (in.cross) {
+    if (in.fit_intercept && !in.sum_y) throw std::invalid_argument("fit_intercept needs the sum (or mean) of y");
+    std::copy(in.cross, in.cross + std::size_t(D_) * m_, Bc_.begin());
+    double e = in.target_energy;
+    if (in.fit_intercept) {
+      for (Index k = 0; k < m_; ++k) my_[k] = in.sum_y[k] / n;
+#pragma omp parallel for schedule(static)
+      for (Index j = 0; j < D_; ++j)
+        for (Index k = 0; k < m_; ++k) Bc_[std::size_t(j) * m_ + k] -= n * mx_[j] * my_[k];
+      for (Index k = 0; k < m_; ++k) e -= n * my_[k] * my_[k];
+    }
+    energy_ = std::max(e, 0.0);
+  } else {
+    // Independent mode: y = W x + b, so Bc = Gc W^T and energy = tr(W Gc W^T).
+    const double* W = in.weights_in;
+    blas::gemm(false, true, D_, m_, D_, 1.0, in.gram, D_, W, D_, 0.0, Bc_.data(), m_);
+    if (in.fit_intercept) {
+      std::vector<double> wmx(m_, 0.0);  // W mx
+      for (Index k = 0; k < m_; ++k) {
+        double s = 0;
+        for (Index j = 0; j < D_; ++j) s += W[std::size_t(k) * D_ + j] * mx_[j];
+        wmx[k] = s;
+      }
+#pragma omp parallel for schedule(static)
+      for (Index j = 0; j < D_; ++j)
+        for (Index k = 0; k < m_; ++k) Bc_[std::size_t(j) * m_ + k] -= n * mx_[j] * wmx[k];
+      for (Index k = 0; k < m_; ++k) my_[k] = wmx[k] + (in.bias_in ? in.bias_in[k] : 0.0);
+    }
+    double e = 0;
+#pragma omp parallel for reduction(+ : e) schedule(static)
+    for (Index j = 0; j < D_; ++j)
+      for (Index k = 0; k < m_; ++k) e += Bc_[std::size_t(j) * m_ + k] * W[std::size_t(k) * D_ + j];
+    energy_ = std::max(e, 0.0);
+  }
+
+  // Damping scale: mean centred variance over the candidate columns.
+  double s = 0;
+  for (Index c : groups_.columns) s += in.gram[std::size_t(c) * D_ + c] - n * mx_[c] * mx_[c];
+  mean_diag_ = groups_.columns.empty() ? 0.0 : std::max(s / double(groups_.columns.size()), 0.0);
+  set_damping(in.damping);
+}
+
+void Problem::set_damping(double rel) {
+  damping_ = rel;
+  lambda_ = rel * mean_diag_;
+  // A problem whose columns are all dead still needs a positive ridge to stay finite.
+  if (rel > 0 && lambda_ <= 0) lambda_ = rel;
+}
+
+void Problem::gram_row(Index j, const Index* cols, Index n, double* out) const {
+  const double* g = in_.gram + std::size_t(j) * D_;
+  const double nmj = in_.count * mx_[j];
+  if (in_.fit_intercept) {
+    for (Index p = 0; p < n; ++p) out[p] = g[cols[p]] - nmj * mx_[cols[p]];
+  } else {
+    for (Index p = 0; p < n; ++p) out[p] = g[cols[p]];
+  }
+  if (lambda_ != 0)
+    for (Index p = 0; p < n; ++p)
+      if (cols[p] == j) out[p] += lambda_;
+}
+
+double Problem::gram_diag(Index j) const {
+  return in_.gram[std::size_t(j) * D_ + j] - in_.count * mx_[j] * mx_[j] * (in_.fit_intercept ? 1 : 0) + lambda_;
+}
+
+void Problem::finish(const std::vector<Index>& cols, const std::vector<double>& Wt, double ridge_error,
+                     SelectResult& res) const {
+  const Index K = Index(cols.size()), m = m_;
+  std::vector<Index> order(K);
+  std::iota(order.begin(), order.end(), Index(0));
+  std::sort(order.begin(), order.end(), [&](Index a, Index b) { return cols[a] < cols[b]; });
+  res.columns.resize(K);
+  res.weights.assign(std::size_t(m) * K, 0.0);
+  double wnorm = 0;
+  for (Index q = 0; q < K; ++q) {
+    Index r = order[q];
+    res.columns[q] = cols[r];
+    for (Index k = 0; k < m; ++k) {
+      double w = Wt[std::size_t(r) * m + k];
+      res.weights[std::size_t(k) * K + q] = w;
+      wnorm += w * w;
+    }
+  }
+  res.bias.assign(m, 0.0);
+  if (in_.fit_intercept) {
+    for (Index k = 0; k < m; ++k) {
+      double b = my_[k];
+      for (Index q = 0; q < K; ++q) b -= res.weights[std::size_t(k) * K + q] * mx_[res.columns[q]];
+      res.bias[k] = b;
+    }
+  }
+  res.error = std::max(ridge_error, 0.0);
+  res.plain_error = std::max(ridge_error - lambda_ * wnorm, 0.0);
+  res.energy = energy_;
+  res.damping = damping_;
+  res.lambda = lambda_;
+}
+
+SelectResult select(Problem& prob, const SelectOptions& opt) {
+  validate(prob.groups(), prob.D(), opt);
+  if (opt.method == Method::Backward) return select_backward(prob, opt);
+  return select_forward(prob, opt);
+}
+
+}  // namespace lsp

@@ -1,0 +1,117 @@
+// The centred, damped least-squares problem of one layer, built from streamed
+// sums (or raw matrices), and the options/results shared by all solvers.
+//
+// Notation (DESIGN.md §1): G = sum x x^T (D x D), B = sum x y^T (D x m).
+// With an intercept everything is centred: Gc = G - sx sx^T / n,
+// Bc = B - sx sy^T / n, energy = sum ||y||^2 - ||sy||^2 / n. Damping adds
+// lambda = damping * mean(diag Gc over the candidate columns) to the diagonal;
+// every reported error is the ridge objective ||Y - X W^T - b||^2 + lambda ||W||^2,
+// which is the plain residual energy when damping = 0.
+#pragma once
+
+#include <vector>
+
+#include "common.hpp"
+
+namespace lsp {
+
+struct ProblemInput {
+  Index D = 0, m = 0;
+  const double* gram = nullptr;        // D x D, symmetric, row-major
+  const double* cross = nullptr;       // D x m (null in independent mode)
+  const double* weights_in = nullptr;  // m x D: targets y = W x + b (independent mode)
+  const double* bias_in = nullptr;     // m, optional with weights_in
+  const double* sum_x = nullptr;       // D (needed when fit_intercept)
+  const double* sum_y = nullptr;       // m (needed when fit_intercept and cross given)
+  double target_energy = 0;            // sum ||y||^2 (uncentred); ignored with weights_in
+  double count = 0;                    // number of samples
+  bool fit_intercept = true;
+  double damping = 1e-6;               // relative to mean(diag Gc)
+};
+
+// Candidate groups: groups[g] = original column indices (disjoint). Columns in
+// no group are not candidates and are never kept.
+struct Groups {
+  std::vector<Index> offsets;  // n_groups + 1
+  std::vector<Index> columns;  // concatenated
+  Index size() const { return Index(offsets.size()) - 1; }
+  Index size_of(Index g) const { return offsets[g + 1] - offsets[g]; }
+  Index max_size() const;
+  static Groups consecutive(Index D, Index group_size);
+};
+
+enum class Method { Forward, Omp, Backward };
+
+struct SelectOptions {
+  Method method = Method::Forward;
+  Index n_keep = -1;           // number of groups to keep, or -1 when tol is used
+  double tol = -1;             // stop at this relative error, or -1
+  std::vector<Index> force;    // groups that must be kept (forward/omp: chosen first, in this order)
+  double rcond = 1e-10;        // a pivot below rcond * (its damped variance) marks a group degenerate
+};
+
+struct SelectResult {
+  std::vector<Index> selected;    // forward/omp: in the order chosen; backward: kept groups ascending
+  std::vector<Index> removed;     // backward: in removal order
+  std::vector<double> error_path; // error at the start and after every step
+  std::vector<Index> kept_path;   // number of groups kept at each error_path entry
+  std::vector<Index> skipped;     // groups found degenerate (dead / dependent), ascending
+  bool stopped_early = false;     // n_keep could not be reached (all candidates degenerate)
+  std::vector<Index> columns;     // original columns of the kept groups, ascending
+  std::vector<double> weights;    // m x |columns| row-major, the LS re-fit on those columns
+  std::vector<double> bias;       // m
+  double error = 0;               // ridge objective of the returned weights
+  double plain_error = 0;         // residual energy without the ridge term
+  double energy = 0;              // centred target energy (0 -> relative errors are 0)
+  double damping = 0;             // relative damping actually used (can grow on breakdown)
+  double lambda = 0;              // absolute ridge added to the diagonal
+};
+
+// Centred, damped working view of a problem restricted to a universe of columns.
+class Problem {
+ public:
+  Problem(const ProblemInput& in, const Groups& groups);
+
+  Index D() const { return D_; }
+  Index m() const { return m_; }
+  const Groups& groups() const { return groups_; }
+  double energy() const { return energy_; }
+  double lambda() const { return lambda_; }
+  double damping() const { return damping_; }
+  // Changes the relative damping (used to recover from a breakdown).
+  void set_damping(double rel);
+  bool fit_intercept() const { return in_.fit_intercept; }
+
+  // out[p] = Gd[j, cols[p]] for p < n (centred, damped Gram entry).
+  void gram_row(Index j, const Index* cols, Index n, double* out) const;
+  double gram_diag(Index j) const;  // Gd[j, j]
+  // Centred cross row Bc[j, :] (m values).
+  const double* cross_row(Index j) const { return &Bc_[std::size_t(j) * m_]; }
+
+  // Fills weights/bias/columns/error/plain_error of `res` from W^T (K x m, rows
+  // in the order of `cols`), reordering to ascending columns.
+  void finish(const std::vector<Index>& cols, const std::vector<double>& Wt, double ridge_error,
+              SelectResult& res) const;
+
+ private:
+  ProblemInput in_;
+  Groups groups_;
+  Index D_, m_;
+  std::vector<double> mx_;  // sum_x / n (zeros without intercept)
+  std::vector<double> Bc_;  // D x m centred cross (all rows; independent mode: Gc W^T)
+  std::vector<double> my_;  // mean target
+  double energy_ = 0, mean_diag_ = 0, damping_ = 0, lambda_ = 0;
+};
+
+// Validates groups/options against the problem (throws std::invalid_argument).
+void validate(const Groups& groups, Index D, const SelectOptions& opt);
+
+// LS re-fit on the given groups (any order; result ascending). Recovers from a
+// singular system by raising the damping (reported in res.damping).
+SelectResult refit(Problem& prob, const std::vector<Index>& keep_groups);
+
+SelectResult select_forward(Problem& prob, const SelectOptions& opt);   // forward and omp
+SelectResult select_backward(Problem& prob, const SelectOptions& opt);
+SelectResult select(Problem& prob, const SelectOptions& opt);
+
+}  // namespace lsp

@@ -1,0 +1,29 @@
+"""lsprune: structured pruning of neural networks by layerwise least squares.
+
+The NumPy-level API (no torch needed):
+
+* :class:`Statistics` — streamed float64 second-order statistics of a layer.
+* :func:`select` — greedy LS channel selection (forward / omp / backward) with re-fit.
+* :func:`refit` — LS re-fit on a given set of channels.
+
+The PyTorch front-end lives in :mod:`lsprune.torch` (imported on demand).
+"""
+from ._native import NumericalError, _core
+from .selection import METHODS, Selection, refit, select
+from .statistics import Statistics
+
+__version__ = getattr(_core, "__version__", "0.0.0")
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the threads used by the engine (OpenMP loops and OpenBLAS)."""
+    _core.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads used by the engine's OpenMP loops."""
+    return _core.get_num_threads()
+
+
+__all__ = ["Statistics", "select", "refit", "Selection", "NumericalError", "METHODS", "set_num_threads",
+           "get_num_threads", "__version__"]

@@ -1,0 +1,350 @@
+"""Gram-only least-squares channel selection: the NumPy-level API of the engine."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from . import _arrays
+from ._native import _core
+from .statistics import Statistics
+
+METHODS = ("forward", "omp", "backward")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Result of :func:`select` / :func:`refit`.
+
+    Attributes
+    ----------
+    method : str
+    selected : ndarray of int, shape (k,)
+        forward/omp: group indices in the order chosen; backward/refit: kept groups, ascending.
+    removed : ndarray of int
+        backward: groups in removal order (empty otherwise).
+    kept : ndarray of int, shape (k,)
+        Kept groups, ascending.
+    columns : ndarray of int, shape (K,)
+        Original input columns of the kept groups, ascending; ``weights[:, i]``
+        multiplies column ``columns[i]``.
+    weights : ndarray, shape (n_targets, K)
+        Least-squares re-fit on the kept columns.
+    bias : ndarray, shape (n_targets,)
+        Intercept (zeros when ``fit_intercept=False``).
+    error_path : ndarray, shape (n_steps + 1,) or None
+        Residual energy at the start and after every step, in the order the method
+        went (forward/omp: 0, 1, 2 ... groups kept; backward: all groups, then one
+        fewer per removal). ``n_kept_path`` gives the kept count of each entry. The
+        last entry equals ``error``.
+    relative_error_path : ndarray or None
+        ``error_path / target_energy``.
+    n_kept_path : ndarray of int or None
+    error : float
+        Ridge objective of the returned weights, ``‖Y - X_S Wᵀ - b‖² + λ‖W‖²``
+        (the plain residual energy when ``damping=0``).
+    plain_error : float
+        ``‖Y - X_S Wᵀ - b‖²`` alone.
+    relative_error : float
+        ``error / target_energy`` (0 when the targets are constant).
+    target_energy : float
+        Centred target energy ``Σ‖y - ȳ‖²`` (uncentred without intercept).
+    damping : float
+        Relative damping used (larger than requested only after a breakdown, with a warning).
+    ridge : float
+        Absolute ridge ``λ = damping · mean(diag(centred Gram))`` added to the diagonal.
+    skipped : ndarray of int
+        Groups found degenerate (zero variance, or linearly dependent on the
+        selected ones) and never selected; only happens with ``damping=0``.
+    stopped_early : bool
+        ``n_keep`` could not be reached because every remaining group was degenerate.
+    """
+
+    method: str
+    selected: np.ndarray
+    removed: np.ndarray
+    kept: np.ndarray
+    columns: np.ndarray
+    weights: np.ndarray
+    bias: np.ndarray
+    error_path: Optional[np.ndarray]
+    relative_error_path: Optional[np.ndarray]
+    n_kept_path: Optional[np.ndarray]
+    error: float
+    plain_error: float
+    relative_error: float
+    target_energy: float
+    damping: float
+    ridge: float
+    skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    stopped_early: bool = False
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.kept.size)
+
+    def errors_by_count(self, n_groups: int) -> np.ndarray:
+        """Error indexed by the number of kept groups (length ``n_groups + 1``), NaN
+        where the path did not pass; convenient for budget allocation."""
+        if self.error_path is None:
+            raise ValueError("this selection was computed with return_path=False")
+        out = np.full(n_groups + 1, np.nan)
+        out[self.n_kept_path] = self.error_path
+        return out
+
+    def predict(self, x) -> np.ndarray:
+        """The re-fitted layer's output ``x[:, columns] @ weights.T + bias`` for ``x`` of shape (N, D)."""
+        xa = np.asarray(_arrays.as_float_matrix(x, "x"), dtype=np.float64)
+        return xa[:, self.columns] @ self.weights.T + self.bias
+
+
+def _groups_spec(D, group_size, groups):
+    """Returns (offsets, columns, n_groups) for the engine."""
+    if groups is not None:
+        if group_size != 1:
+            raise ValueError("give either group_size or groups, not both")
+        if isinstance(groups, np.ndarray) and groups.ndim == 2:
+            groups = list(groups)
+        try:
+            glist = [np.asarray(g).reshape(-1) for g in groups]
+        except TypeError:
+            raise TypeError("groups must be a sequence of integer index arrays") from None
+        if not glist:
+            raise ValueError("groups is empty")
+        for i, g in enumerate(glist):
+            if g.size and g.dtype.kind not in "iu":
+                raise TypeError(f"groups[{i}] must hold integer column indices, got dtype {g.dtype}")
+        sizes = np.array([g.size for g in glist], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        columns = np.concatenate(glist).astype(np.int64) if offsets[-1] else np.zeros(0, np.int64)
+        return offsets.tolist(), columns.tolist(), len(glist)
+    g = _arrays.check_int(group_size, "group_size", lo=1)
+    if D % g:
+        raise ValueError(f"n_features ({D}) is not a multiple of group_size ({g})")
+    n = D // g
+    return (np.arange(n + 1, dtype=np.int64) * g).tolist(), list(range(D)), n
+
+
+def _problem(stats, *, gram, cross, target_energy, mean_x, mean_y, count, weights_in, bias_in, fit_intercept,
+             damping):
+    """Validates the statistics arguments; returns engine kwargs, D, m and the output dtype."""
+    damping = _arrays.check_float(damping, "damping", lo=0.0)
+    if not isinstance(fit_intercept, (bool, np.bool_)):
+        raise TypeError("fit_intercept must be True or False")
+    out_dtype = np.float64
+    raw = any(v is not None for v in (gram, cross, target_energy, mean_x, mean_y, count))
+    if stats is not None:
+        if raw:
+            raise ValueError("give either a Statistics object or raw matrices (gram=, cross=, ...), not both")
+        if not isinstance(stats, Statistics):
+            raise TypeError(f"stats must be an lsprune.Statistics, got {type(stats).__name__}")
+        D, m_stats = stats.n_features, stats.n_targets
+        if stats.count == 0:
+            raise ValueError("the statistics hold no samples: stream calibration data with update() first")
+        G = stats.gram
+        C = stats.cross if m_stats else None
+        sx, sy = stats.sum_x, stats.sum_y
+        energy, n = stats.target_energy, float(stats.count)
+    else:
+        if gram is None:
+            raise TypeError("select() needs a Statistics object or gram=")
+        garr = np.asarray(gram)
+        if garr.ndim != 2 or garr.shape[0] != garr.shape[1]:
+            raise ValueError(f"gram must be a square (D, D) matrix; got shape {garr.shape}")
+        if garr.dtype == np.float32:
+            out_dtype = np.float32
+        D = garr.shape[0]
+        G = _arrays.as_f64(garr, "gram", (D, D))
+        scale = np.abs(G).max() if G.size else 0.0
+        for i in range(0, D, 1024):  # blockwise symmetry check, no D x D temporary
+            blk = G[i:i + 1024]
+            if np.abs(blk - G[:, i:i + 1024].T).max(initial=0.0) > 1e-6 * scale:
+                raise ValueError("gram is not symmetric")
+        m_stats = 0
+        C = None
+        if cross is not None:
+            carr = np.asarray(cross)
+            if carr.ndim != 2 or carr.shape[0] != D:
+                raise ValueError(f"cross must have shape ({D}, n_targets); got {carr.shape}")
+            m_stats = carr.shape[1]
+            C = _arrays.as_f64(carr, "cross", carr.shape)
+            if target_energy is None:
+                raise ValueError("raw statistics with cross= also need target_energy= (Σ‖y‖²)")
+        if fit_intercept:
+            if count is None or mean_x is None:
+                raise ValueError("fit_intercept=True with raw matrices needs count= and mean_x= (and mean_y= with "
+                                 "cross=); pass fit_intercept=False for already-centred matrices")
+            n = _arrays.check_float(count, "count", lo=0.0)
+            if n <= 0:
+                raise ValueError("count must be positive")
+            sx = _arrays.as_f64(mean_x, "mean_x", (D,)) * n
+            if C is not None:
+                if mean_y is None:
+                    raise ValueError("fit_intercept=True with cross= needs mean_y=")
+                sy = _arrays.as_f64(mean_y, "mean_y", (m_stats,)) * n
+            else:
+                sy = None
+        else:
+            n = float(count) if count is not None else 1.0
+            sx = sy = None
+        energy = _arrays.check_float(target_energy, "target_energy", lo=0.0) if target_energy is not None else 0.0
+
+    if weights_in is not None:
+        if m_stats:
+            raise ValueError("weights_in is for statistics without targets (n_targets=0); these have targets")
+        W = _arrays.as_f64(weights_in, "weights_in", (np.shape(weights_in)[0] if np.ndim(weights_in) == 2 else -1, D))
+        m = W.shape[0]
+        if m == 0:
+            raise ValueError("weights_in has no rows")
+        b = None
+        if bias_in is not None:
+            if not fit_intercept:
+                raise ValueError("bias_in needs fit_intercept=True (a constant offset cannot be fitted otherwise)")
+            b = _arrays.as_f64(bias_in, "bias_in", (m,))
+        return dict(gram=G, cross=None, weights_in=W, bias_in=b, sum_x=sx, sum_y=None, target_energy=0.0,
+                    count=n, fit_intercept=bool(fit_intercept), damping=damping), D, m, out_dtype
+    if bias_in is not None:
+        raise ValueError("bias_in is only used together with weights_in")
+    if not m_stats:
+        raise ValueError("these statistics have no targets: stream y (Statistics(D, n_targets)) or pass "
+                         "weights_in=W so that the targets are y = W x (independent layer)")
+    return dict(gram=G, cross=C, weights_in=None, bias_in=None, sum_x=sx if fit_intercept else None,
+                sum_y=sy if fit_intercept else None, target_energy=energy, count=n,
+                fit_intercept=bool(fit_intercept), damping=damping), D, m_stats, out_dtype
+
+
+def _result(method, r, out_dtype, return_path, requested_damping, n_groups, columns_of_group):
+    energy = float(r["energy"])
+    rel = (lambda e: e / energy) if energy > 0 else (lambda e: np.zeros_like(e) if isinstance(e, np.ndarray) else 0.0)
+    selected = np.asarray(r["selected"], dtype=np.int64)
+    skipped = np.asarray(r["skipped"], dtype=np.int64)
+    if skipped.size:
+        warnings.warn(
+            f"{skipped.size} group(s) were never selectable: zero variance or linearly dependent on the "
+            f"selected ones (damping=0): {skipped[:20].tolist()}{' ...' if skipped.size > 20 else ''}",
+            RuntimeWarning, stacklevel=3)
+    if r["stopped_early"]:
+        warnings.warn(
+            f"selection stopped early after {selected.size} group(s): every remaining group is degenerate; "
+            "the result is partial (use damping > 0 to select them anyway)", RuntimeWarning, stacklevel=3)
+    if r["damping"] != requested_damping:
+        warnings.warn(
+            f"the Gram matrix was singular at damping={requested_damping:g}; it was raised to "
+            f"damping={r['damping']:g}", RuntimeWarning, stacklevel=3)
+    path = np.asarray(r["error_path"]) if return_path else None
+    return Selection(
+        method=method,
+        selected=selected,
+        removed=np.asarray(r["removed"], dtype=np.int64),
+        kept=np.sort(selected),
+        columns=np.asarray(r["columns"], dtype=np.int64),
+        weights=np.asarray(r["weights"], dtype=out_dtype),
+        bias=np.asarray(r["bias"], dtype=out_dtype),
+        error_path=path,
+        relative_error_path=rel(path) if return_path else None,
+        n_kept_path=np.asarray(r["kept_path"], dtype=np.int64) if return_path else None,
+        error=float(r["error"]),
+        plain_error=float(r["plain_error"]),
+        relative_error=float(rel(float(r["error"]))),
+        target_energy=energy,
+        damping=float(r["damping"]),
+        ridge=float(r["lambda"]),
+        skipped=skipped,
+        stopped_early=bool(r["stopped_early"]),
+    )
+
+
+def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, tol: Optional[float] = None,
+           group_size: int = 1, groups: Optional[Sequence] = None, method: str = "forward", damping: float = 1e-6,
+           fit_intercept: bool = True, force: Optional[Sequence[int]] = None, return_path: bool = True,
+           weights_in=None, bias_in=None, gram=None, cross=None, target_energy=None, mean_x=None, mean_y=None,
+           count=None, rcond: float = 1e-10) -> Selection:
+    """Chooses the input groups (channels) of a layer that best reproduce its targets,
+    and re-fits the weights on them by least squares.
+
+    Parameters
+    ----------
+    stats : Statistics, optional
+        Streamed statistics with targets (``n_targets > 0``), or without targets
+        together with ``weights_in``. Alternatively pass raw matrices (below).
+    n_keep : int
+        Number of groups to keep (counts ``force`` too). Exactly one of ``n_keep``, ``tol``.
+    tol : float in [0, 1]
+        Keep groups until the relative error is ≤ ``tol`` (forward/omp), or remove
+        groups while it stays ≤ ``tol`` (backward).
+    group_size : int, default 1
+        Equal consecutive groups of this many columns (a conv channel = kh·kw columns).
+    groups : sequence of int arrays, optional
+        Explicit disjoint groups of column indices (may differ in size). Columns in
+        no group are never kept.
+    method : {"forward", "omp", "backward"}
+        ``forward``: exact greedy LS gain (orthogonal least squares) with Cholesky
+        updates, O(K²D + KDm). ``omp``: group simultaneous OMP criterion ‖R_J‖²,
+        same updates. ``backward``: OBS-style elimination from all groups with
+        inverse downdates, O(D³ + (D-K)D(D+m)).
+    damping : float, default 1e-6
+        Ridge ``λ = damping · mean(diag(centred Gram))`` added to the diagonal. It
+        keeps dead/duplicated channels finite; reported errors include ``λ‖W‖²``.
+        With 0, degenerate groups are skipped with a ``RuntimeWarning``.
+    fit_intercept : bool, default True
+        Fit a bias (statistics are centred).
+    force : sequence of int, optional
+        Groups that must be kept (chosen first by forward/omp, never removed by backward).
+    return_path : bool, default True
+        Keep the whole error path (it costs nothing extra to compute).
+    weights_in, bias_in : array, shape (m, D) and (m,), optional
+        Independent-layer targets ``y = W x + b`` (statistics without targets).
+    gram, cross, target_energy, mean_x, mean_y, count : optional
+        Raw statistics instead of ``stats``: ``Σxxᵀ`` (D, D), ``Σxyᵀ`` (D, m),
+        ``Σ‖y‖²``, means and sample count. float32 ``gram`` gives float32 weights.
+    rcond : float, default 1e-10
+        A pivot below ``rcond`` times the column's damped variance marks a group degenerate.
+
+    Returns
+    -------
+    Selection
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    kw, D, m, out_dtype = _problem(stats, gram=gram, cross=cross, target_energy=target_energy, mean_x=mean_x,
+                                   mean_y=mean_y, count=count, weights_in=weights_in, bias_in=bias_in,
+                                   fit_intercept=fit_intercept, damping=damping)
+    offsets, columns, n_groups = _groups_spec(D, group_size, groups)
+    if (n_keep is None) == (tol is None):
+        raise ValueError("give exactly one of n_keep (number of groups to keep) and tol (relative error)")
+    nk = -1 if n_keep is None else _arrays.check_int(n_keep, "n_keep", lo=0, hi=n_groups)
+    tl = -1.0 if tol is None else _arrays.check_float(tol, "tol", lo=0.0, hi=1.0)
+    fl = [] if force is None else [_arrays.check_int(f, "force entry", lo=0, hi=n_groups - 1)
+                                   for f in np.asarray(force).reshape(-1).tolist()]
+    if len(set(fl)) != len(fl):
+        raise ValueError("force lists a group twice")
+    if nk >= 0 and len(fl) > nk:
+        raise ValueError(f"force names {len(fl)} groups but n_keep is {nk}")
+    rc = _arrays.check_float(rcond, "rcond", lo=0.0)
+    r = _core.select(**kw, offsets=offsets, columns=columns, method=method, n_keep=nk, tol=tl, force=fl, rcond=rc,
+                     n_targets=m)
+    return _result(method, r, out_dtype, bool(return_path), kw["damping"], n_groups, None)
+
+
+def refit(stats: Optional[Statistics] = None, keep: Sequence[int] = (), *, group_size: int = 1,
+          groups: Optional[Sequence] = None, damping: float = 1e-6, fit_intercept: bool = True, weights_in=None,
+          bias_in=None, gram=None, cross=None, target_energy=None, mean_x=None, mean_y=None,
+          count=None) -> Selection:
+    """Least-squares re-fit of a layer on a given set of kept groups (e.g. chosen by
+    magnitude), with the same statistics arguments as :func:`select`.
+
+    Returns a :class:`Selection` with ``method="refit"``; a singular kept set raises
+    the damping with a ``RuntimeWarning`` instead of returning NaN.
+    """
+    kw, D, m, out_dtype = _problem(stats, gram=gram, cross=cross, target_energy=target_energy, mean_x=mean_x,
+                                   mean_y=mean_y, count=count, weights_in=weights_in, bias_in=bias_in,
+                                   fit_intercept=fit_intercept, damping=damping)
+    offsets, columns, n_groups = _groups_spec(D, group_size, groups)
+    kl = [_arrays.check_int(k, "keep entry", lo=0, hi=n_groups - 1) for k in np.asarray(keep).reshape(-1).tolist()]
+    if len(set(kl)) != len(kl):
+        raise ValueError("keep lists a group twice")
+    r = _core.select(**kw, offsets=offsets, columns=columns, method="forward", n_keep=0, tol=-1.0, force=kl,
+                     rcond=1e-10, n_targets=m, refit_only=True)
+    return _result("refit", r, out_dtype, True, kw["damping"], n_groups, None)

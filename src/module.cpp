@@ -1,0 +1,229 @@
+// lsprune._core: the thin pybind11 layer. Array conversion, GIL release and
+// exception translation only; every algorithm lives in cpp/.
+#include <omp.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "lsprune/accumulate.hpp"
+#include "lsprune/blas.hpp"
+#include "lsprune/problem.hpp"
+
+namespace py = pybind11;
+using lsp::Index;
+
+namespace {
+
+using F64 = py::array_t<double, py::array::c_style>;
+
+lsp::MatrixView view_of(const py::array& a, const char* name) {
+  if (a.ndim() != 2) throw std::invalid_argument(std::string(name) + " must be 2-D");
+  lsp::MatrixView v;
+  const char kind = a.dtype().kind();
+  const Index item = a.itemsize();
+  if (kind != 'f') throw py::type_error(std::string(name) + " must be a float16/float32/float64 array");
+  if (item == 2) v.dtype = lsp::DType::F16;
+  else if (item == 4) v.dtype = lsp::DType::F32;
+  else if (item == 8) v.dtype = lsp::DType::F64;
+  else throw py::type_error(std::string(name) + " must be float16, float32 or float64");
+  const Index s0 = a.strides(0), s1 = a.strides(1);
+  if (s0 < 0 || s1 < 0 || s0 % item || s1 % item)
+    throw std::invalid_argument(std::string(name) + " has negative or unaligned strides");
+  v.data = a.data();
+  v.rows = a.shape(0);
+  v.cols = a.shape(1);
+  v.row_stride = s0 / item;
+  v.col_stride = s1 / item;
+  return v;
+}
+
+double* mut(F64& a, Index n, const char* name) {
+  if (a.size() != n) throw std::invalid_argument(std::string("internal: ") + name + " has the wrong size");
+  return a.mutable_data();
+}
+
+const double* ptr_or_null(const std::optional<F64>& a, Index n, const char* name) {
+  if (!a) return nullptr;
+  if (a->size() != n)
+    throw std::invalid_argument(std::string(name) + " has " + std::to_string(a->size()) + " elements; expected " +
+                                std::to_string(n));
+  return a->data();
+}
+
+template <class T>
+py::array_t<T> to_array(const std::vector<T>& v) {
+  py::array_t<T> out(v.size());
+  std::copy(v.begin(), v.end(), out.mutable_data());
+  return out;
+}
+
+py::dict to_dict(const lsp::SelectResult& r, Index m) {
+  py::dict d;
+  d["selected"] = to_array(r.selected);
+  d["removed"] = to_array(r.removed);
+  d["error_path"] = to_array(r.error_path);
+  d["kept_path"] = to_array(r.kept_path);
+  d["skipped"] = to_array(r.skipped);
+  d["stopped_early"] = r.stopped_early;
+  d["columns"] = to_array(r.columns);
+  py::array_t<double> w({m, Index(r.columns.size())});
+  std::copy(r.weights.begin(), r.weights.end(), w.mutable_data());
+  d["weights"] = w;
+  d["bias"] = to_array(r.bias);
+  d["error"] = r.error;
+  d["plain_error"] = r.plain_error;
+  d["energy"] = r.energy;
+  d["damping"] = r.damping;
+  d["lambda"] = r.lambda;
+  return d;
+}
+
+struct ProblemArgs {
+  F64 gram;
+  std::optional<F64> cross, weights_in, bias_in, sum_x, sum_y;
+  double target_energy, count;
+  bool fit_intercept;
+  double damping;
+  std::vector<Index> offsets, columns;
+};
+
+lsp::ProblemInput make_input(const ProblemArgs& a, Index D, Index m) {
+  lsp::ProblemInput in;
+  in.D = D;
+  in.m = m;
+  if (a.gram.ndim() != 2 || a.gram.shape(0) != D || a.gram.shape(1) != D)
+    throw std::invalid_argument("gram must have shape (D, D)");
+  in.gram = a.gram.data();
+  in.cross = ptr_or_null(a.cross, D * m, "cross");
+  in.weights_in = ptr_or_null(a.weights_in, m * D, "weights_in");
+  in.bias_in = ptr_or_null(a.bias_in, m, "bias_in");
+  in.sum_x = ptr_or_null(a.sum_x, D, "sum_x");
+  in.sum_y = ptr_or_null(a.sum_y, m, "sum_y");
+  in.target_energy = a.target_energy;
+  in.count = a.count;
+  in.fit_intercept = a.fit_intercept;
+  in.damping = a.damping;
+  return in;
+}
+
+lsp::Groups make_groups(std::vector<Index> offsets, std::vector<Index> columns) {
+  lsp::Groups g;
+  g.offsets = std::move(offsets);
+  g.columns = std::move(columns);
+  if (g.offsets.empty() || g.offsets.front() != 0 || g.offsets.back() != Index(g.columns.size()))
+    throw std::invalid_argument("internal: malformed group offsets");
+  for (std::size_t i = 1; i < g.offsets.size(); ++i)
+    if (g.offsets[i] < g.offsets[i - 1]) throw std::invalid_argument("internal: malformed group offsets");
+  return g;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, mod) {
+  mod.doc() = "lsprune compiled engine (internal; use the lsprune package)";
+#ifdef LSPRUNE_VERSION
+  mod.attr("__version__") = LSPRUNE_VERSION;
+#endif
+  py::register_exception<lsp::NumericalError>(mod, "NumericalError", PyExc_ArithmeticError);
+
+  py::class_<lsp::Accumulator>(mod, "Accumulator")
+      .def(py::init<Index, Index>(), py::arg("n_features"), py::arg("n_targets"))
+      .def_property_readonly("n_features", &lsp::Accumulator::D)
+      .def_property_readonly("n_targets", &lsp::Accumulator::m)
+      .def("set_chunk_rows", &lsp::Accumulator::set_chunk_rows)
+      .def(
+          "update",
+          [](lsp::Accumulator& acc, const py::array& x, const std::optional<py::array>& y, F64 gram, F64 cross,
+             F64 sum_x, F64 sum_y, F64 sum_yy) {
+            const Index D = acc.D(), m = acc.m();
+            lsp::MatrixView xv = view_of(x, "x"), yv;
+            if (y) yv = view_of(*y, "y");
+            lsp::Sums s;
+            s.D = D;
+            s.m = m;
+            s.gram = mut(gram, D * D, "gram");
+            s.cross = m ? mut(cross, D * m, "cross") : nullptr;
+            s.sum_x = mut(sum_x, D, "sum_x");
+            s.sum_y = m ? mut(sum_y, m, "sum_y") : nullptr;
+            s.sum_yy = m ? mut(sum_yy, m, "sum_yy") : nullptr;
+            py::gil_scoped_release nogil;
+            acc.update(xv, y ? &yv : nullptr, s);
+          },
+          // The sums are updated in place: never accept a converted copy.
+          py::arg("x"), py::arg("y"), py::arg("gram").noconvert(), py::arg("cross").noconvert(),
+          py::arg("sum_x").noconvert(), py::arg("sum_y").noconvert(), py::arg("sum_yy").noconvert());
+
+  mod.def(
+      "select",
+      [](F64 gram, std::optional<F64> cross, std::optional<F64> weights_in, std::optional<F64> bias_in,
+         std::optional<F64> sum_x, std::optional<F64> sum_y, double target_energy, double count, bool fit_intercept,
+         double damping, std::vector<Index> offsets, std::vector<Index> columns, const std::string& method,
+         Index n_keep, double tol, std::vector<Index> force, double rcond, Index m, bool refit_only) {
+        const Index D = gram.ndim() == 2 ? gram.shape(0) : 0;
+        ProblemArgs a{gram, cross, weights_in, bias_in, sum_x, sum_y, target_energy, count, fit_intercept, damping,
+                      {}, {}};
+        lsp::ProblemInput in = make_input(a, D, m);
+        lsp::Groups groups = make_groups(std::move(offsets), std::move(columns));
+        lsp::SelectOptions opt;
+        if (method == "forward") opt.method = lsp::Method::Forward;
+        else if (method == "omp") opt.method = lsp::Method::Omp;
+        else if (method == "backward") opt.method = lsp::Method::Backward;
+        else throw std::invalid_argument("unknown method '" + method + "'");
+        opt.n_keep = n_keep;
+        opt.tol = tol;
+        opt.force = std::move(force);
+        opt.rcond = rcond;
+        lsp::SelectResult r;
+        {
+          py::gil_scoped_release nogil;
+          lsp::Problem prob(in, groups);
+          if (refit_only) {
+            lsp::SelectOptions chk;
+            chk.n_keep = 0;
+            lsp::validate(groups, D, chk);
+            r = lsp::refit(prob, opt.force);
+          } else {
+            r = lsp::select(prob, opt);
+          }
+        }
+        return to_dict(r, m);
+      },
+      py::arg("gram"), py::arg("cross"), py::arg("weights_in"), py::arg("bias_in"), py::arg("sum_x"),
+      py::arg("sum_y"), py::arg("target_energy"), py::arg("count"), py::arg("fit_intercept"), py::arg("damping"),
+      py::arg("offsets"), py::arg("columns"), py::arg("method"), py::arg("n_keep"), py::arg("tol"),
+      py::arg("force"), py::arg("rcond"), py::arg("n_targets"), py::arg("refit_only") = false);
+
+  mod.def(
+      "mirror_upper",
+      [](F64 a) {
+        if (a.ndim() != 2 || a.shape(0) != a.shape(1)) throw std::invalid_argument("expected a square matrix");
+        double* p = a.mutable_data();
+        const Index n = a.shape(0);
+        py::gil_scoped_release nogil;
+        lsp::mirror_upper(p, n);
+      },
+      py::arg("a").noconvert());
+  mod.def(
+      "set_num_threads",
+      [](int n) {
+        if (n < 1) throw std::invalid_argument("the number of threads must be >= 1");
+        omp_set_num_threads(n);
+        lsp::blas::set_num_threads(n);
+      },
+      py::arg("n"));
+  mod.def("get_num_threads", []() { return omp_get_max_threads(); });
+  mod.def("blas_num_threads", []() { return lsp::blas::num_threads(); });
+  mod.def("build_info", []() {
+    py::dict d;
+    d["openmp"] = _OPENMP;
+    d["blas"] = "scipy-openblas32";
+#ifdef LSPRUNE_HAVE_CUDA
+    d["cuda"] = true;
+#else
+    d["cuda"] = false;
+#endif
+    return d;
+  });
+}

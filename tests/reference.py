@@ -1,0 +1,140 @@
+"""Plain NumPy references: the oracle the engine is tested against.
+
+Everything works on *centred, damped* statistics, like the engine:
+Gc = Σxxᵀ - n x̄x̄ᵀ, Bc = Σxyᵀ - n x̄ȳᵀ, energy = Σ‖y‖² - n‖ȳ‖²,
+Gd = Gc + λI with λ = damping · mean(diag Gc over candidate columns), and the
+error of a kept set S is the ridge objective energy - tr(Bc_Sᵀ Gd_SS⁻¹ Bc_S).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class Problem:
+    """Centred problem from raw data X (N, D), Y (N, m)."""
+
+    def __init__(self, X, Y, groups, damping=0.0, fit_intercept=True):
+        X = np.asarray(X, dtype=np.float64)
+        Y = np.asarray(Y, dtype=np.float64)
+        if fit_intercept:
+            Xc, Yc = X - X.mean(0), Y - Y.mean(0)
+        else:
+            Xc, Yc = X, Y
+        self.G = Xc.T @ Xc
+        self.B = Xc.T @ Yc
+        self.energy = float((Yc**2).sum())
+        self.groups = [np.asarray(g) for g in groups]
+        cols = np.concatenate(self.groups)
+        self.lam = damping * float(np.mean(np.diag(self.G)[cols]))
+        self.mx = X.mean(0) if fit_intercept else np.zeros(X.shape[1])
+        self.my = Y.mean(0) if fit_intercept else np.zeros(Y.shape[1])
+
+    def cols(self, S):
+        return np.sort(np.concatenate([self.groups[g] for g in S])) if len(S) else np.zeros(0, int)
+
+    def error(self, S):
+        c = self.cols(S)
+        if c.size == 0:
+            return self.energy
+        A = self.G[np.ix_(c, c)] + self.lam * np.eye(c.size)
+        Bs = self.B[c]
+        return self.energy - float(np.sum(Bs * np.linalg.solve(A, Bs)))
+
+    def weights(self, S):
+        """(columns, W (m, K), b (m,)) of the ridge LS fit on the kept groups S."""
+        c = self.cols(S)
+        A = self.G[np.ix_(c, c)] + self.lam * np.eye(c.size)
+        W = np.linalg.solve(A, self.B[c]).T
+        return c, W, self.my - W @ self.mx[c]
+
+
+def brute_forward(P: Problem, k: int):
+    """Greedy forward selection that re-solves the LS problem for every candidate."""
+    S, path = [], [P.error([])]
+    for _ in range(k):
+        best, best_e = None, np.inf
+        for g in range(len(P.groups)):
+            if g in S:
+                continue
+            e = P.error(S + [g])
+            if e < best_e:  # strict: ties go to the lowest index
+                best, best_e = g, e
+        S.append(best)
+        path.append(best_e)
+    return S, np.array(path)
+
+
+def exhaustive_best(P: Problem, k: int):
+    from itertools import combinations
+    return min(combinations(range(len(P.groups)), k), key=lambda S: P.error(list(S)))
+
+
+def reference_omp(P: Problem, k: int):
+    """Group simultaneous OMP: pick the group with the largest residual correlation ‖R_J‖²_F."""
+    S, path = [], [P.error([])]
+    for _ in range(k):
+        c = P.cols(S)
+        R = P.B.copy()
+        if c.size:
+            A = P.G[np.ix_(c, c)] + P.lam * np.eye(c.size)
+            Gd_col = P.G[:, c] + P.lam * (np.arange(P.G.shape[0])[:, None] == c[None, :])
+            R = P.B - Gd_col @ np.linalg.solve(A, P.B[c])
+        scores = [-np.inf if g in S else float((R[P.groups[g]] ** 2).sum()) for g in range(len(P.groups))]
+        best = int(np.argmax(scores))
+        S.append(best)
+        path.append(P.error(S))
+    return S, np.array(path)
+
+
+def brute_backward(P: Problem, k: int):
+    """Backward elimination that re-solves for every candidate removal."""
+    S = list(range(len(P.groups)))
+    removed, path = [], [P.error(S)]
+    while len(S) > k:
+        best, best_e = None, np.inf
+        for g in S:
+            e = P.error([h for h in S if h != g])
+            if e < best_e:
+                best, best_e = g, e
+        S.remove(best)
+        removed.append(best)
+        path.append(best_e)
+    return sorted(S), removed, np.array(path)
+
+
+def forward_cholesky_numpy(G, B, energy, group_size, n_keep, lam=0.0):
+    """The engine's forward algorithm (Cholesky/Schur updates, no refactorization)
+    written in vectorised NumPy: the speed baseline of benchmarks/bench_solver.py.
+
+    G: centred Gram (D, D); B: centred cross (D, m); equal consecutive groups.
+    Returns (selected groups, error path).
+    """
+    D, m = B.shape
+    g = group_size
+    ng = D // g
+    Gd = G + lam * np.eye(D)
+    R = B.copy()
+    Dblk = np.stack([Gd[i * g:(i + 1) * g, i * g:(i + 1) * g] for i in range(ng)])  # (ng, g, g)
+    C = np.zeros((0, D))
+    active = np.ones(ng, bool)
+    E, path, sel = energy, [energy], []
+    for _ in range(n_keep):
+        Lb = np.linalg.cholesky(Dblk[active])
+        Rb = R.reshape(ng, g, m)[active]
+        T = np.linalg.solve(Lb, Rb)
+        gains = np.full(ng, -np.inf)
+        gains[active] = (T**2).sum(axis=(1, 2))
+        J = int(np.argmax(gains))
+        cols = np.arange(J * g, (J + 1) * g)
+        LJ = np.linalg.cholesky(Dblk[J])
+        c = np.linalg.solve(LJ, Gd[cols] - C[:, cols].T @ C)
+        z = np.linalg.solve(LJ, R[cols])
+        C = np.vstack([C, c])
+        R -= c.T @ z
+        cb = c.reshape(g, ng, g).transpose(1, 2, 0)  # (ng, g, gJ)
+        Dblk -= cb @ cb.transpose(0, 2, 1)
+        E -= float((z**2).sum())
+        active[J] = False
+        sel.append(J)
+        path.append(E)
+    return sel, np.array(path)
