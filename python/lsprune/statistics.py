@@ -117,6 +117,26 @@ class Statistics:
         self._count = 0
         self._symmetric = True
 
+    @classmethod
+    def from_sums(cls, gram, cross, sum_x, sum_y, sum_y_sq, count) -> "Statistics":
+        """Builds statistics from sums computed elsewhere (e.g. accumulated on a GPU):
+        ``gram`` (D, D) = Σxxᵀ (symmetric), ``cross`` (D, m) = Σxyᵀ, ``sum_x`` (D,),
+        ``sum_y`` (m,), ``sum_y_sq`` (m,) = per-target Σy², ``count`` = number of rows."""
+        g = np.asarray(gram)
+        if g.ndim != 2 or g.shape[0] != g.shape[1]:
+            raise ValueError(f"gram must be a square (D, D) matrix; got shape {g.shape}")
+        D = g.shape[0]
+        c = np.asarray(cross)
+        if c.ndim != 2 or c.shape[0] != D:
+            raise ValueError(f"cross must have shape ({D}, n_targets); got {c.shape}")
+        m = c.shape[1]
+        n = _arrays.check_int(count, "count", lo=0)
+        out = cls(D, m)
+        out._set_state(_arrays.as_f64(g, "gram", (D, D)), _arrays.as_f64(c, "cross", (D, m)),
+                       _arrays.as_f64(sum_x, "sum_x", (D,)), _arrays.as_f64(sum_y, "sum_y", (m,)),
+                       _arrays.as_f64(sum_y_sq, "sum_y_sq", (m,)), n)
+        return out
+
     def _set_state(self, gram, cross, sum_x, sum_y, sum_yy, count):
         self._gram, self._cross = gram, cross
         self._sum_x, self._sum_y, self._sum_yy = sum_x, sum_y, sum_yy
