@@ -132,9 +132,10 @@ class Statistics:
         m = c.shape[1]
         n = _arrays.check_int(count, "count", lo=0)
         out = cls(D, m)
-        out._set_state(_arrays.as_f64(g, "gram", (D, D)), _arrays.as_f64(c, "cross", (D, m)),
-                       _arrays.as_f64(sum_x, "sum_x", (D,)), _arrays.as_f64(sum_y, "sum_y", (m,)),
-                       _arrays.as_f64(sum_y_sq, "sum_y_sq", (m,)), n)
+        # copies: later updates must never write into the caller's arrays
+        out._set_state(_arrays.as_f64(g, "gram", (D, D)).copy(), _arrays.as_f64(c, "cross", (D, m)).copy(),
+                       _arrays.as_f64(sum_x, "sum_x", (D,)).copy(), _arrays.as_f64(sum_y, "sum_y", (m,)).copy(),
+                       _arrays.as_f64(sum_y_sq, "sum_y_sq", (m,)).copy(), n)
         return out
 
     def _set_state(self, gram, cross, sum_x, sum_y, sum_yy, count):
