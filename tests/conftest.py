@@ -1,0 +1,20 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+def correlated_problem(rng, N, D, m, rank=None, noise=0.3, offset=2.0):
+    """Correlated inputs (low-rank + noise, non-zero mean) and noisy linear targets."""
+    rank = rank or max(2, D // 3)
+    X = rng.normal(size=(N, rank)) @ rng.normal(size=(rank, D)) + noise * rng.normal(size=(N, D)) + offset
+    Y = X @ rng.normal(size=(D, m)) + rng.normal(size=(N, m)) + 1.0
+    return X, Y
