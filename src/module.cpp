@@ -206,6 +206,20 @@ PYBIND11_MODULE(_core, mod) {
       },
       py::arg("a").noconvert());
   mod.def(
+      "symmetry_check",
+      [](F64 a) {
+        if (a.ndim() != 2 || a.shape(0) != a.shape(1)) throw std::invalid_argument("expected a square matrix");
+        double asym = 0, mx = 0;
+        const double* p = a.data();
+        const Index n = a.shape(0);
+        {
+          py::gil_scoped_release nogil;
+          lsp::symmetry_check(p, n, &asym, &mx);
+        }
+        return py::make_tuple(asym, mx);
+      },
+      py::arg("a"));
+  mod.def(
       "set_num_threads",
       [](int n) {
         if (n < 1) throw std::invalid_argument("the number of threads must be >= 1");

@@ -292,3 +292,24 @@ void mirror_upper(double* a, Index n) {
         for (Index j = jb; j < std::min({jb + bs, n, i}); ++j) a[std::size_t(i) * n + j] = a[std::size_t(j) * n + i];
 }
 }  // namespace lsp
+
+namespace lsp {
+void symmetry_check(const double* a, Index n, double* max_asym, double* max_abs) {
+  const Index bs = 64;
+  double asym = 0, mx = 0;
+  bool finite = true;
+#pragma omp parallel for schedule(dynamic, 1) reduction(max : asym, mx) reduction(&& : finite)
+  for (Index ib = 0; ib < n; ib += bs) {
+    for (Index jb = 0; jb <= ib; jb += bs)
+      for (Index i = ib; i < std::min(ib + bs, n); ++i)
+        for (Index j = jb; j < std::min({jb + bs, n, i + 1}); ++j) {
+          const double u = a[std::size_t(i) * n + j], v = a[std::size_t(j) * n + i];
+          finite = finite && std::isfinite(u) && std::isfinite(v);
+          asym = std::max(asym, std::abs(u - v));
+          mx = std::max(mx, std::max(std::abs(u), std::abs(v)));
+        }
+  }
+  *max_asym = finite ? asym : std::nan("");
+  *max_abs = finite ? mx : std::nan("");
+}
+}  // namespace lsp

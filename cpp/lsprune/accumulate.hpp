@@ -49,3 +49,10 @@ namespace lsp {
 // Copies the upper triangle of a row-major n x n matrix onto its lower triangle.
 void mirror_upper(double* a, Index n);
 }  // namespace lsp
+
+namespace lsp {
+// Largest |a_ij - a_ji| and largest |a_ij| of a row-major n x n matrix; both are
+// NaN when the matrix holds NaN/Inf. Used to validate user-supplied Gram matrices
+// without D x D temporaries.
+void symmetry_check(const double* a, Index n, double* max_asym, double* max_abs);
+}  // namespace lsp

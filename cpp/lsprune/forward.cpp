@@ -37,7 +37,7 @@ struct ForwardState {
   std::vector<Index> dboff;
   std::vector<Index> sel_cols;  // columns in selection order
   std::vector<double> work;     // per-thread scratch
-  Index work_stride, gJmax;
+  Index work_stride, gJmax, chunk;
 
   ForwardState(Problem& p, bool omp_, double rc)
       : P(p), grp(p.groups()), omp(omp_), rcond(rc), NG(grp.size()), m(p.m()) {
@@ -69,6 +69,9 @@ struct ForwardState {
     gJmax = gmax;
     work_stride = gmax * gmax * 2 + gmax * m;
     work.resize(std::size_t(omp_get_max_threads()) * work_stride);
+    // Enough groups per scheduling grab that single-column layers are not
+    // dominated by the work-queue traffic.
+    chunk = std::max<Index>(1, std::min<Index>(64, NG / (16 * omp_get_max_threads())));
   }
 
   // One live group's share of a step: downdate its residual block and R rows by
@@ -77,6 +80,33 @@ struct ForwardState {
   void evaluate(Index g, double* buf, const double* c, Index ldc, Index gJ, const double* z) {
     const Index gs = grp.size_of(g), p = wstart[g];
     double* Db = &Dblk[dboff[g]];
+    if (gs == 1) {  // single columns (Linear layers): no block algebra, little per-group overhead
+      double* r = &R[std::size_t(p) * m];
+      double s = 0;
+      for (Index i = 0; i < gJ; ++i) {
+        buf[i] = c[i * ldc + p];
+        s += buf[i] * buf[i];
+      }
+      const double d = (Db[0] -= s);
+      if (!(d > tol[grp.offsets[g]]) || !std::isfinite(d)) {
+        state[g] = DEGENERATE;
+        return;
+      }
+      double v = 0;
+      if (m <= 16) {
+        for (Index k = 0; k < m; ++k) {
+          double x = r[k];
+          for (Index i = 0; i < gJ; ++i) x -= buf[i] * z[i * m + k];
+          r[k] = x;
+          v += x * x;
+        }
+      } else {
+        v = kern::update_gain(r, 1, buf, gJ, z, m, nullptr, false, buf + gJmax);
+      }
+      gain[g] = omp ? v : v / d;
+      if (!std::isfinite(gain[g])) state[g] = DEGENERATE;
+      return;
+    }
     double* cc = buf;               // gs x gJ coefficients of group g in c
     double* Lg = cc + gs * gJmax;   // gs x gs
     double* T = Lg + gs * gs;       // gs x m
@@ -100,7 +130,7 @@ struct ForwardState {
   }
 
   void evaluate_all() {
-#pragma omp parallel for schedule(dynamic, 4)
+#pragma omp parallel for schedule(dynamic, chunk)
     for (Index g = 0; g < NG; ++g)
       if (state[g] == ACTIVE) evaluate(g, &work[std::size_t(omp_get_thread_num()) * work_stride], nullptr, 0, 0, nullptr);
     count_degenerate();
@@ -161,7 +191,7 @@ struct ForwardState {
 
     // Fused sweep: rank-gJ downdate of every live group's R rows and residual
     // block, then its new gain.
-#pragma omp parallel for schedule(dynamic, 4)
+#pragma omp parallel for schedule(dynamic, chunk)
     for (Index g = 0; g < NG; ++g)
       if (state[g] == ACTIVE)
         evaluate(g, &work[std::size_t(omp_get_thread_num()) * work_stride], c.data(), Dact, gJ, z.data());

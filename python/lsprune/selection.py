@@ -156,12 +156,14 @@ def _problem(stats, *, gram, cross, target_energy, mean_x, mean_y, count, weight
         if garr.dtype == np.float32:
             out_dtype = np.float32
         D = garr.shape[0]
-        G = _arrays.as_f64(garr, "gram", (D, D))
-        scale = np.abs(G).max() if G.size else 0.0
-        for i in range(0, D, 1024):  # blockwise symmetry check, no D x D temporary
-            blk = G[i:i + 1024]
-            if np.abs(blk - G[:, i:i + 1024].T).max(initial=0.0) > 1e-6 * scale:
-                raise ValueError("gram is not symmetric")
+        if garr.dtype.kind not in "fiu":
+            raise TypeError(f"gram must be a float array, got dtype {garr.dtype}")
+        G = np.ascontiguousarray(garr, dtype=np.float64)
+        asym, scale = _core.symmetry_check(G)
+        if not np.isfinite(asym):
+            raise ValueError("gram contains NaN or Inf")
+        if asym > 1e-6 * scale:
+            raise ValueError(f"gram is not symmetric (max |G - Gᵀ| = {asym:.3g}, max |G| = {scale:.3g})")
         m_stats = 0
         C = None
         if cross is not None:
