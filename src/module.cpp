@@ -9,6 +9,7 @@
 
 #include "lsprune/accumulate.hpp"
 #include "lsprune/blas.hpp"
+#include "lsprune/factorize.hpp"
 #include "lsprune/problem.hpp"
 
 namespace py = pybind11;
@@ -195,6 +196,37 @@ PYBIND11_MODULE(_core, mod) {
       py::arg("offsets"), py::arg("columns"), py::arg("method"), py::arg("n_keep"), py::arg("tol"),
       py::arg("force"), py::arg("rcond"), py::arg("n_targets"), py::arg("refit_only") = false);
 
+  mod.def(
+      "factorize",
+      [](F64 gram, std::optional<F64> cross, std::optional<F64> weights_in, std::optional<F64> bias_in,
+         std::optional<F64> sum_x, std::optional<F64> sum_y, double target_energy, double count, bool fit_intercept,
+         double damping, Index rank, double tol, Index m) {
+        const Index D = gram.ndim() == 2 ? gram.shape(0) : 0;
+        ProblemArgs a{gram, cross, weights_in, bias_in, sum_x, sum_y, target_energy, count, fit_intercept, damping,
+                      {}, {}};
+        lsp::ProblemInput in = make_input(a, D, m);
+        lsp::FactorizeResult r;
+        {
+          py::gil_scoped_release nogil;
+          lsp::Problem prob(in, lsp::Groups::consecutive(D, 1));
+          r = lsp::factorize(prob, rank, tol);
+        }
+        py::dict d;
+        py::array_t<double> U({m, r.rank}), V({r.rank, D});
+        std::copy(r.U.begin(), r.U.end(), U.mutable_data());
+        std::copy(r.V.begin(), r.V.end(), V.mutable_data());
+        d["U"] = U;
+        d["V"] = V;
+        d["bias"] = to_array(r.bias);
+        d["error_path"] = to_array(r.error_path);
+        d["energy"] = r.energy;
+        d["damping"] = r.damping;
+        d["lambda"] = r.lambda;
+        return d;
+      },
+      py::arg("gram"), py::arg("cross"), py::arg("weights_in"), py::arg("bias_in"), py::arg("sum_x"),
+      py::arg("sum_y"), py::arg("target_energy"), py::arg("count"), py::arg("fit_intercept"), py::arg("damping"),
+      py::arg("rank"), py::arg("tol"), py::arg("n_targets"));
   mod.def(
       "mirror_upper",
       [](F64 a) {

@@ -102,39 +102,21 @@ def brute_backward(P: Problem, k: int):
     return sorted(S), removed, np.array(path)
 
 
-def forward_cholesky_numpy(G, B, energy, group_size, n_keep, lam=0.0):
-    """The engine's forward algorithm (Cholesky/Schur updates, no refactorization)
-    written in vectorised NumPy: the speed baseline of benchmarks/bench_solver.py.
 
-    G: centred Gram (D, D); B: centred cross (D, m); equal consecutive groups.
-    Returns (selected groups, error path).
-    """
-    D, m = B.shape
-    g = group_size
-    ng = D // g
-    Gd = G + lam * np.eye(D)
-    R = B.copy()
-    Dblk = np.stack([Gd[i * g:(i + 1) * g, i * g:(i + 1) * g] for i in range(ng)])  # (ng, g, g)
-    C = np.zeros((0, D))
-    active = np.ones(ng, bool)
-    E, path, sel = energy, [energy], []
-    for _ in range(n_keep):
-        Lb = np.linalg.cholesky(Dblk[active])
-        Rb = R.reshape(ng, g, m)[active]
-        T = np.linalg.solve(Lb, Rb)
-        gains = np.full(ng, -np.inf)
-        gains[active] = (T**2).sum(axis=(1, 2))
-        J = int(np.argmax(gains))
-        cols = np.arange(J * g, (J + 1) * g)
-        LJ = np.linalg.cholesky(Dblk[J])
-        c = np.linalg.solve(LJ, Gd[cols] - C[:, cols].T @ C)
-        z = np.linalg.solve(LJ, R[cols])
-        C = np.vstack([C, c])
-        R -= c.T @ z
-        cb = c.reshape(g, ng, g).transpose(1, 2, 0)  # (ng, g, gJ)
-        Dblk -= cb @ cb.transpose(0, 2, 1)
-        E -= float((z**2).sum())
-        active[J] = False
-        sel.append(J)
-        path.append(E)
-    return sel, np.array(path)
+def reduced_rank(X, Y, rank, damping=0.0):
+    """Reduced-rank ridge regression from raw data: the best rank-r W (m, D) and b,
+    via the SVD of the full fit's fitted values."""
+    X = np.asarray(X, np.float64)
+    Y = np.asarray(Y, np.float64)
+    mx, my = X.mean(0), Y.mean(0)
+    Xc, Yc = X - mx, Y - my
+    G = Xc.T @ Xc
+    lam = damping * float(np.mean(np.diag(G)))
+    Wfull = np.linalg.solve(G + lam * np.eye(G.shape[0]), Xc.T @ Yc).T  # (m, D)
+    # M = Bcᵀ Gd⁻¹ Bc; its top eigenvectors span the best rank-r target subspace
+    M = (Xc.T @ Yc).T @ Wfull.T
+    w, Q = np.linalg.eigh((M + M.T) / 2)
+    Qr = Q[:, ::-1][:, :rank]
+    W = Qr @ Qr.T @ Wfull
+    b = my - W @ mx
+    return W, b, float((Yc**2).sum()) - float(np.sort(w)[::-1][:rank].sum())

@@ -2,6 +2,7 @@
 
 #include <climits>
 #include <cstddef>
+#include <vector>
 
 #include <cblas.h>
 
@@ -10,6 +11,9 @@
 extern "C" {
 void scipy_dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info, std::size_t);
 void scipy_dpotri_(const char* uplo, const int* n, double* a, const int* lda, int* info, std::size_t);
+void scipy_dsyevd_(const char* jobz, const char* uplo, const int* n, double* a, const int* lda, double* w,
+                   double* work, const int* lwork, int* iwork, const int* liwork, int* info, std::size_t,
+                   std::size_t);
 }
 
 namespace lsp::blas {
@@ -82,6 +86,21 @@ void trsm_lower_t(Index n, Index nrhs, const double* L, Index ldl, double* B, In
   if (n == 0 || nrhs == 0) return;
   scipy_cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasTrans, CblasNonUnit, ck(n), ck(nrhs), 1.0, L, ld(ldl),
                     B, ld(ldb));
+}
+
+// Column-major eigenvector columns are rows of the row-major buffer.
+int syevd(Index n, double* A, Index lda, double* w) {
+  if (n == 0) return 0;
+  int nn = ck(n), la = ld(lda), info = 0, lwork = -1, liwork = -1, iw = 0;
+  double wq = 0;
+  scipy_dsyevd_("V", "L", &nn, A, &la, w, &wq, &lwork, &iw, &liwork, &info, 1, 1);
+  if (info != 0) return info;
+  lwork = int(wq) + 1;
+  liwork = iw + 1;
+  std::vector<double> work(lwork);
+  std::vector<int> iwork(liwork);
+  scipy_dsyevd_("V", "L", &nn, A, &la, w, work.data(), &lwork, iwork.data(), &liwork, &info, 1, 1);
+  return info;
 }
 
 int num_threads() { return scipy_openblas_get_num_threads(); }

@@ -33,6 +33,10 @@ void trsm_upper_n(Index n, Index nrhs, const double* U, Index ldu, double* B, In
 // Solve L^T X = B with L lower triangular (row-major), B is n x nrhs.
 void trsm_lower_t(Index n, Index nrhs, const double* L, Index ldl, double* B, Index ldb);
 
+// Eigen-decomposition of a symmetric n x n matrix (row-major, full): eigenvalues
+// ascending into w; on return row i of A holds the eigenvector of w[i].
+int syevd(Index n, double* A, Index lda, double* w);
+
 int num_threads();
 void set_num_threads(int n);
 

@@ -180,6 +180,20 @@ void Problem::finish(const std::vector<Index>& cols, const std::vector<double>& 
   res.lambda = lambda_;
 }
 
+std::vector<double> Problem::intercept(const std::vector<double>& U, const std::vector<double>& V, Index r) const {
+  std::vector<double> b(m_, 0.0);
+  if (!in_.fit_intercept) return b;
+  std::vector<double> vm(r, 0.0);  // V mx
+  for (Index q = 0; q < r; ++q)
+    for (Index j = 0; j < D_; ++j) vm[q] += V[std::size_t(q) * D_ + j] * mx_[j];
+  for (Index k = 0; k < m_; ++k) {
+    double s = my_[k];
+    for (Index q = 0; q < r; ++q) s -= U[std::size_t(k) * r + q] * vm[q];
+    b[k] = s;
+  }
+  return b;
+}
+
 SelectResult select(Problem& prob, const SelectOptions& opt) {
   validate(prob.groups(), prob.D(), opt);
   if (opt.method == Method::Backward) return select_backward(prob, opt);

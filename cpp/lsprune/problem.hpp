@@ -92,6 +92,8 @@ class Problem {
   // in the order of `cols`), reordering to ascending columns.
   void finish(const std::vector<Index>& cols, const std::vector<double>& Wt, double ridge_error,
               SelectResult& res) const;
+  // Intercept my - U V mx of a factorized layer (U: m x r, V: r x D); zeros without intercept.
+  std::vector<double> intercept(const std::vector<double>& U, const std::vector<double>& V, Index r) const;
 
  private:
   ProblemInput in_;

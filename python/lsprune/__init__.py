@@ -5,10 +5,12 @@ The NumPy-level API (no torch needed):
 * :class:`Statistics` — streamed float64 second-order statistics of a layer.
 * :func:`select` — greedy LS channel selection (forward / omp / backward) with re-fit.
 * :func:`refit` — LS re-fit on a given set of channels.
+* :func:`factorize` — LS factorization (reduced-rank regression) ``W ≈ U V``.
 
 The PyTorch front-end lives in :mod:`lsprune.torch` (imported on demand).
 """
 from ._native import NumericalError, _core
+from .factorization import Factorization, factorize
 from .selection import METHODS, Selection, refit, select
 from .statistics import Statistics
 
@@ -25,5 +27,5 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
-__all__ = ["Statistics", "select", "refit", "Selection", "NumericalError", "METHODS", "set_num_threads",
+__all__ = ["Statistics", "select", "refit", "Selection", "factorize", "Factorization", "NumericalError", "METHODS", "set_num_threads",
            "get_num_threads", "__version__"]

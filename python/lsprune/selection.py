@@ -9,6 +9,7 @@ import numpy as np
 
 from . import _arrays
 from ._native import _core
+from ._problem import groups_spec, problem_args
 from .statistics import Statistics
 
 METHODS = ("forward", "omp", "backward")
@@ -98,123 +99,6 @@ class Selection:
         """The re-fitted layer's output ``x[:, columns] @ weights.T + bias`` for ``x`` of shape (N, D)."""
         xa = np.asarray(_arrays.as_float_matrix(x, "x"), dtype=np.float64)
         return xa[:, self.columns] @ self.weights.T + self.bias
-
-
-def _groups_spec(D, group_size, groups):
-    """Returns (offsets, columns, n_groups) for the engine."""
-    if groups is not None:
-        if group_size != 1:
-            raise ValueError("give either group_size or groups, not both")
-        if isinstance(groups, np.ndarray) and groups.ndim == 2:
-            groups = list(groups)
-        try:
-            glist = [np.asarray(g).reshape(-1) for g in groups]
-        except TypeError:
-            raise TypeError("groups must be a sequence of integer index arrays") from None
-        if not glist:
-            raise ValueError("groups is empty")
-        for i, g in enumerate(glist):
-            if g.size and g.dtype.kind not in "iu":
-                raise TypeError(f"groups[{i}] must hold integer column indices, got dtype {g.dtype}")
-        sizes = np.array([g.size for g in glist], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        columns = np.concatenate(glist).astype(np.int64) if offsets[-1] else np.zeros(0, np.int64)
-        return offsets.tolist(), columns.tolist(), len(glist)
-    g = _arrays.check_int(group_size, "group_size", lo=1)
-    if D % g:
-        raise ValueError(f"n_features ({D}) is not a multiple of group_size ({g})")
-    n = D // g
-    return (np.arange(n + 1, dtype=np.int64) * g).tolist(), list(range(D)), n
-
-
-def _problem(stats, *, gram, cross, target_energy, mean_x, mean_y, count, weights_in, bias_in, fit_intercept,
-             damping):
-    """Validates the statistics arguments; returns engine kwargs, D, m and the output dtype."""
-    damping = _arrays.check_float(damping, "damping", lo=0.0)
-    if not isinstance(fit_intercept, (bool, np.bool_)):
-        raise TypeError("fit_intercept must be True or False")
-    out_dtype = np.float64
-    raw = any(v is not None for v in (gram, cross, target_energy, mean_x, mean_y, count))
-    if stats is not None:
-        if raw:
-            raise ValueError("give either a Statistics object or raw matrices (gram=, cross=, ...), not both")
-        if not isinstance(stats, Statistics):
-            raise TypeError(f"stats must be an lsprune.Statistics, got {type(stats).__name__}")
-        D, m_stats = stats.n_features, stats.n_targets
-        if stats.count == 0:
-            raise ValueError("the statistics hold no samples: stream calibration data with update() first")
-        G = stats.gram
-        C = stats.cross if m_stats else None
-        sx, sy = stats.sum_x, stats.sum_y
-        energy, n = stats.target_energy, float(stats.count)
-    else:
-        if gram is None:
-            raise TypeError("select() needs a Statistics object or gram=")
-        garr = np.asarray(gram)
-        if garr.ndim != 2 or garr.shape[0] != garr.shape[1]:
-            raise ValueError(f"gram must be a square (D, D) matrix; got shape {garr.shape}")
-        if garr.dtype == np.float32:
-            out_dtype = np.float32
-        D = garr.shape[0]
-        if garr.dtype.kind not in "fiu":
-            raise TypeError(f"gram must be a float array, got dtype {garr.dtype}")
-        G = np.ascontiguousarray(garr, dtype=np.float64)
-        asym, scale = _core.symmetry_check(G)
-        if not np.isfinite(asym):
-            raise ValueError("gram contains NaN or Inf")
-        if asym > 1e-6 * scale:
-            raise ValueError(f"gram is not symmetric (max |G - Gᵀ| = {asym:.3g}, max |G| = {scale:.3g})")
-        m_stats = 0
-        C = None
-        if cross is not None:
-            carr = np.asarray(cross)
-            if carr.ndim != 2 or carr.shape[0] != D:
-                raise ValueError(f"cross must have shape ({D}, n_targets); got {carr.shape}")
-            m_stats = carr.shape[1]
-            C = _arrays.as_f64(carr, "cross", carr.shape)
-            if target_energy is None:
-                raise ValueError("raw statistics with cross= also need target_energy= (Σ‖y‖²)")
-        if fit_intercept:
-            if count is None or mean_x is None:
-                raise ValueError("fit_intercept=True with raw matrices needs count= and mean_x= (and mean_y= with "
-                                 "cross=); pass fit_intercept=False for already-centred matrices")
-            n = _arrays.check_float(count, "count", lo=0.0)
-            if n <= 0:
-                raise ValueError("count must be positive")
-            sx = _arrays.as_f64(mean_x, "mean_x", (D,)) * n
-            if C is not None:
-                if mean_y is None:
-                    raise ValueError("fit_intercept=True with cross= needs mean_y=")
-                sy = _arrays.as_f64(mean_y, "mean_y", (m_stats,)) * n
-            else:
-                sy = None
-        else:
-            n = float(count) if count is not None else 1.0
-            sx = sy = None
-        energy = _arrays.check_float(target_energy, "target_energy", lo=0.0) if target_energy is not None else 0.0
-
-    if weights_in is not None:
-        if m_stats:
-            raise ValueError("weights_in is for statistics without targets (n_targets=0); these have targets")
-        W = _arrays.as_f64(weights_in, "weights_in", (np.shape(weights_in)[0] if np.ndim(weights_in) == 2 else -1, D))
-        m = W.shape[0]
-        if m == 0:
-            raise ValueError("weights_in has no rows")
-        b = None
-        if bias_in is not None:
-            if not fit_intercept:
-                raise ValueError("bias_in needs fit_intercept=True (a constant offset cannot be fitted otherwise)")
-            b = _arrays.as_f64(bias_in, "bias_in", (m,))
-        return dict(gram=G, cross=None, weights_in=W, bias_in=b, sum_x=sx, sum_y=None, target_energy=0.0,
-                    count=n, fit_intercept=bool(fit_intercept), damping=damping), D, m, out_dtype
-    if bias_in is not None:
-        raise ValueError("bias_in is only used together with weights_in")
-    if not m_stats:
-        raise ValueError("these statistics have no targets: stream y (Statistics(D, n_targets)) or pass "
-                         "weights_in=W so that the targets are y = W x (independent layer)")
-    return dict(gram=G, cross=C, weights_in=None, bias_in=None, sum_x=sx if fit_intercept else None,
-                sum_y=sy if fit_intercept else None, target_energy=energy, count=n,
-                fit_intercept=bool(fit_intercept), damping=damping), D, m_stats, out_dtype
 
 
 def _result(method, r, out_dtype, return_path, requested_damping, n_groups, columns_of_group):
@@ -310,10 +194,10 @@ def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, 
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    kw, D, m, out_dtype = _problem(stats, gram=gram, cross=cross, target_energy=target_energy, mean_x=mean_x,
+    kw, D, m, out_dtype = problem_args(stats, gram=gram, cross=cross, target_energy=target_energy, mean_x=mean_x,
                                    mean_y=mean_y, count=count, weights_in=weights_in, bias_in=bias_in,
                                    fit_intercept=fit_intercept, damping=damping)
-    offsets, columns, n_groups = _groups_spec(D, group_size, groups)
+    offsets, columns, n_groups = groups_spec(D, group_size, groups)
     if (n_keep is None) == (tol is None):
         raise ValueError("give exactly one of n_keep (number of groups to keep) and tol (relative error)")
     nk = -1 if n_keep is None else _arrays.check_int(n_keep, "n_keep", lo=0, hi=n_groups)
@@ -340,10 +224,10 @@ def refit(stats: Optional[Statistics] = None, keep: Sequence[int] = (), *, group
     Returns a :class:`Selection` with ``method="refit"``; a singular kept set raises
     the damping with a ``RuntimeWarning`` instead of returning NaN.
     """
-    kw, D, m, out_dtype = _problem(stats, gram=gram, cross=cross, target_energy=target_energy, mean_x=mean_x,
+    kw, D, m, out_dtype = problem_args(stats, gram=gram, cross=cross, target_energy=target_energy, mean_x=mean_x,
                                    mean_y=mean_y, count=count, weights_in=weights_in, bias_in=bias_in,
                                    fit_intercept=fit_intercept, damping=damping)
-    offsets, columns, n_groups = _groups_spec(D, group_size, groups)
+    offsets, columns, n_groups = groups_spec(D, group_size, groups)
     kl = [_arrays.check_int(k, "keep entry", lo=0, hi=n_groups - 1) for k in np.asarray(keep).reshape(-1).tolist()]
     if len(set(kl)) != len(kl):
         raise ValueError("keep lists a group twice")
