@@ -5,11 +5,13 @@ The NumPy-level API (no torch needed):
 * :class:`Statistics` — streamed float64 second-order statistics of a layer.
 * :func:`select` — greedy LS channel selection (forward / omp / backward) with re-fit.
 * :func:`refit` — LS re-fit on a given set of channels.
+* :func:`allocate` — per-layer channel counts under a global budget.
 * :func:`factorize` — LS factorization (reduced-rank regression) ``W ≈ U V``.
 
 The PyTorch front-end lives in :mod:`lsprune.torch` (imported on demand).
 """
 from ._native import NumericalError, _core
+from .allocation import Allocation, allocate
 from .factorization import Factorization, factorize
 from .selection import METHODS, Selection, refit, select
 from .statistics import Statistics
@@ -27,5 +29,5 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
-__all__ = ["Statistics", "select", "refit", "Selection", "factorize", "Factorization", "NumericalError", "METHODS", "set_num_threads",
+__all__ = ["Statistics", "select", "refit", "Selection", "factorize", "Factorization", "allocate", "Allocation", "NumericalError", "METHODS", "set_num_threads",
            "get_num_threads", "__version__"]
