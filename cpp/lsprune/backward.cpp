@@ -30,16 +30,7 @@ SelectResult select_backward(Problem& P, const SelectOptions& opt) {
 #pragma omp parallel for schedule(static)
     for (Index p = 0; p < Du; ++p) P.gram_row(pos2col[p], pos2col.data(), Du, &H[std::size_t(p) * Du]);
   };
-  build();
-  int info = blas::potrf_upper(Du, H.data(), Du);
-  double rel = P.damping();
-  while (info != 0) {
-    rel = rel > 0 ? rel * 100 : 1e-10;
-    if (rel > 1e-1) throw NumericalError("the Gram matrix stays singular even with damping 0.1");
-    P.set_damping(rel);
-    build();
-    info = blas::potrf_upper(Du, H.data(), Du);
-  }
+  factor_or_raise_damping(P, [&]() { build(); return blas::potrf_upper(Du, H.data(), Du); }, "the Gram matrix");
   if (blas::potri_upper(Du, H.data(), Du) != 0) throw NumericalError("inverting the Gram matrix failed");
 #pragma omp parallel for schedule(dynamic, 16)
   for (Index i = 0; i < Du; ++i)

@@ -19,16 +19,7 @@ FactorizeResult factorize(Problem& P, Index rank, double tol) {
 #pragma omp parallel for schedule(static)
     for (Index i = 0; i < D; ++i) P.gram_row(i, all.data(), D, &A[std::size_t(i) * D]);
   };
-  build();
-  int info = blas::potrf_upper(D, A.data(), D);
-  double rel = P.damping();
-  while (info != 0) {
-    rel = rel > 0 ? rel * 100 : 1e-10;
-    if (rel > 1e-1) throw NumericalError("the Gram matrix stays singular even with damping 0.1");
-    P.set_damping(rel);
-    build();
-    info = blas::potrf_upper(D, A.data(), D);
-  }
+  factor_or_raise_damping(P, [&]() { build(); return blas::potrf_upper(D, A.data(), D); }, "the Gram matrix");
   // T = U^{-T} Bc (D x m);  M = T^T T (m x m);  W*^T = U^{-1} T.
   std::vector<double> T(std::size_t(D) * m);
   for (Index i = 0; i < D; ++i) std::memcpy(&T[std::size_t(i) * m], P.cross_row(i), sizeof(double) * m);

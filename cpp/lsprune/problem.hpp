@@ -9,6 +9,7 @@
 // which is the plain residual energy when damping = 0.
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "common.hpp"
@@ -104,6 +105,19 @@ class Problem {
   std::vector<double> my_;  // mean target
   double energy_ = 0, mean_diag_ = 0, damping_ = 0, lambda_ = 0;
 };
+
+// Calls try_factor() (which rebuilds the damped matrix from `prob` and returns a
+// LAPACK info) until it succeeds, raising the relative damping 0 -> 1e-8 -> x100
+// ... up to 0.1 on a singular system; the damping used is reported to the user.
+template <class F>
+void factor_or_raise_damping(Problem& prob, F&& try_factor, const char* what) {
+  double rel = prob.damping();
+  while (try_factor() != 0) {
+    rel = rel > 0 ? rel * 100 : 1e-8;
+    if (rel > 1e-1) throw NumericalError(std::string(what) + " stays singular even with damping 0.1");
+    prob.set_damping(rel);
+  }
+}
 
 // Validates groups/options against the problem (throws std::invalid_argument).
 void validate(const Groups& groups, Index D, const SelectOptions& opt);

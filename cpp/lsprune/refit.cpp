@@ -29,16 +29,9 @@ SelectResult refit(Problem& P, const std::vector<Index>& keep_groups) {
 #pragma omp parallel for schedule(static)
       for (Index i = 0; i < K; ++i) P.gram_row(cols[i], cols.data(), K, &A[std::size_t(i) * K]);
     };
-    build();
-    int info = blas::potrf_upper(K, A.data(), K);
-    double rel = P.damping();
-    while (info != 0) {  // singular kept set (dead or duplicated channels): raise the damping
-      rel = rel > 0 ? rel * 100 : 1e-10;
-      if (rel > 1e-1) throw NumericalError("the kept columns' Gram matrix stays singular even with damping 0.1");
-      P.set_damping(rel);
-      build();
-      info = blas::potrf_upper(K, A.data(), K);
-    }
+    // A singular kept set (dead or duplicated channels) raises the damping.
+    factor_or_raise_damping(P, [&]() { build(); return blas::potrf_upper(K, A.data(), K); },
+                            "the kept columns' Gram matrix");
     for (Index i = 0; i < K; ++i) std::memcpy(&Wt[std::size_t(i) * m], P.cross_row(cols[i]), sizeof(double) * m);
     // Gd = U^T U: E = energy - ||U^{-T} Bc_S||^2, W^T = U^{-1} (U^{-T} Bc_S).
     blas::trsm_upper_t(K, m, A.data(), K, Wt.data(), m);
