@@ -30,7 +30,7 @@ SelectResult select_backward(Problem& P, const SelectOptions& opt) {
 #pragma omp parallel for schedule(static)
     for (Index p = 0; p < Du; ++p) P.gram_row(pos2col[p], pos2col.data(), Du, &H[std::size_t(p) * Du]);
   };
-  factor_or_raise_damping(P, [&]() { build(); return blas::potrf_upper(Du, H.data(), Du); }, "the Gram matrix");
+  factor_or_raise_damping(P, [&]() { build(); return blas::potrf_upper_checked(Du, H.data(), Du, opt.rcond); }, "the Gram matrix");
   if (blas::potri_upper(Du, H.data(), Du) != 0) throw NumericalError("inverting the Gram matrix failed");
 #pragma omp parallel for schedule(dynamic, 16)
   for (Index i = 0; i < Du; ++i)
@@ -76,7 +76,10 @@ SelectResult select_backward(Problem& P, const SelectOptions& opt) {
     Index J = -1;
     for (Index g = 0; g < NG; ++g)
       if (!removed[g] && !forced[g] && std::isfinite(cost[g]) && (J < 0 || cost[g] < cost[J])) J = g;
-    if (J < 0) break;
+    if (J < 0) {  // nothing removable left (all forced or numerically unusable)
+      res.stopped_early = opt.n_keep >= 0;
+      break;
+    }
     if (opt.tol >= 0 && E + cost[J] > opt.tol * energy) break;
 
     const Index gJ = grp.size_of(J), pj = wstart[J];
@@ -140,6 +143,7 @@ SelectResult select_backward(Problem& P, const SelectOptions& opt) {
   fin.removed = std::move(res.removed);
   fin.error_path = std::move(res.error_path);
   fin.kept_path = std::move(res.kept_path);
+  fin.stopped_early = res.stopped_early;
   fin.error_path.back() = fin.error;
   return fin;
 }

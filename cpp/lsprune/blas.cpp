@@ -66,6 +66,18 @@ int potrf_upper(Index n, double* A, Index lda) {
   scipy_dpotrf_("L", &nn, A, &la, &info, 1);
   return info;
 }
+int potrf_upper_checked(Index n, double* A, Index lda, double rcond) {
+  std::vector<double> d(n);
+  for (Index i = 0; i < n; ++i) d[i] = A[i * lda + i];
+  int info = potrf_upper(n, A, lda);
+  if (info != 0) return info;
+  for (Index i = 0; i < n; ++i) {
+    const double u = A[i * lda + i];
+    if (!(u * u > rcond * d[i])) return int(i + 1);
+  }
+  return 0;
+}
+
 int potri_upper(Index n, double* A, Index lda) {
   if (n == 0) return 0;
   int nn = ck(n), la = ld(lda), info = 0;

@@ -24,6 +24,10 @@ void gemm(bool ta, bool tb, Index m, Index n, Index k, double alpha, const doubl
 // afterwards A(upper) = U with U^T U = A. Returns 0 on success or the LAPACK info
 // (> 0: leading minor not positive definite).
 int potrf_upper(Index n, double* A, Index lda);
+// potrf_upper that also refuses a numerically singular matrix: a pivot U_ii^2
+// below rcond * A_ii counts as a failure (returns i + 1), so later solves with
+// the factor stay well conditioned.
+int potrf_upper_checked(Index n, double* A, Index lda, double rcond);
 // Inverse from the Cholesky factor: A(upper) = (U^T U)^{-1}.
 int potri_upper(Index n, double* A, Index lda);
 // Solve U^T X = B (lower-triangular solve with the transposed factor), B is n x nrhs row-major.

@@ -19,7 +19,7 @@ FactorizeResult factorize(Problem& P, Index rank, double tol) {
 #pragma omp parallel for schedule(static)
     for (Index i = 0; i < D; ++i) P.gram_row(i, all.data(), D, &A[std::size_t(i) * D]);
   };
-  factor_or_raise_damping(P, [&]() { build(); return blas::potrf_upper(D, A.data(), D); }, "the Gram matrix");
+  factor_or_raise_damping(P, [&]() { build(); return blas::potrf_upper_checked(D, A.data(), D, 1e-10); }, "the Gram matrix");
   // T = U^{-T} Bc (D x m);  M = T^T T (m x m);  W*^T = U^{-1} T.
   std::vector<double> T(std::size_t(D) * m);
   for (Index i = 0; i < D; ++i) std::memcpy(&T[std::size_t(i) * m], P.cross_row(i), sizeof(double) * m);

@@ -30,7 +30,7 @@ SelectResult refit(Problem& P, const std::vector<Index>& keep_groups) {
       for (Index i = 0; i < K; ++i) P.gram_row(cols[i], cols.data(), K, &A[std::size_t(i) * K]);
     };
     // A singular kept set (dead or duplicated channels) raises the damping.
-    factor_or_raise_damping(P, [&]() { build(); return blas::potrf_upper(K, A.data(), K); },
+    factor_or_raise_damping(P, [&]() { build(); return blas::potrf_upper_checked(K, A.data(), K, 1e-10); },
                             "the kept columns' Gram matrix");
     for (Index i = 0; i < K; ++i) std::memcpy(&Wt[std::size_t(i) * m], P.cross_row(cols[i]), sizeof(double) * m);
     // Gd = U^T U: E = energy - ||U^{-T} Bc_S||^2, W^T = U^{-1} (U^{-T} Bc_S).

@@ -112,9 +112,13 @@ def _result(method, r, out_dtype, return_path, requested_damping, n_groups, colu
             f"selected ones (damping=0): {skipped[:20].tolist()}{' ...' if skipped.size > 20 else ''}",
             RuntimeWarning, stacklevel=3)
     if r["stopped_early"]:
-        warnings.warn(
-            f"selection stopped early after {selected.size} group(s): every remaining group is degenerate; "
-            "the result is partial (use damping > 0 to select them anyway)", RuntimeWarning, stacklevel=3)
+        if method == "backward":
+            msg = (f"backward elimination stopped with {selected.size} group(s) kept: the remaining ones are "
+                   "forced or numerically unusable; the result is partial")
+        else:
+            msg = (f"selection stopped early after {selected.size} group(s): every remaining group is degenerate; "
+                   "the result is partial (use damping > 0 to select them anyway)")
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
     if r["damping"] != requested_damping:
         warnings.warn(
             f"the Gram matrix was singular at damping={requested_damping:g}; it was raised to "
