@@ -1,0 +1,216 @@
+"""Consumer input/target rows and their float64 second-order sums.
+
+A Linear consumer sees one row per sample (or per token of a (B, T, C) input); a
+Conv2d consumer one row per output position: the unfolded patch of ``C_in*kh*kw``
+values in ``F.unfold`` order (C_in, kh, kw), so channel ``c`` is the column group
+``[c*kh*kw, (c+1)*kh*kw)``.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lsprune
+
+# Bytes of unfolded patches materialized at once: memory stays O(D^2 + chunk), not O(batch * D * L).
+CHUNK_BYTES = 64 << 20
+
+
+def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Unfolded input patches of ``conv`` for ``x`` (B, C_in, H, W): shape (B, C_in*kh*kw, Ho*Wo).
+
+    Handles stride, dilation, numeric/``"same"``/``"valid"`` padding and non-zero padding modes.
+    """
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        return F.unfold(_padded(conv, x), conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+
+
+def _padded(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``x`` padded the way ``conv`` pads it."""
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    ph, pw = conv.padding
+    return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+
+
+def sampled_patches(conv: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor, out_w: int) -> torch.Tensor:
+    """The unfolded patches of ``conv`` at output positions ``pos`` (b, P) (row-major over the
+    (Ho, Wo) output grid) only: shape (b*P, C_in*kh*kw), the same rows ``conv_patches`` would give
+    but without unfolding every position."""
+    b, C = x.shape[0], x.shape[1]
+    kh, kw = conv.kernel_size
+    (sh, sw), (dh, dw) = conv.stride, conv.dilation
+    xp = _padded(conv, x).permute(0, 2, 3, 1)  # (b, Hp, Wp, C): one gather reads a channel vector
+    i, j = pos // out_w, pos % out_w
+    ki = torch.arange(kh, device=x.device).repeat_interleave(kw) * dh
+    kj = torch.arange(kw, device=x.device).repeat(kh) * dw
+    rows = i[:, :, None] * sh + ki  # (b, P, kh*kw)
+    cols = j[:, :, None] * sw + kj
+    g = xp[torch.arange(b, device=x.device)[:, None, None], rows, cols]  # (b, P, kh*kw, C)
+    return g.transpose(2, 3).reshape(b * pos.shape[1], C * kh * kw)  # columns in (C, kh, kw) order
+
+
+def _row_mask(mask: Optional[torch.Tensor], lead: Tuple[int, ...], name: str,
+              pooled_ok: bool = True) -> Optional[torch.Tensor]:
+    """Flattens a position mask for rows with leading shape ``lead``; None means all rows."""
+    if mask is None:
+        return None
+    shape = tuple(mask.shape)
+    if shape == tuple(lead):
+        return mask.reshape(-1)
+    if len(shape) == 1 and len(lead) >= 1 and shape[0] == lead[0]:  # one flag per sample
+        return mask.reshape((-1,) + (1,) * (len(lead) - 1)).expand(lead).reshape(-1)
+    if pooled_ok and len(lead) < len(shape) and lead[:1] == shape[:1]:
+        return None  # the consumer sees pooled per-sample features: the position mask does not apply
+    raise ValueError(f"mask of shape {shape} does not fit the input of consumer {name!r} (rows of shape "
+                     f"{tuple(lead)}): return a (batch,) or {tuple(lead)} bool mask")
+
+
+def iter_rows(consumer: nn.Module, name: str, x: torch.Tensor, y: Optional[torch.Tensor], *,
+              mask: Optional[torch.Tensor] = None, max_positions: Optional[int] = None,
+              generator: Optional[torch.Generator] = None, chunk_bytes: int = CHUNK_BYTES
+              ) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]:
+    """Yields ``(x_rows (n, D), y_rows (n, m) or None, keep (n,) bool or None)`` chunks of one batch.
+
+    Parameters
+    ----------
+    consumer : nn.Conv2d or nn.Linear
+    x : Tensor
+        Consumer input, (B, C_in, H, W) for Conv2d, (..., in_features) for Linear.
+    y : Tensor or None
+        Consumer output (targets), (B, m, Ho, Wo) or (..., m); None for Gram-only statistics.
+    mask : bool Tensor, optional
+        Positions to use: shape (B,) or, for Linear, ``x.shape[:-1]`` (e.g. (B, T) tokens).
+    max_positions : int, optional
+        Conv2d only: at most this many output positions per sample, drawn without
+        replacement with ``generator``.
+    """
+    if isinstance(consumer, nn.Conv2d):
+        B = x.shape[0]
+        smask = _row_mask(mask, (B,), name, pooled_ok=False)
+        D = consumer.in_channels * consumer.kernel_size[0] * consumer.kernel_size[1]
+        # about D * H * W values per sample once unfolded; take as many samples as fit in chunk_bytes
+        per_sample = max(1, D * x.shape[-1] * x.shape[-2] * x.element_size())
+        n = max(1, chunk_bytes // per_sample)
+        start = 0
+        Ho, Wo = _out_size(consumer, x.shape[-2:])
+        L = Ho * Wo
+        sample = max_positions is not None and L > max_positions
+        if sample:  # only the sampled patches are gathered: memory and time O(b * P * D)
+            per_sample = max(1, max_positions * D * x.element_size())
+            n = max(1, chunk_bytes // per_sample)
+        while start < B:
+            xc = x[start:start + n]
+            b = xc.shape[0]
+            Y = y[start:start + n].flatten(2) if y is not None else None  # (b, m, L), row-major positions
+            w = smask[start:start + n] if smask is not None else None
+            if sample:
+                P = max_positions
+                pos = torch.rand(b, L, generator=generator).argsort(dim=1)[:, :P].to(x.device)
+                xr = sampled_patches(consumer, xc, pos, Wo)
+                yr = Y.gather(2, pos[:, None, :].expand(b, Y.shape[1], P)).transpose(1, 2).reshape(b * P, -1) \
+                    if Y is not None else None
+                rows_per = P
+            else:
+                xr = conv_patches(consumer, xc).transpose(1, 2).reshape(b * L, D)
+                yr = Y.transpose(1, 2).reshape(b * L, -1) if Y is not None else None
+                rows_per = L
+            wr = w[:, None].expand(b, rows_per).reshape(-1) if w is not None else None
+            yield xr, yr, wr
+            start += n
+        return
+    D = x.shape[-1]
+    xr = x.reshape(-1, D)
+    yr = y.reshape(-1, y.shape[-1]) if y is not None else None
+    wr = _row_mask(mask, tuple(x.shape[:-1]), name)
+    n = max(1, chunk_bytes // max(1, D * x.element_size()))
+    for s in range(0, xr.shape[0], n):
+        yield xr[s:s + n], (yr[s:s + n] if yr is not None else None), (wr[s:s + n] if wr is not None else None)
+
+
+def _out_size(conv: nn.Conv2d, hw) -> Tuple[int, int]:
+    """Output height and width of ``conv`` for input spatial size ``hw``."""
+    if isinstance(conv.padding, str):
+        pad = conv._reversed_padding_repeated_twice  # (w_left, w_right, h_top, h_bottom)
+        tot = (pad[2] + pad[3], pad[0] + pad[1])
+    else:
+        tot = (2 * conv.padding[0], 2 * conv.padding[1])
+    return tuple((hw[a] + tot[a] - conv.dilation[a] * (conv.kernel_size[a] - 1) - 1) // conv.stride[a] + 1
+                 for a in range(2))
+
+
+class Sums:
+    """Float64 sums of one consumer's rows, turned into :class:`lsprune.Statistics` at the end.
+
+    On CPU the engine accumulates (multithreaded fp32 products added into fp64 sums);
+    on other devices the sums stay on the device as float64 torch tensors (no host sync
+    per batch) and are converted once with :meth:`lsprune.Statistics.from_sums`.
+
+    Parameters
+    ----------
+    n_features, n_targets : int
+        D and m (m = 0: Gram-only statistics).
+    device : torch.device
+    use_torch : bool, optional
+        Force the torch path (the default is torch on non-CPU devices).
+    """
+
+    def __init__(self, n_features: int, n_targets: int, device: torch.device, use_torch: Optional[bool] = None):
+        self.D, self.m = int(n_features), int(n_targets)
+        self.use_torch = (device.type != "cpu") if use_torch is None else bool(use_torch)
+        if self.use_torch:
+            f64 = dict(dtype=torch.float64, device=device)
+            self.gram = torch.zeros(self.D, self.D, **f64)
+            self.cross = torch.zeros(self.D, self.m, **f64)
+            self.sum_x = torch.zeros(self.D, **f64)
+            self.sum_y = torch.zeros(self.m, **f64)
+            self.sum_yy = torch.zeros(self.m, **f64)
+            self.count = torch.zeros((), dtype=torch.int64, device=device)
+        else:
+            self.stats = lsprune.Statistics(self.D, self.m)
+
+    def add(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None) -> None:
+        """Adds rows ``x`` (n, D) and targets ``y`` (n, m); rows where ``keep`` is False are left out."""
+        if not self.use_torch:
+            if keep is not None:
+                x = x[keep]
+                y = y[keep] if y is not None else None
+            if x.dtype == torch.bfloat16:
+                x = x.float()
+            if y is not None and y.dtype == torch.bfloat16:
+                y = y.float()
+            self.stats.update(x.detach(), y.detach() if y is not None else None)
+            return
+        x64 = x.detach().to(torch.float64)
+        y64 = y.detach().to(torch.float64) if y is not None else None
+        if keep is not None:  # zeroed rows add nothing to any sum; no boolean indexing, so no host sync
+            k = keep[:, None]
+            x64 = torch.where(k, x64, 0.0)
+            y64 = torch.where(k, y64, 0.0) if y64 is not None else None
+            self.count += keep.sum()
+        else:
+            self.count += x64.shape[0]
+        self.gram.addmm_(x64.T, x64)
+        self.sum_x += x64.sum(0)
+        if y64 is not None:
+            self.cross.addmm_(x64.T, y64)
+            self.sum_y += y64.sum(0)
+            self.sum_yy += (y64 * y64).sum(0)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.count.item()) if self.use_torch else self.stats.count
+
+    def statistics(self) -> lsprune.Statistics:
+        if not self.use_torch:
+            return self.stats
+        if not bool(torch.isfinite(self.gram).all()) or not bool(torch.isfinite(self.cross).all()):
+            raise ValueError("x or y contains NaN or Inf")
+        return lsprune.Statistics.from_sums(self.gram.cpu().numpy(), self.cross.cpu().numpy(),
+                                            self.sum_x.cpu().numpy(), self.sum_y.cpu().numpy(),
+                                            self.sum_yy.cpu().numpy(), self.n_rows)

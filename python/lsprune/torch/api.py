@@ -1,0 +1,448 @@
+"""Public entry points: :func:`prune` and :func:`find_pairs`."""
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import math
+import numbers
+import time
+from collections.abc import Mapping
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+import lsprune
+
+from .batches import (batch_size, capture_call, default_forward, first_tensor_device, forward_error, make_mask,
+                      materialize, to_device)
+from .flops import macs_from_positions, own_params, record_positions, total_params
+from .graph import NotTraceableError, Runner, bind_placeholders, concrete_arguments, discover, record_shapes, trace
+from .hooks import check_mapping, probe, pruned_failure, run_hooks
+from .pairs import (Pair, PairSearch, channel_passthrough_kind, check_consumer, check_producer, normalize_pairs,
+                    producer_channels)
+from .pruning import SELECTORS, Timer, make_job, plan_channels, unchanged_report
+from .report import PruneReport
+from .surgery import Backup
+from .sweep import sweep
+
+logger = logging.getLogger("lsprune.torch")
+
+MODES = ("sequential", "independent")
+STRATEGIES = ("auto", "graph", "hooks")
+#: Default cap on the output positions per sample that a Conv2d consumer streams into its statistics.
+DEFAULT_MAX_POSITIONS = 16
+
+
+class _TrainState:
+    """The train/eval flags of every submodule, restorable onto the model or a copy of it."""
+
+    def __init__(self, model: nn.Module):
+        self.flags = {n: m.training for n, m in model.named_modules()}
+
+    def restore(self, model: nn.Module) -> None:
+        for n, m in model.named_modules():
+            if n in self.flags:
+                m.training = self.flags[n]
+
+
+# ---------------------------------------------------------------------------------------------- find_pairs
+def find_pairs(model: nn.Module, example_input, *, forward_fn: Optional[Callable] = None) -> PairSearch:
+    """Lists the prunable pairs of a model that torch.fx can trace, and why other layers are skipped.
+
+    Parameters
+    ----------
+    model : nn.Module
+    example_input : batch
+        One calibration batch (tensor, ``(input, label)`` tuple, dict of kwargs, or what ``forward_fn`` takes);
+        used for shape propagation (e.g. the H*W group of a flatten before a Linear).
+    forward_fn : callable, optional
+        ``forward_fn(model, batch)``, see :func:`prune`.
+
+    Returns
+    -------
+    PairSearch
+        ``.pairs`` (in forward order) and ``.skipped`` (with reasons); ``print()`` it for a table.
+
+    Raises
+    ------
+    NotTraceableError
+        torch.fx cannot trace the model: name the pairs with ``prune(..., pairs=...)``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if forward_fn is not None and not callable(forward_fn):
+        raise TypeError("forward_fn must be callable: forward_fn(model, batch)")
+    state = _TrainState(model)
+    try:
+        model.eval()
+        with torch.no_grad():
+            search, _, _, _, _ = _graph_discovery(model, to_device(example_input, first_tensor_device(model)),
+                                                  forward_fn or default_forward)
+    finally:
+        state.restore(model)
+    return search
+
+
+def _graph_discovery(ref, batch0, run):
+    try:
+        args, kwargs = capture_call(ref, run, batch0)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise forward_error(e, 0) from e
+    gm = trace(ref, concrete_arguments(ref, args, kwargs))
+    inputs0 = bind_placeholders(ref, gm.graph, args, kwargs)
+    positions: Dict[str, float] = {}
+    try:
+        with record_positions(ref, positions):
+            shapes = record_shapes(gm.graph, Runner(ref), inputs0)
+    except Exception as e:
+        raise forward_error(e, 0) from e
+    search, chains = discover(gm.graph, ref, shapes)
+    return search, chains, gm, positions, inputs0
+
+
+# ---------------------------------------------------------------------------------------------- prune
+def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep: Optional[Dict[str, int]] = None,
+          method: str = "forward", mode: str = "sequential", damping: float = 1e-6, max_batches: Optional[int] = None,
+          device=None, progress: bool = True, pairs: Optional[Sequence] = None, forward_fn: Optional[Callable] = None,
+          mask_fn: Optional[Callable] = None, inplace: bool = False,
+          max_positions: Optional[int] = DEFAULT_MAX_POSITIONS, seed: int = 0,
+          strategy: str = "auto") -> Tuple[nn.Module, PruneReport]:
+    """Structurally prunes a trained model by layerwise least squares (no labels, no fine-tuning).
+
+    For every prunable pair producer -> (BatchNorm, activation, pooling, depthwise conv,
+    flatten) -> consumer, chooses the producer's output channels that best reproduce the
+    consumer's original outputs on the calibration data, re-fits the consumer by least
+    squares and physically removes the other channels.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Trained model. Not modified (unless ``inplace=True``), also when an error occurs.
+    calibration : iterable of batches
+        A DataLoader, a list of tensors, ``(input, label)`` tuples (labels ignored) or dicts of
+        model kwargs. Read once into a list (at most ``max_batches`` batches) and kept in memory.
+    ratio : float in [0, 1), optional
+        Fraction of channels removed in every pair (``round(ratio*C)``; at least one channel stays).
+    keep : dict {producer name: int}, optional
+        Exact number of channels to keep for these pairs (overrides ``ratio``). Pairs in neither
+        ``keep`` nor covered by ``ratio`` are left unchanged.
+    method : {"forward", "omp", "backward"}
+        Selection solver (see :func:`lsprune.select`).
+    mode : {"sequential", "independent"}
+        ``sequential``: pairs are pruned in forward order; a consumer's input comes from the
+        already pruned network and its targets from the original one, so errors are corrected as
+        they go. ``independent``: every pair is measured on the original network in one pass.
+    damping : float
+        Relative ridge of the LS fits (see :func:`lsprune.select`).
+    max_batches : int, optional
+        Use only the first ``max_batches`` calibration batches.
+    device : str or torch.device, optional
+        Where calibration runs (default: the model's device). The pruned model lives there.
+    progress : bool
+        tqdm progress bars.
+    pairs : list, optional
+        Pairs to prune: :class:`Pair` objects or ``(producer, consumer)`` / ``(producer, consumer,
+        [between...])`` tuples of module names. On a traceable model they must be among the
+        pairs :func:`find_pairs` finds; on a model torch.fx cannot trace they are required and are
+        checked with hooks on the first batch (see the README).
+    forward_fn : callable, optional
+        ``forward_fn(model, batch)`` runs one batch; it must call ``model(...)`` once. Default:
+        ``model(x)``, ``model(batch[0])`` for tuples/lists, ``model(**batch)`` for dicts.
+    mask_fn : callable, optional
+        ``mask_fn(batch)`` -> bool tensor; True marks positions that enter the statistics. Shape
+        ``(batch,)`` (samples) or the consumer input's leading shape, e.g. ``(batch, seq)`` tokens of
+        a Linear consumer on ``(batch, seq, features)``; consumers that see pooled ``(batch, features)``
+        inputs use every sample.
+    inplace : bool
+        Prune ``model`` itself (it is still restored if an error occurs).
+    max_positions : int or None, default 16
+        Conv2d consumers: at most this many output positions per sample are streamed into the
+        statistics (drawn without replacement by a generator seeded from ``seed`` and the pair
+        index), but never fewer than needed for ``8 * D`` rows over the calibration set (D = the
+        consumer's C_in*kh*kw inputs). None uses all positions.
+    seed : int
+        Seed of the position subsampling.
+    strategy : {"auto", "graph", "hooks"}
+        ``graph``: one torch.fx sweep; ``hooks``: per-pair module hooks (for models fx cannot
+        trace); ``auto``: graph when the model traces, else hooks (needs ``pairs``).
+
+    Returns
+    -------
+    (pruned_model, PruneReport)
+
+    Raises
+    ------
+    TypeError, ValueError
+        Invalid arguments, calibration batches that do not fit the model, no prunable pair, pairs
+        whose channels do not map one-to-one.
+    """
+    t_start = time.perf_counter()
+    timer = Timer()
+    opts = _validate(model, ratio=ratio, keep=keep, method=method, mode=mode, damping=damping,
+                     max_batches=max_batches, device=device, progress=progress, pairs=pairs, forward_fn=forward_fn,
+                     mask_fn=mask_fn, inplace=inplace, max_positions=max_positions, seed=seed, strategy=strategy)
+    explicit: Optional[List[Pair]] = opts["pairs"]
+    batches = materialize(calibration, max_batches)
+    run = forward_fn or default_forward
+    model_dev = _norm_device(first_tensor_device(model))
+    dev = opts["device"] or model_dev
+    if inplace and dev != model_dev:
+        raise ValueError(f"inplace=True needs device= to be the model's device ({model_dev}); got {dev}")
+    sequential = mode == "sequential"
+    state = _TrainState(model)
+    backup = None
+    try:
+        model.eval()  # fx bakes self.training into the graph, and calibration must not update BN statistics
+        with torch.no_grad():
+            ref = copy.deepcopy(model).to(dev) if inplace or dev != model_dev else model
+            batch0 = to_device(batches[0], dev)
+            nb = len(batches)
+
+            # ---- find the pairs (nothing is modified before this is done)
+            use_graph, search, chains, gm, positions, inputs0 = _choose_strategy(ref, batch0, run, strategy,
+                                                                                 explicit)
+            if use_graph:
+                chosen = _match_explicit(explicit, search, chains) if explicit is not None else list(search.pairs)
+                probes = None
+            else:
+                positions = {}
+                to_probe = explicit if explicit is not None else list(search.pairs)
+                probes = probe(ref, to_probe, batch0, run, positions)
+                for i, q in enumerate(probes):
+                    check_mapping(ref, q, batch0, run, seed=seed * 7919 + i)
+                    q.x0 = None  # the captured activation is no longer needed
+                chosen = [q.pair for q in probes]
+            if not chosen:
+                raise ValueError("no prunable pairs found" + (f":\n{search.table()}" if search is not None else ""))
+            ref_mods = dict(ref.named_modules())
+            channels = {p.producer: producer_channels(ref_mods[p.producer]) for p in chosen}
+            _check_keep(opts["keep"], chosen, search)
+            plan = plan_channels(chosen, channels, ratio=opts["ratio"], keep=opts["keep"])
+
+            # ---- inputs of every batch
+            inputs, masks = [], []
+            for b, batch in enumerate(batches):
+                batch = batch0 if b == 0 else to_device(batch, dev)
+                if use_graph:
+                    if b == 0:
+                        inputs.append(inputs0)
+                    else:
+                        try:
+                            a, kw = capture_call(ref, run, batch)
+                        except Exception as e:
+                            raise forward_error(e, b) from e
+                        inputs.append(bind_placeholders(ref, gm.graph, a, kw))
+                    masks.append(make_mask(mask_fn, batch, dev))
+
+            # ---- prune
+            pruned = model if inplace else copy.deepcopy(model).to(dev)
+            pr_mods = dict(pruned.named_modules())
+            n_samples = sum((batch_size(b) or 1) for b in batches)
+            jobs = {}
+            for i, p in enumerate(chosen):
+                if plan[p.producer] < channels[p.producer]:
+                    jobs[p.producer] = make_job(i, p, channels[p.producer], plan[p.producer], ref_mods, pr_mods,
+                                                device=dev, independent=not sequential, use_torch_sums=None,
+                                                seed=seed, max_positions=max_positions, n_samples=n_samples)
+            backup = Backup([m for j in jobs.values() for m in j.modules])
+            common = dict(sequential=sequential, method=method, damping=float(damping), progress=progress,
+                          timer=timer)
+            out_err = None
+            if use_graph:
+                res = sweep(gm.graph, ref, pruned, inputs, masks, jobs, chains, **common)
+                out_err = res["output_relative_error"]
+                passes = 1.0 / nb + (1.0 + res["pruned_pass_fraction"] if jobs else 0.0)
+            else:
+                passes = (1.0 + len(probes)) / nb
+                passes += run_hooks(ref, pruned, batches, dev, run, mask_fn, list(jobs.values()), **common) \
+                    if jobs else 0.0
+                if jobs:
+                    try:
+                        run(pruned, batch0)
+                    except Exception as e:
+                        raise pruned_failure(e) from e
+                    passes += 1.0 / nb
+
+            # ---- report
+            report = _report(chosen, jobs, channels, search, ref, pruned, positions, batch0, batches, opts,
+                             strategy="graph" if use_graph else "hooks", passes=passes, out_err=out_err)
+        state.restore(pruned)
+        report.time_s = time.perf_counter() - t_start
+        report.timings = {k: float(v) for k, v in timer.totals.items()}
+        report.timings["other"] = max(0.0, report.time_s - sum(report.timings.values()))
+        logger.info("%s", str(report).splitlines()[0])
+        return pruned, report
+    except BaseException:
+        if backup is not None and inplace:
+            backup.restore()
+        raise
+    finally:
+        state.restore(model)
+
+
+def _choose_strategy(ref, batch0, run, strategy, explicit):
+    """Returns (use_graph, search, chains, graph module, positions, inputs0)."""
+    if strategy in ("auto", "graph") or explicit is None:
+        try:
+            search, chains, gm, positions, inputs0 = _graph_discovery(ref, batch0, run)
+        except NotTraceableError as e:
+            if strategy == "graph" or explicit is None:
+                raise ValueError(f"{e}\nName the pairs to prune with pairs=[(producer, consumer[, between]), ...]: "
+                                 "they are then checked and pruned with module hooks") from e
+            logger.info("torch.fx cannot trace the model; using module hooks for the named pairs (%s)", e)
+            return False, None, None, None, None, None
+        return strategy != "hooks", search, chains, gm, positions, inputs0
+    return False, None, None, None, None, None
+
+
+def _match_explicit(explicit: List[Pair], search: PairSearch, chains) -> List[Pair]:
+    skipped = {s.producer: s for s in search.skipped}
+    chosen = []
+    for e in explicit:
+        c = chains.get(e.producer)
+        if c is None or c.pair.consumer != e.consumer:
+            why = skipped[e.producer].reason if e.producer in skipped else \
+                (f"its consumer is {c.pair.consumer!r}" if c is not None else "it is not a producer in the graph")
+            raise ValueError(f"pair {e.producer} -> {e.consumer} cannot be pruned: {why}")
+        if e.between and set(e.between) != set(c.pair.between):
+            raise ValueError(f"pair {e.producer} -> {e.consumer}: between={list(e.between)} but the graph shows "
+                             f"{list(c.pair.between)} losing the same channels")
+        chosen.append(c.pair)
+    order = {p.producer: i for i, p in enumerate(search.pairs)}
+    return sorted(chosen, key=lambda p: order[p.producer])
+
+
+def _check_keep(keep, chosen: List[Pair], search: Optional[PairSearch]) -> None:
+    if not keep:
+        return
+    producers = {p.producer for p in chosen}
+    skipped = {s.producer: s.reason for s in search.skipped} if search is not None else {}
+    for name in keep:
+        if name not in producers:
+            why = f" (skipped: {skipped[name]})" if name in skipped else ""
+            raise ValueError(f"keep names {name!r}, which is not the producer of a pair being pruned{why}; "
+                             f"producers: {sorted(producers)}")
+
+
+def _report(chosen, jobs, channels, search, ref, pruned, positions, batch0, batches, opts, *, strategy, passes,
+            out_err) -> PruneReport:
+    b0 = batch_size(batch0) or 1
+    before = macs_from_positions(ref, positions, 1.0 / b0)
+    after = macs_from_positions(pruned, positions, 1.0 / b0)
+    ref_mods, pr_mods = dict(ref.named_modules()), dict(pruned.named_modules())
+    reps = []
+    for p in chosen:
+        r = jobs[p.producer].report if p.producer in jobs else unchanged_report(p, channels[p.producer], p.group_size)
+        names = [p.producer, *p.between, p.consumer]
+        r.params_before = sum(own_params(ref_mods[n]) for n in names)
+        r.params_after = sum(own_params(pr_mods[n]) for n in names)
+        r.flops_before = sum(before.get(n, 0) for n in names)
+        r.flops_after = sum(after.get(n, 0) for n in names)
+        reps.append(r)
+    skipped = [{"producer": s.producer, "consumer": s.consumer, "reason": s.reason} for s in search.skipped] \
+        if search is not None else []
+    n_samples = sum((batch_size(b) or 1) for b in batches)
+    return PruneReport(
+        pairs=reps, skipped=skipped, mode=opts["mode"], method=opts["method"], strategy=strategy,
+        ratio=opts["ratio"], damping=float(opts["damping"]), max_positions=opts["max_positions"], seed=opts["seed"],
+        params_before=total_params(ref), params_after=total_params(pruned),
+        flops_before=int(sum(before.values())), flops_after=int(sum(after.values())),
+        forward_passes=float(passes), n_batches=len(batches), n_samples=int(n_samples),
+        output_relative_error=out_err, versions={"lsprune": lsprune.__version__, "torch": torch.__version__})
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _norm_device(d) -> torch.device:
+    d = torch.device(d)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
+def _unknown(name: str, names) -> str:
+    close = difflib.get_close_matches(name, list(names), n=1)
+    return f"the model has no module named {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def _validate(model, *, ratio, keep, method, mode, damping, max_batches, device, progress, pairs, forward_fn,
+              mask_fn, inplace, max_positions, seed, strategy) -> dict:
+    """Checks every argument before anything is touched; returns normalized options."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+            raise TypeError(f"ratio must be a float in [0, 1), got {type(ratio).__name__}")
+        ratio = float(ratio)
+        if not (math.isfinite(ratio) and 0.0 <= ratio < 1.0):
+            raise ValueError(f"ratio={ratio} is out of range: it is the fraction of channels removed per pair, "
+                             "in [0, 1)")
+    modules = dict(model.named_modules())
+    if keep is not None:
+        if not isinstance(keep, Mapping):
+            raise TypeError("keep must be a dict {producer module name: channels to keep}")
+        for name, k in keep.items():
+            if not isinstance(name, str):
+                raise TypeError(f"keep keys must be module names (str), got {name!r}")
+            if name not in modules:
+                raise ValueError(f"keep: {_unknown(name, modules)}")
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+                raise TypeError(f"keep[{name!r}] must be an int (channels to keep), got {type(k).__name__}")
+            if k < 1:
+                raise ValueError(f"keep[{name!r}]={k}: at least 1 channel must stay")
+        keep = {n: int(k) for n, k in keep.items()}
+    if ratio is None and not keep:
+        raise ValueError("give ratio= (fraction of channels removed in every pair) or keep= "
+                         "({producer name: channels to keep})")
+    if not isinstance(method, str) or method not in SELECTORS:
+        raise ValueError(f"method must be one of {tuple(SELECTORS)}, got {method!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
+        raise TypeError(f"damping must be a float >= 0, got {type(damping).__name__}")
+    if not (math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping={damping} must be finite and >= 0")
+    for name, v in (("max_batches", max_batches), ("max_positions", max_positions)):
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name} must be a positive int or None, got {type(v).__name__}")
+            if v < 1:
+                raise ValueError(f"{name}={v} must be >= 1 (or None)")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
+    for name, v in (("progress", progress), ("inplace", inplace)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be True or False, got {v!r}")
+    for name, f in (("forward_fn", forward_fn), ("mask_fn", mask_fn)):
+        if f is not None and not callable(f):
+            raise TypeError(f"{name} must be callable or None, got {type(f).__name__}")
+    dev = None
+    if device is not None:
+        if not isinstance(device, (str, torch.device, int)):
+            raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+        try:
+            dev = _norm_device(device)
+        except (RuntimeError, ValueError, AssertionError) as e:
+            raise ValueError(f"invalid device {device!r}: {e}") from None
+    explicit = None
+    if pairs is not None:
+        explicit = normalize_pairs(pairs)
+        for p in explicit:
+            for n in (p.producer, p.consumer, *p.between):
+                if n not in modules:
+                    raise ValueError(f"pairs: {_unknown(n, modules)}")
+            reason = check_producer(modules[p.producer]) or check_consumer(modules[p.consumer])
+            if reason:
+                raise ValueError(f"pair {p.producer} -> {p.consumer}: {reason}")
+            C = producer_channels(modules[p.producer])
+            for b in p.between:
+                r = channel_passthrough_kind(modules[b], C)
+                if r:
+                    raise ValueError(f"pair {p.producer} -> {p.consumer}: between module {b!r}: {r}")
+    return dict(ratio=ratio, keep=keep, method=method, mode=mode, damping=damping, device=dev, pairs=explicit,
+                max_positions=max_positions, seed=int(seed))

@@ -1,0 +1,188 @@
+"""Prunable pairs (producer -> channel-wise ops -> consumer) and the result of a pair search."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch.nn as nn
+
+# Module types that can produce or consume pruned channels.
+PRODUCER_TYPES = (nn.Conv2d, nn.Linear)
+CONSUMER_TYPES = (nn.Conv2d, nn.Linear)
+# Modules between producer and consumer that hold one value per channel and lose the same channels.
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A prunable producer -> consumer pair.
+
+    Removing output channel ``j`` of ``producer`` removes channel ``j`` of every
+    module in ``between`` (BatchNorm, depthwise conv, per-channel PReLU) and input
+    group ``j`` of ``consumer``.
+
+    Attributes
+    ----------
+    producer : str
+        Qualified name of the ``nn.Conv2d`` / ``nn.Linear`` whose output channels are removed.
+    consumer : str
+        Qualified name of the ``nn.Conv2d`` (groups=1) / ``nn.Linear`` that reads them and is re-fitted.
+    between : tuple of str
+        Modules between them that lose the same channels (BatchNorm, depthwise conv, PReLU).
+        Parameter-free channel-wise ops (activations, dropout, pooling) need not be listed.
+    group_size : int or None
+        Consumer input columns per channel: ``kh*kw`` for a Conv2d consumer, ``H*W`` for a
+        Linear after a flatten, 1 for Linear -> Linear. ``None`` until known (explicit pairs
+        are resolved on the first calibration batch).
+    via : tuple of str
+        Human-readable ops found between producer and consumer (informational).
+    """
+
+    producer: str
+    consumer: str
+    between: Tuple[str, ...] = ()
+    group_size: Optional[int] = None
+    via: Tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "between", tuple(self.between))
+        object.__setattr__(self, "via", tuple(self.via))
+
+    def __str__(self):
+        mid = " -> ".join(self.via) if self.via else (" -> ".join(self.between) if self.between else "")
+        return f"{self.producer} -> {mid + ' -> ' if mid else ''}{self.consumer}"
+
+
+@dataclass(frozen=True)
+class SkippedPair:
+    """A candidate producer that is not pruned, and why."""
+
+    producer: str
+    reason: str
+    consumer: Optional[str] = None
+
+    def __str__(self):
+        return f"{self.producer}: {self.reason}"
+
+
+@dataclass
+class PairSearch:
+    """Result of :func:`lsprune.torch.find_pairs`: ``pairs`` (prunable, in forward order)
+    and ``skipped`` (candidate producers left alone, with a reason). Iterating yields the pairs."""
+
+    pairs: List[Pair] = field(default_factory=list)
+    skipped: List[SkippedPair] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(self.pairs)
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        return self.pairs[i]
+
+    def table(self) -> str:
+        """A plain-text table of found and skipped pairs."""
+        rows = [("producer", "consumer", "group", "between / reason")]
+        for p in self.pairs:
+            rows.append((p.producer, p.consumer, str(p.group_size), ", ".join(p.via) or "-"))
+        for s in self.skipped:
+            rows.append((s.producer, s.consumer or "-", "skipped", s.reason))
+        w = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}" for r in rows]
+        lines.insert(1, "-" * max(len(line) for line in lines))
+        return "\n".join(lines)
+
+    def __str__(self):
+        return f"{len(self.pairs)} prunable pair(s), {len(self.skipped)} skipped\n{self.table()}"
+
+
+def normalize_pairs(pairs) -> List[Pair]:
+    """Turns the user's ``pairs=`` argument into a list of :class:`Pair` (no model checks)."""
+    if isinstance(pairs, (str, bytes, Pair, dict)) or not hasattr(pairs, "__iter__"):
+        raise TypeError("pairs must be a list of Pair objects or (producer, consumer[, between]) tuples")
+    out = []
+    for i, p in enumerate(pairs):
+        if isinstance(p, Pair):
+            out.append(p)
+            continue
+        if not isinstance(p, (tuple, list)) or len(p) not in (2, 3):
+            raise TypeError(f"pairs[{i}] must be a Pair or a (producer, consumer[, between]) tuple, got {p!r}")
+        between = p[2] if len(p) == 3 else ()
+        if isinstance(between, str):
+            between = (between,)
+        names = [p[0], p[1], *between]
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"pairs[{i}]: module names must be strings, got {p!r}")
+        out.append(Pair(p[0], p[1], tuple(between)))
+    if not out:
+        raise ValueError("pairs is empty")
+    producers = [p.producer for p in out]
+    dup = sorted({n for n in producers if producers.count(n) > 1})
+    if dup:
+        raise ValueError(f"pairs names producer(s) {dup} more than once")
+    return out
+
+
+def channel_passthrough_kind(module: nn.Module, channels: int) -> Optional[str]:
+    """Whether ``module`` (placed between producer and consumer) can lose channels with them.
+
+    Returns ``None`` if it can, otherwise a reason string.
+    """
+    if isinstance(module, _NORM_TYPES):
+        if module.num_features != channels:
+            return f"{type(module).__name__} has {module.num_features} features, the producer {channels} channels"
+        return None
+    if isinstance(module, nn.PReLU):
+        n = module.weight.numel()
+        return None if n in (1, channels) else f"PReLU has {n} parameters, the producer {channels} channels"
+    if isinstance(module, nn.Conv2d):
+        if is_depthwise(module) and module.in_channels == channels:
+            return None
+        if module.groups > 1 and module.out_channels != module.in_channels:
+            return f"depthwise conv with channel multiplier {module.out_channels // module.in_channels}"
+        return f"conv with groups={module.groups} mixes channels"
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        return f"{type(module).__name__} mixes channels"
+    if any(True for _ in module.parameters(recurse=True)) or any(True for _ in module.buffers(recurse=True)):
+        return f"{type(module).__name__} has parameters and is not a known channel-wise module"
+    return None
+
+
+def is_depthwise(conv: nn.Module) -> bool:
+    """A Conv2d with one filter per input channel (groups == in == out)."""
+    return (isinstance(conv, nn.Conv2d) and conv.groups > 1 and conv.groups == conv.in_channels
+            and conv.out_channels == conv.in_channels)
+
+
+def check_producer(module: nn.Module) -> Optional[str]:
+    """Reason why ``module`` cannot be a producer, or None."""
+    if not isinstance(module, PRODUCER_TYPES):
+        return f"{type(module).__name__} is not a supported producer (Conv2d, Linear)"
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        if is_depthwise(module):
+            return "depthwise conv: its output channels are tied to its input channels"
+        return f"grouped conv (groups={module.groups}) producer is not supported"
+    if isinstance(module, nn.Conv2d) and module.out_channels < 2 or isinstance(module, nn.Linear) and \
+            module.out_features < 2:
+        return "has a single output channel"
+    return None
+
+
+def check_consumer(module: nn.Module) -> Optional[str]:
+    """Reason why ``module`` cannot be a consumer, or None."""
+    if not isinstance(module, CONSUMER_TYPES):
+        return f"consumer {type(module).__name__} is not a supported consumer (Conv2d, Linear)"
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return (f"consumer conv has groups={module.groups}: its re-fit would mix channels across groups "
+                "(only groups=1 consumers are re-fitted)")
+    return None
+
+
+def producer_channels(module: nn.Module) -> int:
+    return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+
+
+def consumer_in_features(module: nn.Module) -> int:
+    return module.in_channels if isinstance(module, nn.Conv2d) else module.in_features

@@ -1,0 +1,198 @@
+"""The prune report: per pair and model totals, JSON-serialisable."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+REPORT_FORMAT = "lsprune.torch.report"
+REPORT_VERSION = 1
+
+
+@dataclass
+class PairReport:
+    """What happened to one prunable pair.
+
+    Attributes
+    ----------
+    producer, consumer : str
+        Module names.
+    between : list of str
+        Modules that lost the same channels (BatchNorm, depthwise conv, PReLU).
+    group_size : int
+        Consumer input columns per channel (kh*kw for Conv2d, H*W for Linear after flatten, else 1).
+    channels_before, channels_after : int
+        Producer output channels.
+    kept : list of int
+        Kept channel indices (original numbering), ascending.
+    status : str
+        ``"pruned"``, or ``"unchanged"`` when every channel is kept (no re-fit either).
+    relative_error : float
+        Reconstruction error of the consumer's output on the calibration rows,
+        ``‖Y - Ŷ‖² / ‖Y - Ȳ‖²`` (centred; Y = the original network's consumer output).
+    error_path : list of float
+        Relative error (ridge objective) along the selection: ``error_path[i]`` is the
+        error with ``n_kept_path[i]`` channels kept.
+    n_kept_path : list of int
+    bias_added : bool
+        The consumer had no bias and got one (the LS intercept).
+    samples : int
+        Rows streamed into the statistics (samples, tokens or conv positions).
+    damping : float
+        Relative ridge of this pair's fit (raised above ``prune(damping=)`` for an underdetermined
+        fit, see the README; 0 for unchanged pairs).
+    params_before, params_after : int
+        Parameters of the producer, ``between`` and consumer modules.
+    flops_before, flops_after : int
+        MACs per calibration sample of the producer, ``between`` and consumer modules.
+        Pair rows overlap when a module is the consumer of one pair and the producer of the next.
+    time_s : float
+        Seconds spent on this pair's statistics, selection and surgery (the shared forward
+        sweep is in ``PruneReport.timings``).
+    """
+
+    producer: str
+    consumer: str
+    between: List[str]
+    group_size: int
+    channels_before: int
+    channels_after: int
+    kept: List[int]
+    status: str = "pruned"
+    relative_error: float = 0.0
+    error_path: List[float] = field(default_factory=list)
+    n_kept_path: List[int] = field(default_factory=list)
+    bias_added: bool = False
+    samples: int = 0
+    damping: float = 0.0
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    time_s: float = 0.0
+
+
+@dataclass
+class PruneReport:
+    """Result of :func:`lsprune.torch.prune` (next to the pruned model).
+
+    Attributes
+    ----------
+    pairs : list of PairReport
+        In the order they were pruned (forward order).
+    skipped : list of dict
+        ``{"producer", "consumer", "reason"}`` for candidate producers left alone.
+    mode, method, strategy : str
+        ``strategy`` is ``"graph"`` (torch.fx sweep) or ``"hooks"`` (explicit pairs on an untraceable model).
+    ratio : float or None
+    damping : float
+    max_positions : int or None
+    seed : int
+    params_before, params_after : int
+        All parameters of the model.
+    flops_before, flops_after : int
+        Conv/Linear multiply-accumulates (MACs) per calibration sample: measured on the first
+        calibration batch and divided by its batch size.
+    forward_passes : float
+        Forward passes spent, in full-model passes over the calibration set (see README).
+    n_batches, n_samples : int
+        Calibration batches and samples used.
+    output_relative_error : float or None
+        ``Σ‖f_pruned(x) - f(x)‖² / Σ‖f(x)‖²`` over the calibration set (graph strategy,
+        sequential mode only; None otherwise).
+    time_s : float
+        Wall time of the whole call.
+    timings : dict
+        Seconds in ``forward`` (model ops), ``statistics``, ``selection``, ``surgery`` and ``other``.
+    versions : dict
+        lsprune and torch versions.
+    """
+
+    pairs: List[PairReport] = field(default_factory=list)
+    skipped: List[Dict[str, Optional[str]]] = field(default_factory=list)
+    mode: str = "sequential"
+    method: str = "forward"
+    strategy: str = "graph"
+    ratio: Optional[float] = None
+    damping: float = 1e-6
+    max_positions: Optional[int] = None
+    seed: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    forward_passes: float = 0.0
+    n_batches: int = 0
+    n_samples: int = 0
+    output_relative_error: Optional[float] = None
+    time_s: float = 0.0
+    timings: Dict[str, float] = field(default_factory=dict)
+    versions: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def params_ratio(self) -> float:
+        """params_after / params_before."""
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    @property
+    def flops_ratio(self) -> float:
+        """flops_after / flops_before."""
+        return self.flops_after / self.flops_before if self.flops_before else 1.0
+
+    def pair(self, producer: str) -> PairReport:
+        """The report of the pair whose producer is ``producer``."""
+        for p in self.pairs:
+            if p.producer == producer:
+                return p
+        raise KeyError(producer)
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON types only) with ``format`` and ``version`` keys added."""
+        d = dataclasses.asdict(self)
+        return {"format": REPORT_FORMAT, "version": REPORT_VERSION, **d}
+
+    def to_json(self, **kwargs) -> str:
+        """JSON text of :meth:`to_dict` (``kwargs`` go to ``json.dumps``, default ``indent=2``)."""
+        kwargs.setdefault("indent", 2)
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PruneReport":
+        """Inverse of :meth:`to_dict` (also accepts ``json.loads(report.to_json())``)."""
+        if data.get("format") != REPORT_FORMAT:
+            raise ValueError("not an lsprune.torch prune report")
+        if data.get("version") != REPORT_VERSION:
+            raise ValueError(f"prune report version {data.get('version')}; this lsprune reads {REPORT_VERSION}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in data.items() if k in names}
+        kw["pairs"] = [PairReport(**p) for p in data.get("pairs", [])]
+        return cls(**kw)
+
+    def table(self) -> str:
+        """Per-pair plain-text table."""
+        rows = [("producer", "consumer", "channels", "rel. error", "MACs/sample", "time")]
+        for p in self.pairs:
+            rows.append((p.producer, p.consumer, f"{p.channels_before} -> {p.channels_after}",
+                         f"{p.relative_error:.3g}", f"{_si(p.flops_before)} -> {_si(p.flops_after)}",
+                         f"{p.time_s:.2f}s"))
+        w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(f"{c:<{w[i]}}" for i, c in enumerate(r)).rstrip() for r in rows]
+        lines.insert(1, "-" * max(len(line) for line in lines))
+        return "\n".join(lines)
+
+    def __str__(self):
+        out = (f"lsprune: {len(self.pairs)} pair(s), {self.mode}/{self.method}, {self.strategy} strategy; "
+               f"params {_si(self.params_before)} -> {_si(self.params_after)} ({self.params_ratio:.1%}), "
+               f"MACs/sample {_si(self.flops_before)} -> {_si(self.flops_after)} ({self.flops_ratio:.1%}); "
+               f"{self.forward_passes:.2f} forward passes, {self.time_s:.2f}s")
+        if self.output_relative_error is not None:
+            out += f"; output rel. error {self.output_relative_error:.3g}"
+        return out + "\n" + self.table()
+
+
+def _si(v: float) -> str:
+    for unit, s in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= unit:
+            return f"{v / unit:.3g}{s}"
+    return f"{v:.0f}"

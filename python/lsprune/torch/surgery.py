@@ -1,0 +1,204 @@
+"""Module surgery: physically shrinking Conv2d / Linear / BatchNorm / PReLU modules.
+
+Every operation replaces parameter and buffer *objects* (never writes into the old
+tensors), so a :class:`Backup` of the old objects restores a module bit for bit.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .pairs import channel_passthrough_kind, check_consumer, check_producer, consumer_in_features, producer_channels
+
+_SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+                "num_parameters")
+
+
+class Backup:
+    """Parameter/buffer objects and size attributes of some modules, to undo surgery."""
+
+    def __init__(self, modules: Iterable[nn.Module]):
+        self._saved = []
+        seen = set()
+        for m in modules:
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            attrs = {a: getattr(m, a) for a in _SHAPE_ATTRS if a in m.__dict__}
+            self._saved.append((m, dict(m._parameters), dict(m._buffers), attrs))
+
+    def restore(self) -> None:
+        for m, params, buffers, attrs in self._saved:
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+            m.__dict__.update(attrs)
+
+
+def _param(old: torch.Tensor, new: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(new.to(dtype=old.dtype, device=old.device).contiguous(), requires_grad=old.requires_grad)
+
+
+def _index(idx, device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(idx, dtype=np.int64), device=device)
+
+
+def shrink_out(module: nn.Module, idx) -> None:
+    """Keeps output channels ``idx`` of a producer (Conv2d or Linear)."""
+    i = _index(idx, module.weight.device)
+    module.weight = _param(module.weight, module.weight.index_select(0, i))
+    if module.bias is not None:
+        module.bias = _param(module.bias, module.bias.index_select(0, i))
+    if isinstance(module, nn.Conv2d):
+        module.out_channels = len(i)
+    else:
+        module.out_features = len(i)
+
+
+def shrink_channels(module: nn.Module, idx) -> None:
+    """Keeps channels ``idx`` of a module that holds one value per channel (BatchNorm, PReLU, depthwise conv)."""
+    dev = next(iter(list(module.parameters()) + list(module.buffers())), torch.empty(0)).device
+    i = _index(idx, dev)
+    k = len(i)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if module.weight is not None:
+            module.weight = _param(module.weight, module.weight.index_select(0, i))
+            module.bias = _param(module.bias, module.bias.index_select(0, i))
+        if module.running_mean is not None:
+            module.running_mean = module.running_mean.index_select(0, i)
+            module.running_var = module.running_var.index_select(0, i)
+        module.num_features = k
+    elif isinstance(module, nn.PReLU):
+        if module.weight.numel() > 1:
+            module.weight = _param(module.weight, module.weight.index_select(0, i))
+            module.num_parameters = k
+    elif isinstance(module, nn.Conv2d):  # depthwise: one filter per channel
+        module.weight = _param(module.weight, module.weight.index_select(0, i))
+        if module.bias is not None:
+            module.bias = _param(module.bias, module.bias.index_select(0, i))
+        module.in_channels = module.out_channels = module.groups = k
+    elif any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+        raise TypeError(f"cannot remove channels from {type(module).__name__}")
+
+
+def set_consumer(module: nn.Module, weights: np.ndarray, bias: Optional[np.ndarray], n_channels: int) -> bool:
+    """Installs re-fitted input weights on a consumer.
+
+    Parameters
+    ----------
+    module : nn.Conv2d or nn.Linear
+    weights : ndarray, shape (out, n_channels * group)
+        Columns in the consumer's input order (for Conv2d: (C_in, kh, kw) unfold order).
+    bias : ndarray, shape (out,), or None
+    n_channels : int
+        Kept input channels (Conv2d ``in_channels``; a Linear gets ``weights.shape[1]`` inputs).
+
+    Returns
+    -------
+    bool : True if a bias was added (the consumer had none).
+    """
+    w = module.weight
+    new = torch.as_tensor(np.ascontiguousarray(weights))
+    if isinstance(module, nn.Conv2d):
+        new = new.reshape(w.shape[0], n_channels, *w.shape[2:])
+        module.in_channels = n_channels
+    else:
+        module.in_features = new.shape[1]
+    module.weight = _param(w, new)
+    added = False
+    if bias is not None:
+        if module.bias is None:
+            added = True
+            module.bias = _param(w.new_empty(0), torch.as_tensor(np.asarray(bias)))
+            module.bias.requires_grad_(w.requires_grad)
+        else:
+            module.bias = _param(module.bias, torch.as_tensor(np.asarray(bias)))
+    return added
+
+
+def shrink_in(module: nn.Module, idx, group: int = 1) -> None:
+    """Keeps input channels ``idx`` of a consumer with its original weights (no re-fit);
+    ``group`` input columns per channel for a Linear after a flatten."""
+    w = module.weight
+    i = _index(idx, w.device)
+    if isinstance(module, nn.Conv2d):
+        module.weight = _param(w, w.index_select(1, i))
+        module.in_channels = len(i)
+    else:
+        cols = (i[:, None] * group + torch.arange(group, device=w.device)).reshape(-1)
+        module.weight = _param(w, w.index_select(1, cols))
+        module.in_features = len(cols)
+
+
+def consumer_matrix(module: nn.Module):
+    """A consumer's weights as (out, D) float64 and its bias (out,) (zeros if none), NumPy."""
+    w = module.weight.detach().to("cpu", torch.float64)
+    W = w.reshape(w.shape[0], -1).numpy()
+    b = module.bias.detach().to("cpu", torch.float64).numpy() if module.bias is not None else np.zeros(w.shape[0])
+    return W, b
+
+
+def apply_structure(model: nn.Module, report) -> nn.Module:
+    """Shrinks a freshly built model of the original architecture to a prune report's channel counts.
+
+    The kept channels' *values* are not restored (the first ``channels_after`` channels
+    are kept); load the pruned model's ``state_dict`` afterwards::
+
+        fresh = apply_structure(MyNet(), report)
+        fresh.load_state_dict(pruned.state_dict())
+
+    Parameters
+    ----------
+    model : nn.Module
+        The original architecture (modified in place and returned).
+    report : PruneReport or dict
+        A :class:`~lsprune.torch.PruneReport`, its ``to_dict()``, or ``json.loads(report.to_json())``.
+
+    Returns
+    -------
+    nn.Module : ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    data = report.to_dict() if hasattr(report, "to_dict") else report
+    if not isinstance(data, Mapping) or "pairs" not in data:
+        raise TypeError("report must be a PruneReport or its to_dict() / parsed JSON")
+    modules = dict(model.named_modules())
+    todo = []
+    for p in data["pairs"]:
+        names = [p["producer"], p["consumer"], *p["between"]]
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"the model has no module(s) {missing} named in the report")
+        prod, cons = modules[p["producer"]], modules[p["consumer"]]
+        reason = check_producer(prod) or check_consumer(cons)
+        if reason:
+            raise ValueError(f"pair {p['producer']} -> {p['consumer']}: {reason}")
+        if producer_channels(prod) != p["channels_before"]:
+            raise ValueError(f"{p['producer']} has {producer_channels(prod)} output channels, the report "
+                             f"{p['channels_before']}: is this the original architecture?")
+        g = p["group_size"]
+        if consumer_in_features(cons) != p["channels_before"] * (1 if isinstance(cons, nn.Conv2d) else g):
+            raise ValueError(f"{p['consumer']} does not have the input size the report says")
+        for b in p["between"]:
+            r = channel_passthrough_kind(modules[b], p["channels_before"])
+            if r:
+                raise ValueError(f"{b}: {r}")
+        todo.append((p, prod, cons))
+    with torch.no_grad():
+        for p, prod, cons in todo:
+            if p["channels_after"] != p["channels_before"]:
+                idx = np.arange(p["channels_after"])
+                shrink_out(prod, idx)
+                for b in p["between"]:
+                    shrink_channels(modules[b], idx)
+                shrink_in(cons, idx, p["group_size"])
+            if p["bias_added"] and cons.bias is None:
+                cons.bias = nn.Parameter(torch.zeros(cons.weight.shape[0], dtype=cons.weight.dtype,
+                                                     device=cons.weight.device))
+    return model

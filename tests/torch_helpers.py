@@ -1,0 +1,75 @@
+"""Helpers shared by the lsprune.torch tests."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+
+def batches(shape, n=4, seed=0, scale=1.0):
+    """``n`` random calibration batches of ``shape`` (never zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) * scale for _ in range(n)]
+
+
+_SIZE_ATTRS = ("in_channels", "out_channels", "in_features", "out_features", "num_features", "groups")
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything that must be bit-identical after a prune that did not opt into ``inplace``."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "ids": {k: id(v) for k, v in model.state_dict(keep_vars=True).items()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "attrs": {n: {a: getattr(m, a) for a in _SIZE_ATTRS if a in m.__dict__} for n, m in model.named_modules()},
+    }
+
+
+def assert_unchanged(model: nn.Module, snap: dict) -> None:
+    state = model.state_dict(keep_vars=True)
+    assert set(state) == set(snap["state"]), "parameters/buffers were added or removed"
+    for k, v in state.items():
+        ref = snap["state"][k]
+        assert v.dtype == ref.dtype and v.shape == ref.shape, k
+        assert torch.equal(v.detach(), ref), f"{k} changed"
+        assert id(v) == snap["ids"][k], f"{k} was replaced"
+    assert {n: m.training for n, m in model.named_modules()} == snap["training"]
+    for n, m in model.named_modules():
+        for a, v in snap["attrs"][n].items():
+            assert getattr(m, a) == v, f"{n}.{a} changed"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a - b‖² / ‖b‖² in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return float(((a - b) ** 2).sum() / (b ** 2).sum())
+
+
+@torch.no_grad()
+def output_error(pruned: nn.Module, original: nn.Module, data) -> float:
+    """Relative output error of ``pruned`` against ``original`` (both in eval mode) over batches."""
+    num = den = 0.0
+    for x in data:
+        o, p = original(x).double(), pruned(x).double()
+        num += float(((p - o) ** 2).sum())
+        den += float((o ** 2).sum())
+    return num / den
+
+
+def no_refit_copy(model: nn.Module, report) -> nn.Module:
+    """The original model with the report's channels removed but no re-fit: the consumer's
+    original weights are sliced to the kept channels (its original bias stays)."""
+    from lsprune.torch.surgery import shrink_channels, shrink_in, shrink_out
+
+    m = copy.deepcopy(model)
+    mods = dict(m.named_modules())
+    with torch.no_grad():
+        for p in report.pairs:
+            if p.status != "pruned":
+                continue
+            shrink_out(mods[p.producer], p.kept)
+            for b in p.between:
+                shrink_channels(mods[b], p.kept)
+            shrink_in(mods[p.consumer], p.kept, p.group_size)
+    return m

@@ -1,0 +1,317 @@
+"""Small architectures for the lsprune.torch tests (torchvision is not a dependency)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MLP(nn.Module):
+    """Linear -> activation [-> Dropout] -> Linear."""
+
+    def __init__(self, d_in=12, hidden=32, d_out=6, act=nn.ReLU, dropout=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.act = act()
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.fc2 = nn.Linear(hidden, d_out)
+
+    def forward(self, x):
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+class DeepMLP(nn.Module):
+    """A stack of Linear -> Tanh layers (a chain of pairs)."""
+
+    def __init__(self, widths=(16, 48, 48, 48, 48, 8)):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.tanh(x)
+        return x
+
+
+class VGG(nn.Module):
+    """Conv -> BN -> ReLU -> MaxPool blocks, flatten -> Linear -> ReLU -> Dropout -> Linear."""
+
+    def __init__(self, c=(8, 12, 16), n_out=5, in_hw=16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c[0])
+        self.conv2 = nn.Conv2d(c[0], c[1], 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(c[1])
+        self.conv3 = nn.Conv2d(c[1], c[2], 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        hw = in_hw // 4
+        self.fc1 = nn.Linear(c[2] * hw * hw, 24)
+        self.drop = nn.Dropout(0.3)
+        self.fc2 = nn.Linear(24, n_out)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.avg_pool2d(self.conv3(x).relu(), 2)
+        x = x.view(x.size(0), -1)
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, width, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """A tiny ResNet: stem, a few residual blocks, global pooling, Linear."""
+
+    def __init__(self, block="basic", widths=(8, 16), n_out=5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        blocks, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            if block == "basic":
+                blocks += [BasicBlock(cin, w, stride), BasicBlock(w, w)]
+                cin = w
+            else:
+                blocks += [Bottleneck(cin, w, 2 * w, stride), Bottleneck(2 * w, w, 2 * w)]
+                cin = 2 * w
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, n_out)
+
+    def forward(self, x):
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: expand 1x1 -> BN -> ReLU6 -> depthwise 3x3 -> BN -> ReLU6 -> project 1x1 -> BN."""
+
+    def __init__(self, cin, cout, expand=4, stride=1):
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        self.conv = nn.Sequential(
+            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    def __init__(self, n_out=5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(inplace=True))
+        self.blocks = nn.Sequential(InvertedResidual(8, 8), InvertedResidual(8, 12, stride=2),
+                                    InvertedResidual(12, 12))
+        self.head = nn.Linear(12, n_out)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.head(x.mean((2, 3)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block; the FFN (Linear -> GELU -> Linear) sits inside a residual."""
+
+    def __init__(self, d=16, heads=2, ff=48):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.ff1 = nn.Linear(d, ff)
+        self.act = nn.GELU()
+        self.ff2 = nn.Linear(ff, d)
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.ff2(self.act(self.ff1(self.ln2(x))))
+
+
+class Transformer(nn.Module):
+    def __init__(self, d=16, n_layers=2, ff=48, n_out=4):
+        super().__init__()
+        self.blocks = nn.ModuleList(TransformerBlock(d, 2, ff) for _ in range(n_layers))
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, x):  # x: (B, T, d)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x.mean(1))
+
+
+class ConvVariants(nn.Module):
+    """Stride, padding, dilation, bias/no bias, reflect padding, a grouped conv and a depthwise conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 10, 3, stride=2, padding=2, dilation=2, bias=True)
+        self.c2 = nn.Conv2d(10, 12, (3, 2), stride=(1, 2), padding=(1, 0), bias=False)
+        self.c3 = nn.Conv2d(12, 12, 3, padding="same", padding_mode="reflect")
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.c4 = nn.Conv2d(12, 8, 1, bias=False)
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)  # grouped: mixes channels within groups
+        self.c5 = nn.Conv2d(8, 6, 3)
+
+    def forward(self, x):
+        x = F.silu(self.c1(x))
+        x = torch.sigmoid(self.c2(x))
+        x = F.leaky_relu(self.c3(x), 0.1)
+        x = self.c4(F.hardswish(self.dw(x)))
+        x = self.c5(F.relu(self.g(F.relu(x))))
+        return x.flatten(1)
+
+
+class Branchy(nn.Module):
+    """Patterns that are not prunable: residual add, concat, second consumer, LayerNorm, grouped consumer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)  # output + residual add
+        self.c = nn.Conv2d(8, 6, 1)  # output feeds concat
+        self.d = nn.Conv2d(8, 6, 1)
+        self.e = nn.Conv2d(12, 8, 1)  # output feeds two consumers
+        self.f1 = nn.Conv2d(8, 4, 1)
+        self.f2 = nn.Conv2d(8, 4, 1)
+        self.g = nn.Conv2d(8, 8, 1)  # followed by a grouped conv consumer
+        self.h = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.lin1 = nn.Linear(8, 16)  # LayerNorm in between
+        self.ln = nn.LayerNorm(16)
+        self.lin2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        a = F.relu(self.a(x))
+        b = self.b(a) + a
+        cat = torch.cat([self.c(b), self.d(b)], 1)
+        e = F.relu(self.e(cat))
+        f = self.f1(e) + self.f2(e)
+        h = self.h(F.relu(self.g(torch.cat([f, f], 1))))
+        v = h.mean((2, 3))
+        return self.lin2(self.ln(self.lin1(v)))
+
+
+class DeepConv(nn.Module):
+    """A plain stack of 3x3 conv -> ReLU layers for the sequential vs independent comparison."""
+
+    def __init__(self, width=16, depth=5):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3, width, 3, padding=1)] +
+                                   [nn.Conv2d(width, width, 3, padding=1) for _ in range(depth - 1)])
+        self.out = nn.Conv2d(width, 4, 1)
+
+    def forward(self, x):
+        for c in self.convs:
+            x = F.relu(c(x))
+        return self.out(x)
+
+
+class KwargsMLP(nn.Module):
+    """Traceable model called with dict batches ``{"features": x}`` and an optional argument."""
+
+    def __init__(self, d_in=10, hidden=24, d_out=5):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, d_out)
+
+    def forward(self, features, offset=None, scale=1.0):
+        h = torch.relu(self.fc1(features))
+        if offset is not None:
+            h = h + offset
+        return self.fc2(h) * scale
+
+
+class ControlFlowMLP(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self, d_in=10, hidden=24, d_out=5):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, d_out)
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # never true, but fx cannot know
+            x = x * 0
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class TinyTextModel(nn.Module):
+    """Token model taking dict batches ``{"input_ids", "attention_mask"}``; the mask check makes it untraceable."""
+
+    def __init__(self, vocab=50, d=16, ff=40, n_out=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.ln = nn.LayerNorm(d)
+        self.ff1 = nn.Linear(d, ff)
+        self.act = nn.GELU()
+        self.ff2 = nn.Linear(ff, d)
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.emb(input_ids)
+        if attention_mask is not None and bool((attention_mask == 0).all()):  # data-dependent: untraceable
+            raise ValueError("every position is padding")
+        x = x + self.ff2(self.act(self.ff1(self.ln(x))))
+        m = attention_mask[..., None].to(x.dtype) if attention_mask is not None else torch.ones_like(x[..., :1])
+        return self.head((x * m).sum(1) / m.sum(1))
+
+
+def init_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters (random init would make BN the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return model
