@@ -134,6 +134,22 @@ PYBIND11_MODULE(_core, mod) {
       .def_property_readonly("n_features", &lsp::Accumulator::D)
       .def_property_readonly("n_targets", &lsp::Accumulator::m)
       .def("set_chunk_rows", &lsp::Accumulator::set_chunk_rows)
+      .def("set_flush_rows", &lsp::Accumulator::set_flush_rows)
+      .def_property_readonly("pending_rows", &lsp::Accumulator::pending_rows)
+      .def("discard", &lsp::Accumulator::discard)
+      .def(
+          "flush",
+          [](lsp::Accumulator& acc, F64 gram, F64 cross) {
+            const Index D = acc.D(), m = acc.m();
+            lsp::Sums s;
+            s.D = D;
+            s.m = m;
+            s.gram = mut(gram, D * D, "gram");
+            s.cross = m ? mut(cross, D * m, "cross") : nullptr;
+            py::gil_scoped_release nogil;
+            acc.flush(s);
+          },
+          py::arg("gram").noconvert(), py::arg("cross").noconvert())
       .def(
           "update",
           [](lsp::Accumulator& acc, const py::array& x, const std::optional<py::array>& y, F64 gram, F64 cross,

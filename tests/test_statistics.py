@@ -229,3 +229,24 @@ def test_bad_inputs(rng):
     big_endian = rng.normal(size=(4, 5)).astype(">f8")
     st.update(big_endian, np.ones((4, 2)))
     np.testing.assert_allclose(st.sum_x, big_endian.astype(np.float64).sum(0))
+
+
+def test_pending_float32_products_flush_on_read_and_threshold(rng):
+    X = rng.normal(size=(900, 10)).astype(np.float32)
+    Y = rng.normal(size=(900, 3)).astype(np.float32)
+    st = lsprune.Statistics(10, 3)
+    st._acc.set_flush_rows(250)
+    for i, sl in enumerate(np.array_split(np.arange(900), 9)):
+        st.update(X[sl], Y[sl])
+        if i == 4:  # reading in the middle flushes, later batches keep accumulating
+            check(st, X[: sl[-1] + 1], Y[: sl[-1] + 1], F32_RTOL)
+    assert st._acc.pending_rows < 250
+    check(st, X, Y, F32_RTOL)
+    # products of pending batches that together could overflow float32 go to float64
+    big = lsprune.Statistics(2)
+    Z = np.full((4, 2), 3e18, dtype=np.float32)  # x^2 = 9e36: one row stays float32, three rows exceed 1e37
+    big.update(Z[:1]).update(Z[1:])
+    assert np.isfinite(big.gram).all()
+    np.testing.assert_allclose(big.gram, Z.astype(np.float64).T @ Z.astype(np.float64), rtol=1e-6)
+    st.reset()
+    assert st._acc.pending_rows == 0 and st.count == 0 and not st.gram.any()

@@ -199,15 +199,21 @@ void Accumulator::update(const MatrixView& x, const MatrixView* y, const Sums& s
     if (!all_finite(sy.data(), m) || !all_finite(syy.data(), m))
       throw std::invalid_argument("y contains NaN or Inf (or overflows float64); the batch was not added");
   }
-  // float32 products are used when all inputs are float16/float32 and cannot overflow.
+  // float32 products are used when all inputs are float16/float32 and the
+  // pending float32 sums cannot overflow.
   double big = 0;
   for (double v : sxx) big = std::max(big, v);
   for (double v : syy) big = std::max(big, v);
   bool f64 = x.dtype == DType::F64 || (y && y->dtype == DType::F64) || big > 1e37;
-  if (f64)
+  if (!f64 && pending_big_ + big > 1e37) flush(s);
+  if (f64) {
     accumulate<double>(x, y, s);
-  else
+  } else {
     accumulate<float>(x, y, s);
+    pending_rows_ += x.rows;
+    pending_big_ += big;
+    if (pending_rows_ >= flush_rows_) flush(s);
+  }
   for (Index j = 0; j < D; ++j) s.sum_x[j] += sx[j];
   for (Index j = 0; j < m; ++j) {
     s.sum_y[j] += sy[j];
@@ -220,7 +226,7 @@ void Accumulator::accumulate(const MatrixView& x, const MatrixView* y, const Sum
   const Index N = x.rows, D = D_, m = m_;
   constexpr bool f32 = std::is_same<T, float>::value;
 
-  // float32 products go to scratch and are then added; float64 ones straight
+  // float32 products go to the scratch (added by flush()); float64 ones straight
   // into the sums (nothing can fail after the checks in update()).
   const DType want = dtype_of<T>();
   const bool xd = blas_ready(x, want), yd = !y || blas_ready(*y, want);
@@ -248,7 +254,7 @@ void Accumulator::accumulate(const MatrixView& x, const MatrixView* y, const Sum
   }();
   for (Index r0 = 0; r0 < N; r0 += chunk) {
     const Index n = std::min(chunk, N - r0);
-    const T beta = (f32 && r0 == 0) ? T(0) : T(1);
+    const T beta = (f32 && r0 == 0 && pending_rows_ == 0) ? T(0) : T(1);
     Operand<T> a = xd ? direct_operand<T>(x, r0) : copy_operand<T>(x, r0, n, xbuf);
     if (a.transposed)
       blas::syrk_n(D, n, T(1), a.p, a.ld, beta, G, D);
@@ -260,20 +266,26 @@ void Accumulator::accumulate(const MatrixView& x, const MatrixView* y, const Sum
       blas::gemm(!a.transposed, b.transposed, D, m, n, T(1), a.p, a.ld, b.p, b.ld, beta, B, m);
     }
   }
+}
 
-  if constexpr (f32) {
+void Accumulator::flush(const Sums& s) {
+  if (pending_rows_ == 0) return;
+  const Index D = D_, m = m_;
+  const float* G = gram32_.data();
+  const float* B = cross32_.data();
 #pragma omp parallel for schedule(dynamic, 16)
-    for (Index i = 0; i < D; ++i) {
-      double* g = s.gram + i * D;
-      const float* h = G + i * D;
-      for (Index j = i; j < D; ++j) g[j] += double(h[j]);
-    }
-    if (m > 0) {
-#pragma omp parallel for schedule(static)
-      for (Index i = 0; i < D; ++i)
-        for (Index j = 0; j < m; ++j) s.cross[i * m + j] += double(B[i * m + j]);
-    }
+  for (Index i = 0; i < D; ++i) {
+    double* g = s.gram + i * D;
+    const float* h = G + i * D;
+    for (Index j = i; j < D; ++j) g[j] += double(h[j]);
   }
+  if (m > 0) {
+#pragma omp parallel for schedule(static)
+    for (Index i = 0; i < D; ++i)
+      for (Index j = 0; j < m; ++j) s.cross[i * m + j] += double(B[i * m + j]);
+  }
+  pending_rows_ = 0;
+  pending_big_ = 0;
 }
 
 template void Accumulator::accumulate<float>(const MatrixView&, const MatrixView*, const Sums&);

@@ -19,9 +19,11 @@ struct Sums {
 
 // Adds batches into Sums with BLAS rank-k updates. Precision: float16/float32
 // batches are multiplied in float32 (one SYRK/GEMM per batch, in chunks when the
-// batch must be converted) and the batch product is added into the float64 sums;
-// a float64 batch (x or y) is multiplied in float64. Keeps its scratch between
-// calls so small batches do not pay for allocation.
+// batch must be converted) into a float32 scratch that is added into the float64
+// sums every `flush_rows` rows (and whenever the caller reads the sums: flush());
+// a float64 batch (x or y) is multiplied in float64 straight into the sums. The
+// scratch lives between calls, so small batches pay neither an allocation nor a
+// D x D float64 addition each.
 class Accumulator {
  public:
   Accumulator(Index D, Index m);
@@ -29,6 +31,13 @@ class Accumulator {
   // batch holds NaN/Inf (or float32 products overflow) it throws
   // std::invalid_argument and the sums are exactly as before.
   void update(const MatrixView& x, const MatrixView* y, const Sums& sums);
+  // Adds the pending float32 products into the sums (call before reading them).
+  void flush(const Sums& sums);
+  // Drops pending products (after the caller replaced or zeroed the sums).
+  void discard() { pending_rows_ = 0; pending_big_ = 0; }
+  Index pending_rows() const { return pending_rows_; }
+  // Rows of float32 products accumulated before they are added in float64.
+  void set_flush_rows(Index r) { flush_rows_ = r > 0 ? r : 1; }
   Index D() const { return D_; }
   Index m() const { return m_; }
   // Rows per converted chunk (0 = automatic); exposed for tests of the chunked path.
@@ -39,6 +48,8 @@ class Accumulator {
   void accumulate(const MatrixView& x, const MatrixView* y, const Sums& sums);
   Index D_, m_;
   Index chunk_rows_ = 0;
+  Index flush_rows_ = 4096, pending_rows_ = 0;  // bounds float32 accumulation like a 4096-row batch
+  double pending_big_ = 0;  // bound on |pending float32 entries| (Cauchy-Schwarz), against overflow
   std::vector<float> gram32_, cross32_, xbuf32_, ybuf32_;
   std::vector<double> xbuf64_, ybuf64_;
 };

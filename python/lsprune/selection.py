@@ -108,8 +108,9 @@ def _result(method, r, out_dtype, return_path, requested_damping, n_groups, colu
     skipped = np.asarray(r["skipped"], dtype=np.int64)
     if skipped.size:
         warnings.warn(
-            f"{skipped.size} group(s) were never selectable: zero variance or linearly dependent on the "
-            f"selected ones (damping=0): {skipped[:20].tolist()}{' ...' if skipped.size > 20 else ''}",
+            f"{skipped.size} group(s) were never selectable: their variance left after the selected groups is "
+            f"below rcond times their own variance (constant, dead or duplicated channels; damping="
+            f"{requested_damping:g}): {skipped[:20].tolist()}{' ...' if skipped.size > 20 else ''}",
             RuntimeWarning, stacklevel=3)
     if r["stopped_early"]:
         if method == "backward":

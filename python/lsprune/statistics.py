@@ -24,11 +24,13 @@ class Statistics:
     are streamed.
 
     Precision: float16/float32 batches are multiplied in float32 with one
-    multithreaded BLAS SYRK/GEMM per batch (float16 is converted in chunks) and the
-    batch product is added to the float64 sums, so the error does not grow with
-    the number of batches (measured relative error vs a float64 reference: see
-    the README). A batch with a float64 ``x`` or ``y`` is multiplied in float64,
-    as is one whose values are so large that float32 products could overflow.
+    multithreaded BLAS SYRK/GEMM per batch (float16 is converted in chunks) into a
+    float32 scratch that is added to the float64 sums every 4,096 rows (and
+    whenever the sums are read), so the error does not grow with the number of
+    batches and small batches do not pay a D x D float64 addition each (measured
+    relative error vs a float64 reference: see the README). A batch with a float64
+    ``x`` or ``y`` is multiplied in float64, as is one whose values are so large
+    that float32 products could overflow.
 
     Parameters
     ----------
@@ -94,8 +96,9 @@ class Statistics:
                 f"cannot merge statistics of shape (n_features={other._D}, n_targets={other._m}) into "
                 f"(n_features={self._D}, n_targets={self._m})"
             )
+        self._flush()
         self._gram += other.gram  # only the upper triangle matters until the next mirror
-        self._cross += other._cross
+        self._cross += other.cross
         self._sum_x += other._sum_x
         self._sum_y += other._sum_y
         self._sum_yy += other._sum_yy
@@ -103,15 +106,22 @@ class Statistics:
         self._symmetric = False
         return self
 
+    def _flush(self):
+        """Adds the engine's pending float32 products into the float64 sums."""
+        if self._acc.pending_rows:
+            self._acc.flush(self._gram, self._cross)
+            self._symmetric = False
+
     def copy(self) -> "Statistics":
         """An independent copy."""
         out = Statistics(self._D, self._m)
-        out._set_state(self.gram.copy(), self._cross.copy(), self._sum_x.copy(), self._sum_y.copy(),
+        out._set_state(self.gram.copy(), self.cross.copy(), self._sum_x.copy(), self._sum_y.copy(),
                        self._sum_yy.copy(), self._count)
         return out
 
     def reset(self) -> None:
         """Zeros all sums (keeps the shapes)."""
+        self._acc.discard()
         for a in (self._gram, self._cross, self._sum_x, self._sum_y, self._sum_yy):
             a.fill(0.0)
         self._count = 0
@@ -139,6 +149,7 @@ class Statistics:
         return out
 
     def _set_state(self, gram, cross, sum_x, sum_y, sum_yy, count):
+        self._acc.discard()
         self._gram, self._cross = gram, cross
         self._sum_x, self._sum_y, self._sum_yy = sum_x, sum_y, sum_yy
         self._count = int(count)
@@ -167,6 +178,7 @@ class Statistics:
     @property
     def gram(self) -> np.ndarray:
         """``Σ x xᵀ``, shape (D, D), float64 (read-only view; ``.copy()`` to keep a snapshot)."""
+        self._flush()
         if not self._symmetric:
             _core.mirror_upper(self._gram)
             self._symmetric = True
@@ -175,6 +187,7 @@ class Statistics:
     @property
     def cross(self) -> np.ndarray:
         """``Σ x yᵀ``, shape (D, m), float64 (read-only view)."""
+        self._flush()
         return self._ro(self._cross)
 
     @property
@@ -221,7 +234,7 @@ class Statistics:
     def cov_xy(self) -> np.ndarray:
         """Centred input/target cross-covariance ``E[(x-x̄)(y-ȳ)ᵀ]``, shape (D, m)."""
         n = self._n()
-        return self._cross / n - np.outer(self._sum_x / n, self._sum_y / n)
+        return self.cross / n - np.outer(self._sum_x / n, self._sum_y / n)
 
     @property
     def var_y(self) -> np.ndarray:
@@ -236,7 +249,7 @@ class Statistics:
     def _arrays(self):
         return {
             "gram": self.gram,
-            "cross": self._cross,
+            "cross": self.cross,
             "sum_x": self._sum_x,
             "sum_y": self._sum_y,
             "sum_y_sq": self._sum_yy,
