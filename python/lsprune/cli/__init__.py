@@ -1,0 +1,1 @@
+"""The ``lsprune`` command line: demo, prune, inspect, bench."""

@@ -1,0 +1,170 @@
+"""The sub-commands. Heavy imports (torch, matplotlib) happen here, on demand."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from .errors import CLIError
+from .io import atomic_path, batches_of, load_model, load_tensor
+
+
+def _torch():
+    try:
+        import torch  # noqa: F401
+
+        import lsprune.torch as lt
+    except ImportError as e:
+        raise CLIError("this command needs PyTorch: pip install torch (then lsprune[torch])") from e
+    return lt
+
+
+def demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(epochs=args.epochs, seed=args.seed, progress=not args.quiet)
+    return 0
+
+
+def _fraction(v, name):
+    if v is not None and not 0.0 < v <= 1.0:
+        raise CLIError(f"--{name} must be a fraction in (0, 1], got {v}")
+    return v
+
+
+def prune(args) -> int:
+    lt = _torch()
+    import torch
+
+    if args.ratio is not None and not 0.0 <= args.ratio < 1.0:
+        raise CLIError(f"--ratio must be in [0, 1), got {args.ratio}")
+    _fraction(args.flops, "flops")
+    _fraction(args.params, "params")
+    if args.eval_labels and not args.eval_data:
+        raise CLIError("--eval-labels needs --eval-data")
+    if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
+        raise CLIError(f"--plots {args.plots!r} is a file, not a folder")
+    for path in (args.output, args.report):  # checked before the work, not after it
+        if path and os.path.isdir(path):
+            raise CLIError(f"{path!r} is a folder; give a file name")
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise CLIError(f"the folder of {path!r} does not exist")
+    model = load_model(args.model, args.weights)
+    data = load_tensor(args.calib, size=args.image_size, grayscale=args.grayscale, what="calibration data")
+    calib = batches_of(data, args.batch_size)
+    evals = None
+    if args.eval_data:
+        ex = load_tensor(args.eval_data, size=args.image_size, grayscale=args.grayscale, what="evaluation data")
+        ey = load_tensor(args.eval_labels, what="evaluation labels") if args.eval_labels else None
+        if ey is not None and (ey.is_floating_point() or ey.shape[0] != ex.shape[0]):
+            raise CLIError("--eval-labels must hold one integer label per --eval-data sample")
+        evals = (batches_of(ex, args.batch_size), ey)
+
+    kw = dict(method=args.method, mode=args.mode, damping=args.damping, max_batches=args.max_batches,
+              device=args.device, progress=not args.quiet, seed=args.seed)
+    if args.no_refit:
+        kw["refit"] = False
+    if args.ratio is not None:
+        kw["ratio"] = args.ratio
+    else:
+        kw["budget"] = _budget(flops=args.flops, params=args.params)
+    t = time.perf_counter()
+    pruned, report = lt.prune(model, calib, **kw)
+    seconds = time.perf_counter() - t
+
+    acc = None
+    if evals is not None and evals[1] is not None:
+        acc = (_accuracy(model, evals[0], evals[1]), _accuracy(pruned, evals[0], evals[1]))
+    with atomic_path(args.output) as tmp:
+        torch.save(pruned, tmp)
+    if args.report:
+        d = report.to_dict()
+        if acc is not None:
+            d["accuracy_before"], d["accuracy_after"] = acc
+        with atomic_path(args.report) as tmp, open(tmp, "w") as f:
+            json.dump(d, f, indent=1)
+    if args.plots:
+        from .plots import write_plots
+
+        os.makedirs(args.plots, exist_ok=True)
+        write_plots(report, args.plots, accuracy=acc)
+    if not args.quiet:
+        print(report)
+        if acc is not None:
+            print(f"accuracy: {100 * acc[0]:.2f}% -> {100 * acc[1]:.2f}%")
+        print(f"pruned in {seconds:.1f}s; saved to {args.output}")
+    return 0
+
+
+def _budget(**fractions):
+    import lsprune
+
+    Budget = getattr(lsprune, "Budget", None)
+    if Budget is None:
+        raise CLIError("FLOPs/params budgets need lsprune.Budget (not in this version): use --ratio")
+    return Budget(**{k: v for k, v in fractions.items() if v is not None})
+
+
+def _accuracy(model, batches, labels) -> float:
+    import torch
+
+    was = model.training
+    model.eval()
+    correct, i = 0, 0
+    try:
+        with torch.no_grad():
+            for x in batches:
+                out = model(x)
+                if isinstance(out, (tuple, list)):
+                    out = out[0]
+                pred = out.argmax(-1).cpu()
+                correct += int((pred == labels[i:i + x.shape[0]]).sum())
+                i += x.shape[0]
+    finally:
+        model.train(was)
+    return correct / max(i, 1)
+
+
+def inspect(args) -> int:
+    lt = _torch()
+    import torch
+
+    model = load_model(args.model, args.weights)
+    if any(s < 1 for s in args.example_shape):
+        raise CLIError("--example-shape entries must be >= 1")
+    x = torch.randn(*args.example_shape, generator=torch.Generator().manual_seed(0))
+    try:
+        search = lt.find_pairs(model, x)
+    except lt.NotTraceableError as e:
+        raise CLIError(f"torch.fx cannot trace this model ({str(e).splitlines()[0]}); name the pairs explicitly "
+                       "with the Python API: lsprune.torch.prune(..., pairs=[...])") from e
+    print(search)
+    return 0
+
+
+def bench(args) -> int:
+    from lsprune.bench import format_table, run_omp, run_solver, run_statistics
+
+    if args.repeat < 1:
+        raise CLIError("--repeat must be >= 1")
+    quick = args.quick
+    if args.which in ("statistics", "all"):
+        rows = run_statistics(sizes=(256, 576) if quick else (576, 1152, 4608), n_rows=8192 if quick else 65536,
+                              repeat=args.repeat)
+        print("## Statistics throughput (float32 batches; ratio = baseline time / lsprune time)\n")
+        print(format_table(rows, ["D", "N", "layout", "lsprune_s", "numpy_s", "torch_s", "lsprune_gflops",
+                                  "vs_numpy", "vs_torch"]) + "\n")
+    if args.which in ("solver", "all"):
+        kw = dict(n_channels=64, n_targets=64, n_keep=32, n_rows=2048) if quick else {}
+        rows = run_solver(repeat=args.repeat, **kw)
+        print("## Selection (ratio = NumPy time / lsprune time)\n")
+        print(format_table(rows, ["method", "D", "g", "m", "keep", "lsprune_s", "numpy_s", "vs_numpy",
+                                  "same_selection", "relative_error"]) + "\n")
+        try:
+            omp = run_omp(**(dict(n_features=256, n_keep=64, n_rows=1024) if quick else {}), repeat=args.repeat)
+        except ImportError:
+            print("(single-output OMP vs scikit-learn skipped: scikit-learn is not installed)")
+        else:
+            print("## Single-output OMP vs scikit-learn orthogonal_mp_gram\n")
+            print(format_table([omp], ["D", "keep", "lsprune_s", "sklearn_s", "vs_sklearn", "same_support"]))
+    return 0

@@ -1,0 +1,67 @@
+"""PNG plots of a prune report (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(report, folder: str, accuracy: Optional[Tuple[float, float]] = None) -> list:
+    """Writes error_paths.png (per-pair relative error E(k)/E(0) with the chosen k marked),
+    channels.png (channels kept per pair) and, with accuracies, accuracy_vs_flops.png.
+    Returns the written paths."""
+    plt = _plt()
+    pairs = [p for p in report.pairs if p.status == "pruned" and p.error_path]
+    out = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p in pairs:
+        line, = ax.plot(p.n_kept_path, p.error_path, lw=1.2, label=p.producer)
+        k = p.channels_after
+        if k in p.n_kept_path:
+            ax.plot([k], [p.error_path[p.n_kept_path.index(k)]], "o", color=line.get_color())
+    ax.set_xlabel("channels kept")
+    ax.set_ylabel("relative reconstruction error E(k)/E(0)")
+    ax.set_yscale("log")
+    ax.set_title("Error paths (dot = chosen k)")
+    if len(pairs) <= 12:
+        ax.legend(fontsize=7)
+    out.append(_save(fig, os.path.join(folder, "error_paths.png"), plt))
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(report.pairs) + 2), 4))
+    names = [p.producer for p in report.pairs]
+    x = range(len(names))
+    ax.bar(x, [p.channels_before for p in report.pairs], color="#cccccc", label="before")
+    ax.bar(x, [p.channels_after for p in report.pairs], color="#3070b0", label="after")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("channels")
+    ax.set_title("Channels kept per pair")
+    ax.legend()
+    out.append(_save(fig, os.path.join(folder, "channels.png"), plt))
+
+    if accuracy is not None:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        f0 = report.flops_before
+        ax.plot([1.0, report.flops_after / f0], [100 * accuracy[0], 100 * accuracy[1]], "o-")
+        ax.annotate("original", (1.0, 100 * accuracy[0]))
+        ax.annotate("pruned", (report.flops_after / f0, 100 * accuracy[1]))
+        ax.set_xlabel("FLOPs (fraction of the original)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title("Accuracy vs FLOPs")
+        out.append(_save(fig, os.path.join(folder, "accuracy_vs_flops.png"), plt))
+    return out
+
+
+def _save(fig, path, plt):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,16 @@
+"""Model factories for the CLI tests (imported by `lsprune` subprocesses as 'cli_factories:<name>')."""
+import torch.nn as nn
+
+
+def small_cnn():
+    import torch
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(24 * 4 * 4, 10)).eval()
+
+
+def not_a_model():
+    return 42
