@@ -168,7 +168,6 @@ struct ForwardState {
     for (Index i = 0; i < gJ; ++i) {
       P.gram_row(grp.columns[o + i], pos2col.data(), Dact, row.data());
       double* ci = &c[std::size_t(i) * Dact];
-#pragma omp parallel for schedule(static)
       for (Index p = 0; p < Dact; ++p) ci[p] = row[p] - ci[p];
     }
     small::solve_lower(LJ.data(), gJ, c.data(), Dact, Dact);
@@ -190,8 +189,10 @@ struct ForwardState {
     dead += gJ;
 
     // Fused sweep: rank-gJ downdate of every live group's R rows and residual
-    // block, then its new gain.
-#pragma omp parallel for schedule(dynamic, chunk)
+    // block, then its new gain. Small steps stay on one thread (waking the team
+    // costs more than the work).
+    const bool team = Dact * gJ * (m + gJmax) > 200000;
+#pragma omp parallel for schedule(dynamic, chunk) if (team)
     for (Index g = 0; g < NG; ++g)
       if (state[g] == ACTIVE)
         evaluate(g, &work[std::size_t(omp_get_thread_num()) * work_stride], c.data(), Dact, gJ, z.data());

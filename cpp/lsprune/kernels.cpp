@@ -4,6 +4,8 @@
 #include <cstring>
 #include <vector>
 
+#include <omp.h>
+
 #include "blas.hpp"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(LSPRUNE_NO_CLONES)
@@ -69,9 +71,12 @@ void at_c(const double* A, Index K, Index g, const double* C, Index ldc, Index n
     return;
   }
   // Accumulators (g x bw) of ~24 KB stay in L1 beside the four C rows.
-  const Index bw = std::max<Index>(64, std::min<Index>(1024, (3072 / g) / 8 * 8));
+  Index bw = std::max<Index>(64, std::min<Index>(1024, (3072 / g) / 8 * 8));
+  // Enough blocks for every thread when the work is worth splitting.
+  const Index nt = omp_get_max_threads();
+  if (K * n * g > 100000 && n < 2 * nt * bw) bw = std::max<Index>(64, (n / (2 * nt)) / 8 * 8);
   const Index nblocks = (n + bw - 1) / bw;
-#pragma omp parallel
+#pragma omp parallel if (K * n * g > 100000 && nblocks > 1)
   {
     std::vector<double> accv(std::size_t(g) * bw);
     double* acc = accv.data();
