@@ -7,8 +7,10 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "blas.hpp"
+#include "kernels.hpp"
 
 namespace lsp {
 namespace {
@@ -84,7 +86,15 @@ void column_sums(const MatrixView& v, double* sum, double* sumsq) {
         Index r0 = N * t / T, r1 = N * (t + 1) / T;
         double* s = part.data() + std::size_t(t) * D * (sumsq ? 2 : 1);
         double* q = s + D;
-        for (Index r = r0; r < r1; ++r) {
+        using S = std::remove_cv_t<std::remove_pointer_t<decltype(rd.p)>>;
+        bool done = false;
+        if constexpr (!std::is_same<S, std::uint16_t>::value) {
+          if (sumsq) {  // the hot case: an ISA-dispatched kernel
+            kern::colsum_rows(rd.p + r0 * rs, r1 - r0, rs, D, s, q);
+            done = true;
+          }
+        }
+        for (Index r = done ? r1 : r0; r < r1; ++r) {
           Index base = r * rs;
           if (sumsq) {
             for (Index j = 0; j < D; ++j) { double a = rd(base + j); s[j] += a; q[j] += a * a; }

@@ -205,6 +205,30 @@ double lower_solve_sumsq(const double* L, Index g, double* B, Index n) {
 }
 
 LSP_CLONES
+void colsum_rows(const float* x, Index rows, Index rs, Index D, double* __restrict s, double* __restrict q) {
+  for (Index r = 0; r < rows; ++r) {
+    const float* __restrict row = x + r * rs;
+    for (Index j = 0; j < D; ++j) {
+      const double a = row[j];
+      s[j] += a;
+      q[j] += a * a;
+    }
+  }
+}
+
+LSP_CLONES
+void colsum_rows(const double* x, Index rows, Index rs, Index D, double* __restrict s, double* __restrict q) {
+  for (Index r = 0; r < rows; ++r) {
+    const double* __restrict row = x + r * rs;
+    for (Index j = 0; j < D; ++j) {
+      const double a = row[j];
+      s[j] += a;
+      q[j] += a * a;
+    }
+  }
+}
+
+LSP_CLONES
 double sumsq(const double* x, Index n) {
   double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
   Index i = 0;

@@ -26,6 +26,11 @@ double lower_solve_sumsq(const double* L, Index g, double* B, Index n);
 double update_gain(double* R, Index gs, const double* cc, Index gJ, const double* z, Index m, const double* L,
                    bool solve, double* work);
 
+// s[j] += x[r, j], q[j] += x[r, j]^2 over rows r of a row-major float/double
+// block (row stride rs); the accumulators are float64.
+void colsum_rows(const float* x, Index rows, Index rs, Index D, double* s, double* q);
+void colsum_rows(const double* x, Index rows, Index rs, Index D, double* s, double* q);
+
 // Sum of squares of n values.
 double sumsq(const double* x, Index n);
 
