@@ -6,12 +6,14 @@ The NumPy-level API (no torch needed):
 * :func:`select` — greedy LS channel selection (forward / omp / backward) with re-fit.
 * :func:`refit` — LS re-fit on a given set of channels.
 * :func:`allocate` — per-layer channel counts under a global budget.
+* :class:`Budget` — a target fraction of a whole model's FLOPs or parameters (for :mod:`lsprune.torch`).
 * :func:`factorize` — LS factorization (reduced-rank regression) ``W ≈ U V``.
 
 The PyTorch front-end lives in :mod:`lsprune.torch` (imported on demand).
 """
 from ._native import NumericalError, _core
 from .allocation import Allocation, allocate
+from .budget import Budget
 from .factorization import Factorization, factorize
 from .selection import METHODS, Selection, refit, select
 from .statistics import Statistics
@@ -29,5 +31,5 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
-__all__ = ["Statistics", "select", "refit", "Selection", "factorize", "Factorization", "allocate", "Allocation", "NumericalError", "METHODS", "set_num_threads",
+__all__ = ["Statistics", "select", "refit", "Selection", "factorize", "Factorization", "allocate", "Allocation", "Budget", "NumericalError", "METHODS", "set_num_threads",
            "get_num_threads", "__version__"]

@@ -48,6 +48,15 @@ def _bound(v, n, name, l, default):
     return k
 
 
+def allowed_counts(lo: int, hi: int, n: int, multiple: int = 1) -> np.ndarray:
+    """The kept counts :func:`allocate` may choose for a layer of ``n`` channels with bounds
+    ``lo..hi``: multiples of ``multiple`` from the rounded-up ``lo``, plus ``n`` itself when
+    ``hi == n`` (ascending int64 array; empty when none fits)."""
+    lo_m = int(math.ceil(lo / multiple) * multiple)
+    ks = set(range(lo_m, hi + 1, multiple)) | ({hi} if hi == n else set())
+    return np.array(sorted(k for k in ks if lo <= k <= hi), dtype=np.int64)
+
+
 def allocate(error_paths: Sequence, costs: Union[Sequence[float], Callable], budget: float, *, min_keep=1,
              max_keep=None, multiple: int = 1, weights=None, fixed_cost: float = 0.0) -> Allocation:
     """Chooses how many channels each layer keeps so that the summed (weighted)
@@ -109,9 +118,8 @@ def allocate(error_paths: Sequence, costs: Union[Sequence[float], Callable], bud
         hi = _bound(max_keep, n, "max_keep", l, n)
         if lo > hi:
             raise ValueError(f"layer {l}: min_keep ({lo}) exceeds max_keep ({hi})")
-        lo_m = int(math.ceil(lo / multiple) * multiple)
-        ks = set(range(lo_m, hi + 1, multiple)) | ({hi} if hi == n else set()) | ({lo_m} if lo_m <= hi else set())
-        ks = np.array(sorted(k for k in ks if lo <= k <= hi and np.isfinite(p[k])), dtype=np.int64)
+        ks = allowed_counts(lo, hi, n, multiple)
+        ks = ks[np.isfinite(p[ks])]
         if ks.size == 0:
             raise ValueError(f"layer {l}: no kept count in [{lo}, {hi}] is a multiple of {multiple} with a known error")
         allowed.append(ks)

@@ -1,10 +1,12 @@
 """PyTorch front-end of lsprune: structured pruning of trained networks by layerwise least squares.
 
 * :func:`prune` — prune a model on unlabeled calibration data; returns ``(pruned_model, report)``.
+* :func:`factorize` — replace Linear/Conv2d layers by LS-fitted low-rank factorizations; ``(new_model, report)``.
 * :func:`find_pairs` — list the prunable producer -> consumer pairs of a model (and why others are skipped).
 * :func:`apply_structure` — shrink a freshly built model to a report's channel counts (to load a pruned state_dict).
 * :func:`count_flops_params` — parameters and multiply-accumulates (MACs) of a model.
-* :class:`PruneReport`, :class:`PairReport`, :class:`Pair`, :class:`SkippedPair`, :class:`PairSearch`.
+* :class:`PruneReport`, :class:`PairReport`, :class:`FactorizeReport`, :class:`LayerFactorReport`, :class:`Pair`,
+  :class:`SkippedPair`, :class:`PairSearch`; :class:`Budget` (= :class:`lsprune.Budget`).
 
 Only this subpackage imports torch; ``import lsprune`` works without it.
 """
@@ -13,12 +15,17 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError("lsprune.torch needs PyTorch: pip install 'lsprune[torch]'") from e
 
+from lsprune.budget import Budget
+
 from .api import DEFAULT_MAX_POSITIONS, find_pairs, prune
+from .factor_report import FactorizeReport, LayerFactorReport
+from .factorize import factorize
 from .flops import FlopsCount, count_flops_params
 from .graph import NotTraceableError
 from .pairs import Pair, PairSearch, SkippedPair
 from .report import PairReport, PruneReport
 from .surgery import apply_structure
 
-__all__ = ["prune", "find_pairs", "apply_structure", "count_flops_params", "FlopsCount", "Pair", "PairSearch",
-           "SkippedPair", "PairReport", "PruneReport", "NotTraceableError", "DEFAULT_MAX_POSITIONS"]
+__all__ = ["prune", "factorize", "Budget", "find_pairs", "apply_structure", "count_flops_params", "FlopsCount", "Pair",
+           "PairSearch", "SkippedPair", "PairReport", "PruneReport", "FactorizeReport", "LayerFactorReport",
+           "NotTraceableError", "DEFAULT_MAX_POSITIONS"]

@@ -10,10 +10,12 @@ import time
 from collections.abc import Mapping
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 import lsprune
+from lsprune.budget import as_budget
 
 from .batches import (batch_size, capture_call, default_forward, first_tensor_device, forward_error, make_mask,
                       materialize, to_device)
@@ -22,9 +24,13 @@ from .graph import NotTraceableError, Runner, bind_placeholders, concrete_argume
 from .hooks import check_mapping, probe, pruned_failure, run_hooks
 from .pairs import (Pair, PairSearch, channel_passthrough_kind, check_consumer, check_producer, normalize_pairs,
                     producer_channels)
-from .pruning import SELECTORS, Timer, make_job, plan_channels, unchanged_report
+from . import budget as budgeting
+from .baselines import NORMS
+from .costs import PairCosts
+from .pruning import (ORDER_METHODS, SELECTORS, Timer, _log_engine_warnings, effective_damping, finish, job_order,
+                      make_job, plan_channels, unchanged_report)
 from .report import PruneReport
-from .surgery import Backup
+from .surgery import Backup, consumer_matrix
 from .sweep import sweep
 
 logger = logging.getLogger("lsprune.torch")
@@ -106,7 +112,8 @@ def _graph_discovery(ref, batch0, run):
 
 # ---------------------------------------------------------------------------------------------- prune
 def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep: Optional[Dict[str, int]] = None,
-          method: str = "forward", mode: str = "sequential", damping: float = 1e-6, max_batches: Optional[int] = None,
+          budget=None, method: str = "forward", refit: bool = True, norm: str = "l1", mode: str = "sequential",
+          damping: float = 1e-6, max_batches: Optional[int] = None,
           device=None, progress: bool = True, pairs: Optional[Sequence] = None, forward_fn: Optional[Callable] = None,
           mask_fn: Optional[Callable] = None, inplace: bool = False,
           max_positions: Optional[int] = DEFAULT_MAX_POSITIONS, seed: int = 0,
@@ -128,10 +135,25 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
     ratio : float in [0, 1), optional
         Fraction of channels removed in every pair (``round(ratio*C)``; at least one channel stays).
     keep : dict {producer name: int}, optional
-        Exact number of channels to keep for these pairs (overrides ``ratio``). Pairs in neither
-        ``keep`` nor covered by ``ratio`` are left unchanged.
-    method : {"forward", "omp", "backward"}
-        Selection solver (see :func:`lsprune.select`).
+        Exact number of channels to keep for these pairs (overrides ``ratio``; with ``budget`` these
+        pairs are pinned and the budget is spread over the others). Pairs in neither ``keep`` nor
+        covered by ``ratio``/``budget`` are left unchanged.
+    budget : lsprune.Budget, float or dict, optional
+        Target fraction of the whole model's FLOPs or parameters, e.g. ``Budget(flops=0.5)`` (a
+        float means FLOPs). Per-pair counts are chosen to fit it (see :class:`lsprune.Budget` and
+        the README). Not together with ``ratio``. Raises ``ValueError`` with the reachable range
+        when the budget cannot be met.
+    method : {"forward", "omp", "backward", "magnitude", "random", "thinet"}
+        How channels are chosen: the LS selection solvers (see :func:`lsprune.select`);
+        ``"magnitude"``: largest producer filter norm (``norm``); ``"random"``: seeded by ``seed``;
+        ``"thinet"``: a naive greedy that re-solves the LS problem per candidate (same choices as
+        ``"forward"``, much slower; for speed comparisons on small layers).
+    refit : bool, default True
+        Re-fit the consumer by least squares on the kept channels. False: the consumer keeps its
+        original weights (and bias) restricted to the kept channels, so that selection and
+        reconstruction can be judged apart.
+    norm : {"l1", "l2"}
+        Filter norm of ``method="magnitude"``.
     mode : {"sequential", "independent"}
         ``sequential``: pairs are pruned in forward order; a consumer's input comes from the
         already pruned network and its targets from the original one, so errors are corrected as
@@ -182,9 +204,10 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
     """
     t_start = time.perf_counter()
     timer = Timer()
-    opts = _validate(model, ratio=ratio, keep=keep, method=method, mode=mode, damping=damping,
-                     max_batches=max_batches, device=device, progress=progress, pairs=pairs, forward_fn=forward_fn,
-                     mask_fn=mask_fn, inplace=inplace, max_positions=max_positions, seed=seed, strategy=strategy)
+    opts = _validate(model, ratio=ratio, keep=keep, budget=budget, method=method, refit=refit, norm=norm, mode=mode,
+                     damping=damping, max_batches=max_batches, device=device, progress=progress, pairs=pairs,
+                     forward_fn=forward_fn, mask_fn=mask_fn, inplace=inplace, max_positions=max_positions, seed=seed,
+                     strategy=strategy)
     explicit: Optional[List[Pair]] = opts["pairs"]
     batches = materialize(calibration, max_batches)
     run = forward_fn or default_forward
@@ -221,7 +244,16 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
             ref_mods = dict(ref.named_modules())
             channels = {p.producer: producer_channels(ref_mods[p.producer]) for p in chosen}
             _check_keep(opts["keep"], chosen, search)
-            plan = plan_channels(chosen, channels, ratio=opts["ratio"], keep=opts["keep"])
+            budget = opts["budget"]
+            b0 = batch_size(batch0) or 1
+            costs = None
+            if budget is not None:  # refuse an unreachable budget before any expensive work
+                costs = PairCosts(ref, chosen, channels, positions, 1.0 / b0, budget.kind, refit=refit)
+                sizes = [channels[p.producer] for p in chosen]
+                pinned = [opts["keep"].get(p.producer) if opts["keep"] else None for p in chosen]
+                lo, hi = budgeting.keep_bounds(budget, sizes, pinned)
+                _, hi_cost = budgeting.check_reachable(budget, costs, budgeting.allowed(lo, hi, sizes,
+                                                                                       budget.multiple))
 
             # ---- inputs of every batch
             inputs, masks = [], []
@@ -241,23 +273,65 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
             # ---- prune
             pruned = model if inplace else copy.deepcopy(model).to(dev)
             pr_mods = dict(pruned.named_modules())
+            backup = Backup([pr_mods[n] for p in chosen for n in (p.producer, *p.between, p.consumer)])
             n_samples = sum((batch_size(b) or 1) for b in batches)
+            job_kw = dict(device=dev, use_torch_sums=None, seed=seed, max_positions=max_positions,
+                          n_samples=n_samples, refit=refit, norm=norm)
+            common = dict(sequential=sequential, method=method, damping=float(damping), progress=progress,
+                          timer=timer)
+            passes = 1.0 / nb if use_graph else (1.0 + len(probes)) / nb
+
+            # ---- a global budget: error paths from an independent pass, then the allocation
+            paths, weights, pre_jobs = None, None, {}
+            if budget is not None and budget.allocation == "global" and any(k is None for k in pinned) and \
+                    hi_cost > budget.fraction * costs.full:
+                for i, p in enumerate(chosen):  # independent mode reuses these statistics for the pruning itself
+                    if pinned[i] is None or not sequential:
+                        pre_jobs[p.producer] = make_job(i, p, channels[p.producer], int(hi[i]), ref_mods, pr_mods,
+                                                        independent=True, **job_kw)
+                pre = dict(common, sequential=False)
+                if use_graph:
+                    sweep(gm.graph, ref, pruned, inputs, masks, pre_jobs, chains, collect_only=True, **pre)
+                    passes += 1.0
+                else:
+                    passes += run_hooks(ref, pruned, batches, dev, run, mask_fn, list(pre_jobs.values()),
+                                        collect_only=True, **pre)
+                with timer("allocation"):
+                    paths = {p.producer: _error_path(pre_jobs[p.producer], method, float(damping), int(lo[i]),
+                                                     int(hi[i]))
+                             for i, p in enumerate(chosen) if pinned[i] is None}
+                    fc = costs if budget.kind == "flops" else PairCosts(ref, chosen, channels, positions, 1.0 / b0,
+                                                                        "flops", refit=refit)
+                    weights = budgeting.error_weights(budget, [p.producer for p in chosen], fc)
+            with timer("allocation"):
+                plan = plan_channels(chosen, channels, ratio=opts["ratio"], keep=opts["keep"], budget=budget,
+                                     costs=costs, error_paths=paths, weights=weights)
+
             jobs = {}
             for i, p in enumerate(chosen):
                 if plan[p.producer] < channels[p.producer]:
-                    jobs[p.producer] = make_job(i, p, channels[p.producer], plan[p.producer], ref_mods, pr_mods,
-                                                device=dev, independent=not sequential, use_torch_sums=None,
-                                                seed=seed, max_positions=max_positions, n_samples=n_samples)
-            backup = Backup([m for j in jobs.values() for m in j.modules])
-            common = dict(sequential=sequential, method=method, damping=float(damping), progress=progress,
-                          timer=timer)
+                    if not sequential and p.producer in pre_jobs:
+                        jobs[p.producer] = pre_jobs[p.producer]
+                        jobs[p.producer].n_keep = plan[p.producer]
+                    else:
+                        jobs[p.producer] = make_job(i, p, channels[p.producer], plan[p.producer], ref_mods, pr_mods,
+                                                    independent=not sequential, **job_kw)
+            reuse = bool(jobs) and all(j is pre_jobs.get(n) for n, j in jobs.items())
             out_err = None
-            if use_graph:
+            if reuse:  # independent mode after the budget pass: the statistics are complete
+                for job in jobs.values():
+                    finish(job, method=method, damping=float(damping), timer=timer)
+                if not use_graph:
+                    try:
+                        run(pruned, batch0)
+                    except Exception as e:
+                        raise pruned_failure(e) from e
+                    passes += 1.0 / nb
+            elif use_graph:
                 res = sweep(gm.graph, ref, pruned, inputs, masks, jobs, chains, **common)
                 out_err = res["output_relative_error"]
-                passes = 1.0 / nb + (1.0 + res["pruned_pass_fraction"] if jobs else 0.0)
+                passes += (1.0 + res["pruned_pass_fraction"] if jobs else 0.0)
             else:
-                passes = (1.0 + len(probes)) / nb
                 passes += run_hooks(ref, pruned, batches, dev, run, mask_fn, list(jobs.values()), **common) \
                     if jobs else 0.0
                 if jobs:
@@ -270,6 +344,13 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
             # ---- report
             report = _report(chosen, jobs, channels, search, ref, pruned, positions, batch0, batches, opts,
                              strategy="graph" if use_graph else "hooks", passes=passes, out_err=out_err)
+            if budget is not None:
+                report.budget = dict(plan.budget, flops_reached=report.flops_ratio, params_reached=report.params_ratio)
+                report.budget["reached"] = report.budget[f"{budget.kind}_reached"]
+                for r in report.pairs:
+                    if paths is not None and r.producer in paths:
+                        v = paths[r.producer][r.channels_after]
+                        r.predicted_error = float(v) if np.isfinite(v) else None
         state.restore(pruned)
         report.time_s = time.perf_counter() - t_start
         report.timings = {k: float(v) for k, v in timer.totals.items()}
@@ -282,6 +363,20 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
         raise
     finally:
         state.restore(model)
+
+
+def _error_path(job, method: str, damping: float, lo: int, hi: int) -> np.ndarray:
+    """A pair's relative error for every kept count, from its independent statistics."""
+    stats = job.sums.statistics()
+    if stats.count == 0:
+        raise ValueError(f"pair {job.name}: no calibration rows reached the statistics")
+    damping = effective_damping(job, stats.count, damping)
+    W, b = consumer_matrix(job.ref_consumer)
+    order = job_order(job, method) if method in ORDER_METHODS else None
+    with _log_engine_warnings(job.name):
+        return budgeting.pair_error_path(stats, method=method, refit=job.refit, n_channels=job.channels,
+                                         group_size=job.group_size, lo=lo, hi=hi, damping=damping, weights_in=W,
+                                         bias_in=b, order=order)
 
 
 def _choose_strategy(ref, batch0, run, strategy, explicit):
@@ -337,6 +432,7 @@ def _report(chosen, jobs, channels, search, ref, pruned, positions, batch0, batc
     reps = []
     for p in chosen:
         r = jobs[p.producer].report if p.producer in jobs else unchanged_report(p, channels[p.producer], p.group_size)
+        r.method = opts["method"]
         names = [p.producer, *p.between, p.consumer]
         r.params_before = sum(own_params(ref_mods[n]) for n in names)
         r.params_after = sum(own_params(pr_mods[n]) for n in names)
@@ -348,7 +444,8 @@ def _report(chosen, jobs, channels, search, ref, pruned, positions, batch0, batc
     n_samples = sum((batch_size(b) or 1) for b in batches)
     return PruneReport(
         pairs=reps, skipped=skipped, mode=opts["mode"], method=opts["method"], strategy=strategy,
-        ratio=opts["ratio"], damping=float(opts["damping"]), max_positions=opts["max_positions"], seed=opts["seed"],
+        ratio=opts["ratio"], refit=opts["refit"], norm=opts["norm"] if opts["method"] == "magnitude" else None,
+        damping=float(opts["damping"]), max_positions=opts["max_positions"], seed=opts["seed"],
         params_before=total_params(ref), params_after=total_params(pruned),
         flops_before=int(sum(before.values())), flops_after=int(sum(after.values())),
         forward_passes=float(passes), n_batches=len(batches), n_samples=int(n_samples),
@@ -368,8 +465,8 @@ def _unknown(name: str, names) -> str:
     return f"the model has no module named {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
-def _validate(model, *, ratio, keep, method, mode, damping, max_batches, device, progress, pairs, forward_fn,
-              mask_fn, inplace, max_positions, seed, strategy) -> dict:
+def _validate(model, *, ratio, keep, budget, method, refit, norm, mode, damping, max_batches, device, progress,
+              pairs, forward_fn, mask_fn, inplace, max_positions, seed, strategy) -> dict:
     """Checks every argument before anything is touched; returns normalized options."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -394,11 +491,20 @@ def _validate(model, *, ratio, keep, method, mode, damping, max_batches, device,
             if k < 1:
                 raise ValueError(f"keep[{name!r}]={k}: at least 1 channel must stay")
         keep = {n: int(k) for n, k in keep.items()}
-    if ratio is None and not keep:
-        raise ValueError("give ratio= (fraction of channels removed in every pair) or keep= "
-                         "({producer name: channels to keep})")
+    if budget is not None:
+        budget = as_budget(budget)
+        if ratio is not None:
+            raise ValueError("give either ratio= (the same fraction removed in every pair) or budget= (a fraction "
+                             "of the whole model's FLOPs/params), not both")
+    if ratio is None and not keep and budget is None:
+        raise ValueError("give ratio= (fraction of channels removed in every pair), budget= (e.g. "
+                         "lsprune.Budget(flops=0.5)) or keep= ({producer name: channels to keep})")
     if not isinstance(method, str) or method not in SELECTORS:
         raise ValueError(f"method must be one of {tuple(SELECTORS)}, got {method!r}")
+    if not isinstance(refit, bool):
+        raise TypeError(f"refit must be True or False, got {refit!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if strategy not in STRATEGIES:
@@ -444,5 +550,9 @@ def _validate(model, *, ratio, keep, method, mode, damping, max_batches, device,
                 r = channel_passthrough_kind(modules[b], C)
                 if r:
                     raise ValueError(f"pair {p.producer} -> {p.consumer}: between module {b!r}: {r}")
-    return dict(ratio=ratio, keep=keep, method=method, mode=mode, damping=damping, device=dev, pairs=explicit,
-                max_positions=max_positions, seed=int(seed))
+    if budget is not None and isinstance(budget.weights, Mapping):
+        for name in budget.weights:
+            if name not in modules:
+                raise ValueError(f"Budget weights: {_unknown(name, modules)}")
+    return dict(ratio=ratio, keep=keep, budget=budget, method=method, refit=refit, norm=norm, mode=mode,
+                damping=damping, device=dev, pairs=explicit, max_positions=max_positions, seed=int(seed))

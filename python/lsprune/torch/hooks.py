@@ -208,9 +208,11 @@ def check_mapping(ref: nn.Module, q: Probe, batch, run: Callable, seed: int) -> 
 
 
 def run_hooks(ref: nn.Module, pruned: nn.Module, batches: list, device, run: Callable, mask_fn, jobs: List[PairJob],
-              *, sequential: bool, method: str, damping: float, progress: bool, timer: Timer) -> float:
+              *, sequential: bool, method: str, damping: float, progress: bool, timer: Timer,
+              collect_only: bool = False) -> float:
     """Prunes ``pruned`` pair by pair (sequential) or from one pass (independent). Returns the forward
-    passes spent (an early-stopped pass counts as a full one)."""
+    passes spent (an early-stopped pass counts as a full one). ``collect_only`` (independent mode):
+    only accumulate the statistics, finish no pair."""
     ref_mods, pr_mods = dict(ref.named_modules()), dict(pruned.named_modules())
     passes = 0.0
     pair_bar = tqdm(total=len(jobs), desc="lsprune pairs", unit="pair", disable=not progress, leave=False)
@@ -240,7 +242,7 @@ def run_hooks(ref: nn.Module, pruned: nn.Module, batches: list, device, run: Cal
                 for h in handles:
                     h.remove()
             passes += 1.0
-            for job in jobs:
+            for job in ([] if collect_only else jobs):
                 finish(job, method=method, damping=damping, timer=timer)
                 pair_bar.update(1)
             return passes

@@ -1,6 +1,7 @@
 """Per-pair work shared by the graph and hooks strategies: channel plan, statistics, selection, surgery."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -16,27 +17,67 @@ import torch
 import torch.nn as nn
 
 import lsprune
+from lsprune.budget import Budget
 
+from . import budget as budgeting
 from .accumulate import Sums, iter_rows
+from .baselines import magnitude_order, naive_greedy, no_refit_error, random_order
 from .pairs import Pair
 from .report import PairReport
-from .surgery import consumer_matrix, set_consumer, shrink_channels, shrink_out
+from .surgery import consumer_matrix, set_consumer, shrink_channels, shrink_in, shrink_out
 
 logger = logging.getLogger("lsprune.torch")
 
 
 # ---------------------------------------------------------------------------------------------- channel plan
+class ChannelPlan(dict):
+    """``{producer name: channels to keep}``; ``allocation`` holds the :class:`lsprune.Allocation`
+    of a global budget and ``budget`` the budget's report record (None without a budget)."""
+
+    allocation: Optional[lsprune.Allocation] = None
+    budget: Optional[dict] = None
+
+
 def plan_channels(pairs: Sequence[Pair], channels: Mapping[str, int], *, ratio: Optional[float] = None,
-                  keep: Optional[Mapping[str, int]] = None, error_paths=None) -> Dict[str, int]:
+                  keep: Optional[Mapping[str, int]] = None, budget: Optional[Budget] = None, costs=None,
+                  error_paths: Optional[Mapping[str, np.ndarray]] = None, weights=None) -> ChannelPlan:
     """Number of channels to keep per pair (keyed by producer name).
 
     The single place where per-pair counts are decided: ``keep`` gives exact counts,
     ``ratio`` removes ``round(ratio * C)`` of the ``C`` channels of the other pairs
-    (at least one channel stays); pairs in neither keep all channels. A global
-    budget allocator will take ``error_paths`` (per-pair ``E(k)``) here.
+    (at least one channel stays); pairs in neither keep all channels. With ``budget``
+    (a :class:`lsprune.Budget`, ``costs`` = :class:`.costs.PairCosts` of ``pairs``), the
+    pairs not in ``keep`` get counts that fit the budget: uniform, or (``allocation="global"``)
+    from :func:`lsprune.allocate` on ``error_paths`` ``{producer: E(k) for k = 0..C}``,
+    weighted by ``weights`` (one per pair; default 1).
     """
-    del error_paths  # reserved for the budget allocator
-    plan = {}
+    plan = ChannelPlan()
+    if budget is not None:
+        sizes = [channels[p.producer] for p in pairs]
+        pinned = [keep.get(p.producer) if keep else None for p in pairs]
+        for p, n, k in zip(pairs, sizes, pinned):
+            if k is not None and not 1 <= k <= n:
+                raise ValueError(f"keep[{p.producer!r}]={k}: must be between 1 and the producer's {n} channels")
+        lo, hi = budgeting.keep_bounds(budget, sizes, pinned)
+        options = budgeting.allowed(lo, hi, sizes, budget.multiple)
+        min_cost, _ = budgeting.check_reachable(budget, costs, options)
+        alloc = None
+        top = np.array([ks[-1] for ks in options])
+        if costs(top) <= budget.fraction * costs.full:  # everything allowed fits: nothing to allocate
+            counts = top
+        elif budget.allocation == "uniform" or all(k is not None for k in pinned):
+            counts = budgeting.uniform_counts(budget, costs, options, sizes, pinned)
+        else:
+            if error_paths is None:
+                raise ValueError("a global budget needs the pairs' error paths")
+            w = np.ones(len(pairs)) if weights is None else np.asarray(weights, dtype=np.float64)
+            paths = [error_paths.get(p.producer) for p in pairs]
+            counts, alloc = budgeting.global_counts(budget, costs, paths, lo, hi, w, pinned)
+        for p, k in zip(pairs, counts):
+            plan[p.producer] = int(k)
+        plan.allocation = alloc
+        plan.budget = budgeting.plan_summary(budget, costs, counts, alloc, min_cost)
+        return plan
     for p in pairs:
         C = channels[p.producer]
         if keep is not None and p.producer in keep:
@@ -72,9 +113,39 @@ def _log_engine_warnings(name: str):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
+def _order_select(stats, n_keep, *, method, group_size, damping, weights_in=None, bias_in=None, job=None):
+    """Keeps the first ``n_keep`` channels of a baseline's ranking and re-fits the consumer on them."""
+    order = job_order(job, method)
+    sel = lsprune.refit(stats, np.sort(order[:n_keep]), group_size=group_size, damping=damping,
+                        weights_in=weights_in, bias_in=bias_in)
+    return dataclasses.replace(sel, method=method)
+
+
+def _thinet_select(stats, n_keep, *, group_size, damping, weights_in=None, bias_in=None, job=None):
+    """Naive greedy (re-solves per candidate), then the LS re-fit on its choice."""
+    chosen, path = naive_greedy(stats, n_keep, group_size=group_size, damping=damping, weights_in=weights_in)
+    sel = lsprune.refit(stats, np.sort(chosen), group_size=group_size, damping=damping, weights_in=weights_in,
+                        bias_in=bias_in)
+    rel = path / sel.target_energy if sel.target_energy > 0 else np.zeros_like(path)
+    return dataclasses.replace(sel, method="thinet", selected=chosen, error_path=path, relative_error_path=rel,
+                               n_kept_path=np.arange(path.size, dtype=np.int64))
+
+
+def job_order(job: "PairJob", method: str) -> np.ndarray:
+    """The channel ranking of an order-based baseline for a pair (from the original producer)."""
+    if method == "magnitude":
+        return magnitude_order(job.ref_producer, job.norm)
+    return random_order(job.channels, job.seed, job.index)
+
+
 # The channel-choosing step: name -> callable(stats, n_keep, *, group_size, damping, weights_in, bias_in, job)
-# returning an lsprune.Selection. Internal extension point (magnitude/random baselines plug in here).
+# returning an lsprune.Selection (the kept channels and the LS re-fit on them). Internal extension point.
 SELECTORS: Dict[str, Callable] = {m: functools.partial(_engine_select, method=m) for m in lsprune.METHODS}
+SELECTORS["magnitude"] = functools.partial(_order_select, method="magnitude")
+SELECTORS["random"] = functools.partial(_order_select, method="random")
+SELECTORS["thinet"] = _thinet_select
+#: Methods whose choice is a fixed channel ranking (the budget's error path follows that ranking).
+ORDER_METHODS = ("magnitude", "random")
 
 
 #: Relative ridge used at least for a pair whose LS fit is (nearly) underdetermined (see effective_damping).
@@ -140,6 +211,10 @@ class PairJob:
     seconds: float = 0.0
     report: Optional[PairReport] = None
     extra: dict = field(default_factory=dict)
+    ref_producer: Optional[nn.Module] = None
+    refit: bool = True
+    norm: str = "l1"
+    seed: int = 0
 
     @property
     def name(self) -> str:
@@ -172,7 +247,7 @@ def positions_cap(max_positions: Optional[int], n_features: int, n_samples: int)
 
 def make_job(index: int, pair: Pair, channels: int, n_keep: int, ref_modules, pruned_modules, *, device,
              independent: bool, use_torch_sums: Optional[bool], seed: int, max_positions: Optional[int] = None,
-             n_samples: int = 1) -> PairJob:
+             n_samples: int = 1, refit: bool = True, norm: str = "l1") -> PairJob:
     ref_consumer = ref_modules[pair.consumer]
     D = consumer_width(ref_consumer)
     m = 0 if independent else ref_consumer.weight.shape[0]
@@ -180,7 +255,8 @@ def make_job(index: int, pair: Pair, channels: int, n_keep: int, ref_modules, pr
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + index)
     return PairJob(index, pair, channels, n_keep, g, ref_consumer, pruned_modules[pair.producer],
                    [pruned_modules[b] for b in pair.between], pruned_modules[pair.consumer], independent,
-                   Sums(D, m, device, use_torch_sums), gen, positions_cap(max_positions, D, n_samples))
+                   Sums(D, m, device, use_torch_sums), gen, positions_cap(max_positions, D, n_samples),
+                   ref_producer=ref_modules[pair.producer], refit=bool(refit), norm=norm, seed=int(seed))
 
 
 def accumulate(job: PairJob, x: torch.Tensor, y: Optional[torch.Tensor], mask, timer: Timer):
@@ -221,21 +297,33 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairRe
                 e.add_note(f"while selecting the channels of pair {job.name}")
             raise
     kept = np.asarray(sel.kept, dtype=np.int64)
+    if job.refit:
+        plain = sel.plain_error
+    else:  # the consumer keeps its original weights on the kept channels (and its original bias)
+        W, b = consumer_matrix(job.ref_consumer)
+        plain = no_refit_error(stats, W, b if job.ref_consumer.bias is not None else None, kept, job.group_size)
     with timer("surgery"):
         shrink_out(job.producer, kept)
         for m in job.between:
             shrink_channels(m, kept)
-        added = set_consumer(job.consumer, sel.weights, sel.bias, int(kept.size))
+        if job.refit:
+            added = set_consumer(job.consumer, sel.weights, sel.bias, int(kept.size))
+        else:
+            shrink_in(job.consumer, kept, job.group_size)
+            added = False
     job.seconds += time.perf_counter() - t
-    rel = sel.plain_error / sel.target_energy if sel.target_energy > 0 else 0.0
+    rel = plain / sel.target_energy if sel.target_energy > 0 else 0.0
     p = job.pair
+    has_path = job.refit and method not in ORDER_METHODS and sel.relative_error_path is not None and \
+        sel.method != "refit"
     job.report = PairReport(
         producer=p.producer, consumer=p.consumer, between=list(p.between), group_size=job.group_size,
         channels_before=job.channels, channels_after=int(kept.size), kept=kept.tolist(), status="pruned",
         relative_error=float(rel),
-        error_path=[float(v) for v in sel.relative_error_path] if sel.relative_error_path is not None else [],
-        n_kept_path=[int(v) for v in sel.n_kept_path] if sel.n_kept_path is not None else [],
-        bias_added=bool(added), samples=int(stats.count), damping=float(sel.damping), time_s=job.seconds)
+        error_path=[float(v) for v in sel.relative_error_path] if has_path else [],
+        n_kept_path=[int(v) for v in sel.n_kept_path] if has_path else [],
+        bias_added=bool(added), samples=int(stats.count), damping=float(sel.damping), time_s=job.seconds,
+        method=method, refit=job.refit)
     logger.info("pair %s: %d -> %d channels, relative error %.4g (%.2fs)", job.name, job.channels, kept.size, rel,
                 job.seconds)
     return job.report

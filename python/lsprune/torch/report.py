@@ -50,6 +50,13 @@ class PairReport:
     time_s : float
         Seconds spent on this pair's statistics, selection and surgery (the shared forward
         sweep is in ``PruneReport.timings``).
+    method : str
+        How the channels were chosen (``prune(method=)``).
+    refit : bool
+        The consumer was re-fitted by LS (False: original weights on the kept channels).
+    predicted_error : float or None
+        With a global budget: the relative error the allocation expected for this pair's count
+        (from the independent pass's error path; a sequential pass usually does better).
     """
 
     producer: str
@@ -71,6 +78,9 @@ class PairReport:
     flops_before: int = 0
     flops_after: int = 0
     time_s: float = 0.0
+    method: str = ""
+    refit: bool = True
+    predicted_error: Optional[float] = None
 
 
 @dataclass
@@ -86,6 +96,16 @@ class PruneReport:
     mode, method, strategy : str
         ``strategy`` is ``"graph"`` (torch.fx sweep) or ``"hooks"`` (explicit pairs on an untraceable model).
     ratio : float or None
+    refit : bool
+        Consumers were re-fitted by LS (``prune(refit=)``).
+    norm : str or None
+        Filter norm of ``method="magnitude"`` (``"l1"``/``"l2"``), else None.
+    budget : dict or None
+        With ``prune(budget=)``: ``kind`` ("flops"/"params"), ``target`` (the fraction asked for),
+        ``reached`` (measured on the pruned model), ``flops_reached``, ``params_reached``,
+        ``predicted`` (the plan's exact predicted fraction), ``reachable`` ([min, 1]),
+        ``allocation`` ("global"/"uniform"), ``min_keep``, ``max_keep``, ``multiple``, ``weights``,
+        ``predicted_error`` (the allocation's weighted sum of independent relative errors).
     damping : float
     max_positions : int or None
     seed : int
@@ -104,7 +124,8 @@ class PruneReport:
     time_s : float
         Wall time of the whole call.
     timings : dict
-        Seconds in ``forward`` (model ops), ``statistics``, ``selection``, ``surgery`` and ``other``.
+        Seconds in ``forward`` (model ops), ``statistics``, ``selection``, ``surgery``, ``allocation``
+        (a global budget's error paths and :func:`lsprune.allocate`) and ``other``.
     versions : dict
         lsprune and torch versions.
     """
@@ -115,6 +136,9 @@ class PruneReport:
     method: str = "forward"
     strategy: str = "graph"
     ratio: Optional[float] = None
+    refit: bool = True
+    norm: Optional[str] = None
+    budget: Optional[dict] = None
     damping: float = 1e-6
     max_positions: Optional[int] = None
     seed: int = 0
@@ -174,8 +198,8 @@ class PruneReport:
         rows = [("producer", "consumer", "channels", "rel. error", "MACs/sample", "time")]
         for p in self.pairs:
             rows.append((p.producer, p.consumer, f"{p.channels_before} -> {p.channels_after}",
-                         f"{p.relative_error:.3g}", f"{_si(p.flops_before)} -> {_si(p.flops_after)}",
-                         f"{p.time_s:.2f}s"))
+                         f"{p.relative_error:.3g}" + ("" if p.refit else " (no re-fit)"),
+                         f"{_si(p.flops_before)} -> {_si(p.flops_after)}", f"{p.time_s:.2f}s"))
         w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(f"{c:<{w[i]}}" for i, c in enumerate(r)).rstrip() for r in rows]
         lines.insert(1, "-" * max(len(line) for line in lines))
@@ -188,6 +212,10 @@ class PruneReport:
                f"{self.forward_passes:.2f} forward passes, {self.time_s:.2f}s")
         if self.output_relative_error is not None:
             out += f"; output rel. error {self.output_relative_error:.3g}"
+        if self.budget:
+            b = self.budget
+            out += (f"\nbudget ({b['allocation']}): {b['kind']} {b['target']:.4g} asked, {b['reached']:.4g} reached "
+                    f"(reachable [{b['reachable'][0]:.4g}, 1])")
         return out + "\n" + self.table()
 
 

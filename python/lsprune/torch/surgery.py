@@ -135,6 +135,43 @@ def shrink_in(module: nn.Module, idx, group: int = 1) -> None:
         module.in_features = len(cols)
 
 
+def factorized_module(layer: nn.Module, rank: int) -> nn.Sequential:
+    """An (uninitialised) rank-``rank`` replacement of a Linear or Conv2d: ``Sequential(first,
+    second)`` where ``first`` has the layer's kernel, stride, padding and dilation, ``rank``
+    outputs and no bias, and ``second`` is a Linear / 1x1 Conv2d ``rank -> out`` with a bias.
+    Same dtype and device as ``layer``."""
+    kw = dict(dtype=layer.weight.dtype, device=layer.weight.device)
+    if isinstance(layer, nn.Conv2d):
+        first = nn.Conv2d(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                          bias=False, padding_mode=layer.padding_mode, **kw)
+        second = nn.Conv2d(rank, layer.out_channels, 1, bias=True, **kw)
+    else:
+        first = nn.Linear(layer.in_features, rank, bias=False, **kw)
+        second = nn.Linear(rank, layer.out_features, bias=True, **kw)
+    seq = nn.Sequential(first, second)
+    seq.train(layer.training)
+    for p in seq.parameters():
+        p.requires_grad_(layer.weight.requires_grad)
+    return seq
+
+
+def set_factors(seq: nn.Sequential, U: np.ndarray, V: np.ndarray, bias: np.ndarray) -> None:
+    """Installs ``W ≈ U V`` + bias: ``V`` (r, D) in the first module (for Conv2d D in ``F.unfold``
+    order (C_in, kh, kw)), ``U`` (out, r) and ``bias`` (out,) in the second."""
+    first, second = seq[0], seq[1]
+    with torch.no_grad():
+        first.weight = _param(first.weight, torch.as_tensor(np.ascontiguousarray(V)).reshape(first.weight.shape))
+        second.weight = _param(second.weight, torch.as_tensor(np.ascontiguousarray(U)).reshape(second.weight.shape))
+        second.bias = _param(second.bias, torch.as_tensor(np.asarray(bias)))
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Puts ``new`` in place of the submodule ``name`` (e.g. ``"features.3"``)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
 def consumer_matrix(module: nn.Module):
     """A consumer's weights as (out, D) float64 and its bias (out,) (zeros if none), NumPy."""
     w = module.weight.detach().to("cpu", torch.float64)
@@ -144,7 +181,9 @@ def consumer_matrix(module: nn.Module):
 
 
 def apply_structure(model: nn.Module, report) -> nn.Module:
-    """Shrinks a freshly built model of the original architecture to a prune report's channel counts.
+    """Shrinks a freshly built model of the original architecture to a prune report's channel counts
+    (or, for a :class:`~lsprune.torch.FactorizeReport`, replaces its factorized layers by the
+    factorized structure of the reported ranks).
 
     The kept channels' *values* are not restored (the first ``channels_after`` channels
     are kept); load the pruned model's ``state_dict`` afterwards::
@@ -156,8 +195,8 @@ def apply_structure(model: nn.Module, report) -> nn.Module:
     ----------
     model : nn.Module
         The original architecture (modified in place and returned).
-    report : PruneReport or dict
-        A :class:`~lsprune.torch.PruneReport`, its ``to_dict()``, or ``json.loads(report.to_json())``.
+    report : PruneReport, FactorizeReport or dict
+        A report, its ``to_dict()``, or ``json.loads(report.to_json())``.
 
     Returns
     -------
@@ -166,8 +205,10 @@ def apply_structure(model: nn.Module, report) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     data = report.to_dict() if hasattr(report, "to_dict") else report
-    if not isinstance(data, Mapping) or "pairs" not in data:
-        raise TypeError("report must be a PruneReport or its to_dict() / parsed JSON")
+    if not isinstance(data, Mapping) or ("pairs" not in data and "layers" not in data):
+        raise TypeError("report must be a PruneReport / FactorizeReport or its to_dict() / parsed JSON")
+    if data.get("format") == "lsprune.torch.factorize_report":
+        return _apply_factor_structure(model, data)
     modules = dict(model.named_modules())
     todo = []
     for p in data["pairs"]:
@@ -201,4 +242,27 @@ def apply_structure(model: nn.Module, report) -> nn.Module:
             if p["bias_added"] and cons.bias is None:
                 cons.bias = nn.Parameter(torch.zeros(cons.weight.shape[0], dtype=cons.weight.dtype,
                                                      device=cons.weight.device))
+    return model
+
+
+def _apply_factor_structure(model: nn.Module, data) -> nn.Module:
+    modules = dict(model.named_modules())
+    todo = []
+    for r in data["layers"]:
+        if r["status"] != "factorized":
+            continue
+        m = modules.get(r["name"])
+        if m is None:
+            raise ValueError(f"the model has no module {r['name']!r} named in the report")
+        if type(m).__name__ != r["type"] or not isinstance(m, (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"{r['name']} is a {type(m).__name__}, the report says {r['type']}: is this the "
+                             "original architecture?")
+        out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        D = m.in_channels * m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else m.in_features
+        if (out, D) != (r["out_features"], r["in_features"]):
+            raise ValueError(f"{r['name']} has {out} outputs and {D} inputs, the report {r['out_features']} and "
+                             f"{r['in_features']}")
+        todo.append((r["name"], m, int(r["rank"])))
+    for name, m, rank in todo:
+        replace_module(model, name, factorized_module(m, rank))
     return model

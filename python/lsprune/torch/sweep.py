@@ -17,7 +17,7 @@ environments is cloned first.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.fx as fx
@@ -38,7 +38,9 @@ def _slice(v: torch.Tensor, keep: torch.Tensor, dim: int, group: int) -> torch.T
 
 def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs: List[Dict[str, object]],
           masks: List[Optional[torch.Tensor]], jobs: Dict[str, PairJob], chains: Dict[str, Chain], *,
-          sequential: bool, method: str, damping: float, progress: bool, timer: Timer) -> dict:
+          sequential: bool, method: str, damping: float, progress: bool, timer: Timer,
+          collect_only: bool = False, finish_fn: Callable = finish, job_nodes: Optional[Dict[str, fx.Node]] = None
+          ) -> dict:
     """Runs the sweep; prunes ``pruned`` in place.
 
     Parameters
@@ -50,6 +52,15 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
     jobs : dict producer name -> PairJob
         Pairs to prune (pairs that keep every channel are not in it).
     chains : dict producer name -> Chain
+    collect_only : bool
+        Independent mode: only accumulate the statistics (the jobs are not finished).
+    finish_fn : callable
+        ``finish_fn(job, method=, damping=, timer=)`` changes ``pruned`` once a job's statistics
+        are complete (default: select, re-fit and shrink the pair). Jobs without a chain (e.g.
+        factorized layers, keyed in ``job_nodes`` by their node) only have their module replaced;
+        the pruned network's modules are re-read after every job.
+    job_nodes : dict key -> fx.Node, optional
+        The node at which a job without a chain is finished (its module's call).
 
     Returns
     -------
@@ -58,8 +69,8 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
     """
     nodes = list(graph.nodes)
     nb = len(inputs)
-    by_consumer = {chains[p].consumer_node: jobs[p] for p in jobs}
-    chain_of = {chains[p].consumer_node: chains[p] for p in jobs}
+    by_consumer = {(chains[p].consumer_node if p in chains else job_nodes[p]): jobs[p] for p in jobs}
+    chain_of = {chains[p].consumer_node: chains[p] for p in jobs if p in chains}
     last_use = {}
     for i, n in enumerate(nodes):
         for inp in n.all_input_nodes:
@@ -113,15 +124,17 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
                 for b in range(nb):
                     accumulate(job, x_env[src][b], orig[node][b], masks[b], timer)
                 if sequential:
-                    rep = finish(job, method=method, damping=damping, timer=timer)
+                    rep = finish_fn(job, method=method, damping=damping, timer=timer)
                     pair_bar.update(1)
                     modified.update([job.pair.producer, job.pair.consumer, *job.pair.between])
-                    keep = torch.as_tensor(rep.kept, dtype=torch.long)
-                    for cn, dim, group in chain_of[node].slices:
-                        if cn in pruned_env:
-                            k = keep.to(pruned_env[cn][0].device)
-                            pruned_env[cn] = [_slice(v, k, dim, group) for v in pruned_env[cn]]
-                            diverged.add(cn)
+                    pr_run.modules = dict(pruned.named_modules())  # a module may have been replaced
+                    if node in chain_of:
+                        keep = torch.as_tensor(rep.kept, dtype=torch.long)
+                        for cn, dim, group in chain_of[node].slices:
+                            if cn in pruned_env:
+                                k = keep.to(pruned_env[cn][0].device)
+                                pruned_env[cn] = [_slice(v, k, dim, group) for v in pruned_env[cn]]
+                                diverged.add(cn)
                     div = True
                 else:
                     pending.append(job)
@@ -145,8 +158,8 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
             if not node.users:
                 orig.pop(node, None)
                 pruned_env.pop(node, None)
-        for job in pending:  # independent mode: every pair measured on the original network
-            finish(job, method=method, damping=damping, timer=timer)
+        for job in ([] if collect_only else pending):  # independent mode: all measured on the original network
+            finish_fn(job, method=method, damping=damping, timer=timer)
             pair_bar.update(1)
     finally:
         pair_bar.close()

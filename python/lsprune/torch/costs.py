@@ -1,0 +1,178 @@
+"""Whole-model FLOPs (MACs per sample) and parameters as exact functions of the per-pair kept
+channels (pruning) or per-layer ranks (factorization), for budget allocation.
+
+The counts follow :mod:`.flops` to the rounding: every Conv/Linear contributes
+``round(positions * out * in_per_group * kernel)`` MACs, with the same float operations,
+so the predicted cost of a plan equals the pruned model's measured ``flops_after``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Mapping, Sequence
+
+import numpy as np
+import torch.nn as nn
+
+from .flops import module_macs, own_params, total_params
+from .pairs import Pair, is_depthwise
+
+KINDS = ("flops", "params")
+
+
+def _kernel(m: nn.Module) -> int:
+    return math.prod(m.kernel_size) if isinstance(m, nn.Conv2d) else 1
+
+
+def _per_channel_params(m: nn.Module) -> int:
+    """Parameters per output channel that do not multiply an input (bias, BN affine, PReLU)."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return 2 if m.weight is not None else 0
+    if isinstance(m, nn.PReLU):
+        return 1 if m.weight.numel() > 1 else 0
+    return 1 if getattr(m, "bias", None) is not None else 0
+
+
+class PairCosts:
+    """``cost(keep)``: the whole model's MACs per sample or parameters when pair ``i`` of
+    ``pairs`` keeps ``keep[i]`` channels.
+
+    Modules outside the pairs are a constant. A producer's output size, a consumer's input
+    size (``k * group_size`` for a Linear after a flatten), a depthwise conv's channels and a
+    BatchNorm/PReLU's channels follow the pair's count; a module that is the consumer of one
+    pair and the producer of the next costs ``k_in * k_out`` (bilinear).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The original model.
+    pairs : sequence of Pair
+        With ``group_size`` resolved.
+    channels : dict producer -> int
+    positions : dict module name -> float
+        Output positions recorded on a batch (:func:`.flops.record_positions`).
+    scale : float
+        Positions multiplier (1 / batch size for per-sample MACs).
+    kind : {"flops", "params"}
+    refit : bool
+        A re-fitted consumer without a bias gains one (the LS intercept) when its pair is pruned.
+    """
+
+    def __init__(self, model: nn.Module, pairs: Sequence[Pair], channels: Mapping[str, int],
+                 positions: Mapping[str, float], scale: float, kind: str, refit: bool = True):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}")
+        self.kind = kind
+        mods = dict(model.named_modules())
+        self.n_channels = np.array([channels[p.producer] for p in pairs], dtype=np.int64)
+        out_of: Dict[str, int] = {}
+        in_of: Dict[str, tuple] = {}
+        for i, p in enumerate(pairs):
+            out_of[p.producer] = i
+            for b in p.between:
+                out_of[b] = i  # BatchNorm, PReLU, depthwise conv: their channels are the pair's
+            cons = mods[p.consumer]
+            in_of[p.consumer] = (i, 1 if isinstance(cons, nn.Conv2d) else int(p.group_size or 1))
+        affected = sorted(set(out_of) | set(in_of))
+        rec: List[tuple] = []  # (pos, out_pair, out_const, in_pair, in_mult, in_const, kernel, per_channel, add_pair)
+        const = 0.0
+        if kind == "flops":
+            for n, pos in positions.items():
+                if n in mods and n not in out_of and n not in in_of:
+                    const += int(round(module_macs(mods[n], pos * scale)))
+        else:
+            const = float(total_params(model) - sum(own_params(mods[n]) for n in affected))
+        for n in affected:
+            m = mods[n]
+            if kind == "flops" and (n not in positions or not isinstance(m, (nn.Conv2d, nn.Linear))):
+                continue
+            op = out_of.get(n, -1)
+            ip, im = in_of.get(n, (-1, 1))
+            if isinstance(m, nn.Conv2d):
+                oc, ic, kern = m.out_channels, (1 if is_depthwise(m) else m.in_channels // m.groups), _kernel(m)
+            elif isinstance(m, nn.Linear):
+                oc, ic, kern = m.out_features, m.in_features, 1
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                oc, ic, kern = m.num_features, 0, 0
+            elif isinstance(m, nn.PReLU):
+                oc, ic, kern = m.weight.numel(), 0, 0
+            else:
+                continue
+            add = ip if (refit and ip >= 0 and getattr(m, "bias", None) is None) else -1
+            rec.append((positions.get(n, 0.0) * scale, op, oc, ip, im, ic, kern, _per_channel_params(m), add))
+        a = np.array(rec, dtype=np.float64).reshape(-1, 9)
+        self._pos, self._kern, self._pc = a[:, 0], a[:, 6], a[:, 7]
+        self._op, self._ip, self._add = a[:, 1].astype(np.int64), a[:, 3].astype(np.int64), a[:, 8].astype(np.int64)
+        self._oc, self._ic, self._im = a[:, 2], a[:, 5], a[:, 4]
+        self.const = float(const)
+        self.full = self(self.n_channels)
+
+    def __call__(self, keep) -> float:
+        k = np.asarray(keep, dtype=np.float64).reshape(-1)
+        if k.shape != self.n_channels.shape:
+            raise ValueError(f"keep must have {self.n_channels.size} entries (one per pair)")
+        out = np.where(self._op >= 0, k[np.maximum(self._op, 0)], self._oc)
+        inn = np.where(self._ip >= 0, k[np.maximum(self._ip, 0)] * self._im, self._ic)
+        if self.kind == "flops":
+            return self.const + float(np.round(self._pos * out * inn * self._kern).sum())
+        added = (self._add >= 0) & (k[np.maximum(self._add, 0)] < self.n_channels[np.maximum(self._add, 0)])
+        return self.const + float((out * (inn * self._kern + self._pc + added)).sum())
+
+
+class FactorCosts:
+    """``cost(ranks)``: the whole model's MACs per sample or parameters when layer ``l`` of
+    ``layers`` is factorized with rank ``ranks[l]``; a rank above ``max_rank[l]`` (the largest
+    that saves cost) means the layer stays as it is.
+
+    A factorized layer is a conv with ``r`` outputs (the layer's kernel, no bias) and a
+    1x1 conv / Linear ``r -> out`` with a bias: ``r * (D + out)`` MACs per position and
+    ``r * (D + out) + out`` parameters, against ``out * D`` (+ ``out`` with a bias).
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], positions: Mapping[str, float], scale: float,
+                 kind: str):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}")
+        self.kind = kind
+        mods = dict(model.named_modules())
+        self.layers = list(layers)
+        rows = []
+        const = 0.0
+        if kind == "flops":
+            for n, pos in positions.items():
+                if n in mods and n not in self.layers:
+                    const += int(round(module_macs(mods[n], pos * scale)))
+        else:
+            const = float(total_params(model) - sum(own_params(mods[n]) for n in self.layers))
+        for n in self.layers:
+            m = mods[n]
+            cin = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+            out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            rows.append((positions.get(n, 0.0) * scale, cin, _kernel(m), out, int(m.bias is not None),
+                         max_useful_rank(m)))
+        a = np.array(rows, dtype=np.float64).reshape(-1, 6)
+        self._pos, self._cin, self._kern, self._out, self._bias = a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4]
+        self.max_rank = a[:, 5].astype(np.int64)
+        self.const = float(const)
+        self.full = self(self.max_rank + 1)
+
+    def __call__(self, ranks) -> float:
+        r = np.asarray(ranks, dtype=np.float64).reshape(-1)
+        fact = r <= self.max_rank
+        D = self._cin * self._kern
+        if self.kind == "flops":
+            orig = np.round(self._pos * self._out * self._cin * self._kern)
+            new = np.round(self._pos * r * self._cin * self._kern) + np.round(self._pos * self._out * r)
+        else:
+            orig = self._out * D + self._out * self._bias
+            new = r * D + self._out * r + self._out
+        return self.const + float(np.where(fact, new, orig).sum())
+
+
+def max_useful_rank(m: nn.Module) -> int:
+    """Largest rank r whose factorization costs fewer MACs (``r * (D + out) < out * D``) and fewer
+    parameters (its bias included) than the layer; 0 when none does."""
+    D = (m.in_channels * _kernel(m)) if isinstance(m, nn.Conv2d) else m.in_features
+    out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+    extra = 0 if m.bias is not None else out  # the factorized layer always has a bias
+    r = min((out * D - 1) // (D + out), (out * D - extra - 1) // (D + out))
+    return int(max(0, min(r, out, D)))
