@@ -161,3 +161,13 @@ def test_bench_quick():
     r = run("bench", "solver", "--quick", "--repeat", "1")
     assert r.returncode == 0, r.stderr
     assert "vs_numpy" in r.stdout and "forward" in r.stdout
+
+
+def test_demo_runs_end_to_end():
+    r = run("demo", "--epochs", "3", "--quiet")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "Trained a" in out and "| original |" in out
+    for label in ("LS forward (lsprune)", "magnitude + LS re-fit", "magnitude (no re-fit)"):
+        assert out.count(label) == 3
+    assert "10% FLOPs" in out

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-BUDGETS = (0.75, 0.5, 0.35)
+BUDGETS = (0.5, 0.25, 0.1)
 #: (label, prune options)
 VARIANTS = (
     ("LS forward (lsprune)", dict(method="forward")),
