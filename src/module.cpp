@@ -11,6 +11,7 @@
 #include "lsprune/blas.hpp"
 #include "lsprune/factorize.hpp"
 #include "lsprune/problem.hpp"
+#include "lsprune_cuda.hpp"
 
 namespace py = pybind11;
 using lsp::Index;
@@ -177,7 +178,7 @@ PYBIND11_MODULE(_core, mod) {
       [](F64 gram, std::optional<F64> cross, std::optional<F64> weights_in, std::optional<F64> bias_in,
          std::optional<F64> sum_x, std::optional<F64> sum_y, double target_energy, double count, bool fit_intercept,
          double damping, std::vector<Index> offsets, std::vector<Index> columns, const std::string& method,
-         Index n_keep, double tol, std::vector<Index> force, double rcond, Index m, bool refit_only) {
+         Index n_keep, double tol, std::vector<Index> force, double rcond, Index m, bool refit_only, int device) {
         const Index D = gram.ndim() == 2 ? gram.shape(0) : 0;
         ProblemArgs a{gram, cross, weights_in, bias_in, sum_x, sum_y, target_energy, count, fit_intercept, damping,
                       {}, {}};
@@ -201,6 +202,12 @@ PYBIND11_MODULE(_core, mod) {
             chk.n_keep = 0;
             lsp::validate(groups, D, chk);
             r = lsp::refit(prob, opt.force);
+          } else if (device >= 0) {
+#ifdef LSPRUNE_HAVE_CUDA
+            r = lsp::cuda::select(prob, opt, device);
+#else
+            throw std::invalid_argument("this lsprune was built without CUDA support: use device='cpu'");
+#endif
           } else {
             r = lsp::select(prob, opt);
           }
@@ -210,7 +217,8 @@ PYBIND11_MODULE(_core, mod) {
       py::arg("gram"), py::arg("cross"), py::arg("weights_in"), py::arg("bias_in"), py::arg("sum_x"),
       py::arg("sum_y"), py::arg("target_energy"), py::arg("count"), py::arg("fit_intercept"), py::arg("damping"),
       py::arg("offsets"), py::arg("columns"), py::arg("method"), py::arg("n_keep"), py::arg("tol"),
-      py::arg("force"), py::arg("rcond"), py::arg("n_targets"), py::arg("refit_only") = false);
+      py::arg("force"), py::arg("rcond"), py::arg("n_targets"), py::arg("refit_only") = false,
+      py::arg("device") = -1);
 
   mod.def(
       "factorize",
@@ -277,6 +285,53 @@ PYBIND11_MODULE(_core, mod) {
       py::arg("n"));
   mod.def("get_num_threads", []() { return omp_get_max_threads(); });
   mod.def("blas_num_threads", []() { return lsp::blas::num_threads(); });
+#ifdef LSPRUNE_HAVE_CUDA
+  mod.def("cuda_device_count", []() { return lsp::cuda::device_count(); });
+  mod.def("cuda_device_name", [](int d) { return lsp::cuda::device_name(d); });
+  py::class_<lsp::cuda::DeviceStatistics>(mod, "DeviceStatistics")
+      .def(py::init<Index, Index, int, bool>(), py::arg("n_features"), py::arg("n_targets"), py::arg("device"),
+           py::arg("float64_sums"))
+      .def_property_readonly("n_features", &lsp::cuda::DeviceStatistics::D)
+      .def_property_readonly("n_targets", &lsp::cuda::DeviceStatistics::m)
+      .def_property_readonly("device", &lsp::cuda::DeviceStatistics::device)
+      .def(
+          "update",
+          [](lsp::cuda::DeviceStatistics& st, py::tuple x, std::optional<py::tuple> y, std::uintptr_t stream) {
+            // (data pointer, dtype code, rows, cols, row stride, col stride), strides in elements
+            auto conv = [](const py::tuple& t) {
+              if (t.size() != 6) throw std::invalid_argument("internal: device matrix descriptor");
+              lsp::cuda::DeviceMatrix d;
+              d.data = t[0].cast<std::uintptr_t>();
+              d.dtype = t[1].cast<int>();
+              d.rows = t[2].cast<Index>();
+              d.cols = t[3].cast<Index>();
+              d.row_stride = t[4].cast<Index>();
+              d.col_stride = t[5].cast<Index>();
+              return d;
+            };
+            lsp::cuda::DeviceMatrix xd = conv(x), yd;
+            if (y) yd = conv(*y);
+            py::gil_scoped_release nogil;
+            st.update(xd, y ? &yd : nullptr, stream);
+          },
+          py::arg("x"), py::arg("y"), py::arg("stream"))
+      .def("read",
+           [](lsp::cuda::DeviceStatistics& st) {
+             const Index D = st.D(), m = st.m();
+             py::array_t<double> G({D, D}), B({D, m}), sx(D), sy(m), syy(m);
+             Index rej = 0, rej_rows = 0;
+             {
+               double *g = G.mutable_data(), *b = B.mutable_data(), *x = sx.mutable_data(), *y = sy.mutable_data(),
+                      *yy = syy.mutable_data();
+               py::gil_scoped_release nogil;
+               rej = st.read(g, b, x, y, yy, &rej_rows);
+             }
+             return py::make_tuple(G, B, sx, sy, syy, rej, rej_rows);
+           })
+      .def("reset", &lsp::cuda::DeviceStatistics::reset);
+#else
+  mod.def("cuda_device_count", []() { return 0; });
+#endif
   mod.def("build_info", []() {
     py::dict d;
     d["openmp"] = _OPENMP;

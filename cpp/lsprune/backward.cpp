@@ -17,15 +17,14 @@
 
 namespace lsp {
 
-SelectResult select_backward(Problem& P, const SelectOptions& opt) {
+BackwardStart backward_start(Problem& P, const SelectOptions& opt) {
   const Groups& grp = P.groups();
-  const Index NG = grp.size(), m = P.m(), Du = Index(grp.columns.size());
-  std::vector<Index> pos2col(grp.columns), wstart(grp.offsets.begin(), grp.offsets.end() - 1);
-  std::vector<char> removed(NG, 0), forced(NG, 0);
-  for (Index g : opt.force) forced[g] = 1;
-
+  const Index m = P.m(), Du = Index(grp.columns.size());
+  const std::vector<Index>& pos2col = grp.columns;
+  BackwardStart st;
   // H = (Gd_UU)^{-1}; a singular system raises the damping step by step.
-  std::vector<double> H(std::size_t(Du) * Du);
+  std::vector<double>& H = st.H;
+  H.resize(std::size_t(Du) * Du);
   auto build = [&]() {
 #pragma omp parallel for schedule(static)
     for (Index p = 0; p < Du; ++p) P.gram_row(pos2col[p], pos2col.data(), Du, &H[std::size_t(p) * Du]);
@@ -35,16 +34,43 @@ SelectResult select_backward(Problem& P, const SelectOptions& opt) {
 #pragma omp parallel for schedule(dynamic, 16)
   for (Index i = 0; i < Du; ++i)
     for (Index j = i + 1; j < Du; ++j) H[std::size_t(j) * Du + i] = H[std::size_t(i) * Du + j];
-  std::vector<double> Bc(std::size_t(Du) * m), W(std::size_t(Du) * m);
+  std::vector<double> Bc(std::size_t(Du) * m);
+  st.W.resize(std::size_t(Du) * m);
   for (Index p = 0; p < Du; ++p) std::memcpy(&Bc[std::size_t(p) * m], P.cross_row(pos2col[p]), sizeof(double) * m);
-  blas::gemm(false, false, Du, m, Du, 1.0, H.data(), Du, Bc.data(), m, 0.0, W.data(), m);
+  blas::gemm(false, false, Du, m, Du, 1.0, H.data(), Du, Bc.data(), m, 0.0, st.W.data(), m);
   double fit = 0;
-  for (std::size_t k = 0; k < Bc.size(); ++k) fit += Bc[k] * W[k];
-  const double energy = P.energy();
-  double E = std::max(energy - fit, 0.0);
-  Bc.clear();
-  Bc.shrink_to_fit();
+  for (std::size_t k = 0; k < Bc.size(); ++k) fit += Bc[k] * st.W[k];
+  st.E = std::max(P.energy() - fit, 0.0);
+  return st;
+}
 
+SelectResult backward_finish(Problem& P, const std::vector<char>& removed, SelectResult&& path) {
+  // Final weights from a fresh solve on the kept set (no drift from downdates).
+  std::vector<Index> keep;
+  for (Index g = 0; g < Index(removed.size()); ++g)
+    if (!removed[g]) keep.push_back(g);
+  SelectResult fin = refit(P, keep);
+  fin.selected = keep;
+  fin.removed = std::move(path.removed);
+  fin.error_path = std::move(path.error_path);
+  fin.kept_path = std::move(path.kept_path);
+  fin.stopped_early = path.stopped_early;
+  fin.error_path.back() = fin.error;
+  return fin;
+}
+
+SelectResult select_backward(Problem& P, const SelectOptions& opt) {
+  const Groups& grp = P.groups();
+  const Index NG = grp.size(), m = P.m(), Du = Index(grp.columns.size());
+  std::vector<Index> pos2col(grp.columns), wstart(grp.offsets.begin(), grp.offsets.end() - 1);
+  std::vector<char> removed(NG, 0), forced(NG, 0);
+  for (Index g : opt.force) forced[g] = 1;
+
+  BackwardStart start = backward_start(P, opt);
+  std::vector<double>& H = start.H;
+  std::vector<double>& W = start.W;
+  double E = start.E;
+  const double energy = P.energy();
   SelectResult res;
   res.error_path.push_back(E);
   res.kept_path.push_back(NG);
@@ -133,19 +159,7 @@ SelectResult select_backward(Problem& P, const SelectOptions& opt) {
   }
   H.clear();
   H.shrink_to_fit();
-
-  // Final weights from a fresh solve on the kept set (no drift from downdates).
-  std::vector<Index> keep;
-  for (Index g = 0; g < NG; ++g)
-    if (!removed[g]) keep.push_back(g);
-  SelectResult fin = refit(P, keep);
-  fin.selected = keep;
-  fin.removed = std::move(res.removed);
-  fin.error_path = std::move(res.error_path);
-  fin.kept_path = std::move(res.kept_path);
-  fin.stopped_early = res.stopped_early;
-  fin.error_path.back() = fin.error;
-  return fin;
+  return backward_finish(P, removed, std::move(res));
 }
 
 }  // namespace lsp

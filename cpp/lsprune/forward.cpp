@@ -16,6 +16,7 @@
 #include <limits>
 
 #include "blas.hpp"
+#include "forward_state.hpp"
 #include "kernels.hpp"
 #include "problem.hpp"
 #include "small.hpp"
@@ -25,7 +26,7 @@ namespace {
 
 enum : char { ACTIVE = 0, CHOSEN = 1, DEGENERATE = 2 };
 
-struct ForwardState {
+struct ForwardState final : ForwardStateBase {
   Problem& P;
   const Groups& grp;
   const bool omp;
@@ -129,7 +130,7 @@ struct ForwardState {
     gain[g] = v;
   }
 
-  void evaluate_all() {
+  void evaluate_all() override {
 #pragma omp parallel for schedule(dynamic, chunk)
     for (Index g = 0; g < NG; ++g)
       if (state[g] == ACTIVE) evaluate(g, &work[std::size_t(omp_get_thread_num()) * work_stride], nullptr, 0, 0, nullptr);
@@ -145,8 +146,31 @@ struct ForwardState {
       }
   }
 
+  bool is_active(Index g) const override { return state[g] == ACTIVE; }
+  void after_step() override { maybe_compact(); }
+  Index selected_columns() const override { return K; }
+  void reserve(Index cap) override {
+    C.reserve(std::size_t(cap) * Du);
+    Z.reserve(std::size_t(cap) * m);
+    Lpacked.reserve(std::size_t(cap) * (cap + 1) / 2);
+  }
+  void factors(std::vector<Index>& cols, std::vector<double>& L, std::vector<double>& Zout) override {
+    cols = sel_cols;
+    L.assign(std::size_t(K) * K, 0.0);
+    std::size_t q = 0;
+    for (Index i = 0; i < K; ++i)
+      for (Index k = 0; k <= i; ++k) L[std::size_t(i) * K + k] = Lpacked[q++];
+    Zout = Z;
+  }
+  std::vector<Index> degenerate() override {
+    std::vector<Index> out;
+    for (Index g = 0; g < NG; ++g)
+      if (state[g] == DEGENERATE) out.push_back(g);
+    return out;
+  }
+
   // Best active group; ties go to the lowest index. -1 if none is left.
-  Index best() const {
+  Index best() override {
     Index b = -1;
     for (Index g = 0; g < NG; ++g)
       if (state[g] == ACTIVE && (b < 0 || gain[g] > gain[b])) b = g;
@@ -154,7 +178,7 @@ struct ForwardState {
   }
 
   // Adds group J (which must be ACTIVE and non-degenerate); returns ||z||^2.
-  double add(Index J) {
+  double add(Index J) override {
     const Index gJ = grp.size_of(J), pj = wstart[J], o = grp.offsets[J];
     std::vector<double> LJ(&Dblk[dboff[J]], &Dblk[dboff[J]] + gJ * gJ);
     if (!small::cholesky(LJ.data(), gJ, &tol[o])) throw NumericalError("internal: chosen group is singular");
@@ -236,22 +260,26 @@ struct ForwardState {
 
 SelectResult select_forward(Problem& P, const SelectOptions& opt) {
   ForwardState S(P, opt.method == Method::Omp, opt.rcond);
-  if (opt.n_keep >= 0) {  // room for the largest possible kept set: no regrowth copies
+  return run_forward(P, opt, S);
+}
+
+SelectResult run_forward(Problem& P, const SelectOptions& opt, ForwardStateBase& S) {
+  const Groups& grp = P.groups();
+  const Index NG = grp.size();
+  if (opt.n_keep >= 0) {  // room for the largest possible kept set
     std::vector<Index> sizes;
-    for (Index g = 0; g < S.NG; ++g) sizes.push_back(S.grp.size_of(g));
+    for (Index g = 0; g < NG; ++g) sizes.push_back(grp.size_of(g));
     std::sort(sizes.rbegin(), sizes.rend());
     Index cap = 0;
     for (Index i = 0; i < opt.n_keep; ++i) cap += sizes[i];
-    S.C.reserve(std::size_t(cap) * S.Du);
-    S.Z.reserve(std::size_t(cap) * S.m);
-    S.Lpacked.reserve(std::size_t(cap) * (cap + 1) / 2);
+    S.reserve(cap);
   }
   SelectResult res;
   const double energy = P.energy();
   double E = energy;
   res.error_path.push_back(E);
   res.kept_path.push_back(0);
-  const Index target = opt.n_keep >= 0 ? opt.n_keep : S.NG;
+  const Index target = opt.n_keep >= 0 ? opt.n_keep : NG;
   auto done = [&]() {
     if (Index(res.selected.size()) >= target) return true;
     return opt.tol >= 0 && E <= opt.tol * energy;
@@ -262,12 +290,12 @@ SelectResult select_forward(Problem& P, const SelectOptions& opt) {
     res.selected.push_back(J);
     res.error_path.push_back(E);
     res.kept_path.push_back(Index(res.selected.size()));
-    S.maybe_compact();
+    S.after_step();
   };
 
   S.evaluate_all();
   for (Index J : opt.force)  // kept whatever their gain; degenerate ones are reported in skipped
-    if (S.state[J] == ACTIVE) take(J);
+    if (S.is_active(J)) take(J);
   while (!done()) {
     Index J = S.best();
     if (J < 0) {
@@ -276,20 +304,15 @@ SelectResult select_forward(Problem& P, const SelectOptions& opt) {
     }
     take(J);
   }
-  for (Index g = 0; g < S.NG; ++g)
-    if (S.state[g] == DEGENERATE) res.skipped.push_back(g);
+  res.skipped = S.degenerate();
 
   // W^T = L^{-T} Z on the chosen columns (selection order); finish() sorts them.
-  const Index K = S.K;
-  std::vector<double> Wt(S.Z);
-  if (K > 0) {
-    std::vector<double> L(std::size_t(K) * K, 0.0);
-    std::size_t q = 0;
-    for (Index i = 0; i < K; ++i)
-      for (Index k = 0; k <= i; ++k) L[std::size_t(i) * K + k] = S.Lpacked[q++];
-    blas::trsm_lower_t(K, S.m, L.data(), K, Wt.data(), S.m);
-  }
-  P.finish(S.sel_cols, Wt, E, res);
+  std::vector<Index> cols;
+  std::vector<double> L, Wt;
+  S.factors(cols, L, Wt);
+  const Index K = Index(cols.size());
+  if (K > 0) blas::trsm_lower_t(K, P.m(), L.data(), K, Wt.data(), P.m());
+  P.finish(cols, Wt, E, res);
   return res;
 }
 

@@ -82,6 +82,9 @@ class Problem {
   // Changes the relative damping (used to recover from a breakdown).
   void set_damping(double rel);
   bool fit_intercept() const { return in_.fit_intercept; }
+  double count() const { return in_.count; }
+  const double* raw_gram() const { return in_.gram; }  // uncentred, undamped D x D
+  const std::vector<double>& mean_x() const { return mx_; }  // zeros without intercept
 
   // out[p] = Gd[j, cols[p]] for p < n (centred, damped Gram entry).
   void gram_row(Index j, const Index* cols, Index n, double* out) const;
@@ -127,6 +130,17 @@ void validate(const Groups& groups, Index D, const SelectOptions& opt);
 SelectResult refit(Problem& prob, const std::vector<Index>& keep_groups);
 
 SelectResult select_forward(Problem& prob, const SelectOptions& opt);   // forward and omp
+
+// Backward elimination's shared pieces (CPU and CUDA): the start (H = Gd^{-1} as a
+// full symmetric matrix over the candidate columns in group order, W = H Bc, the
+// ridge objective E of all columns) and the finish (fresh re-fit on the kept groups;
+// the last path entry becomes its error).
+struct BackwardStart {
+  std::vector<double> H, W;
+  double E = 0;
+};
+BackwardStart backward_start(Problem& prob, const SelectOptions& opt);
+SelectResult backward_finish(Problem& prob, const std::vector<char>& removed, SelectResult&& path);
 SelectResult select_backward(Problem& prob, const SelectOptions& opt);
 SelectResult select(Problem& prob, const SelectOptions& opt);
 

@@ -11,6 +11,7 @@ The NumPy-level API (no torch needed):
 
 The PyTorch front-end lives in :mod:`lsprune.torch` (imported on demand).
 """
+from ._device import CUDAUnavailableError, cuda_available, cuda_device_count
 from ._native import NumericalError, _core
 from .allocation import Allocation, allocate
 from .budget import Budget
@@ -31,5 +32,5 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
-__all__ = ["Statistics", "select", "refit", "Selection", "factorize", "Factorization", "allocate", "Allocation", "Budget", "NumericalError", "METHODS", "set_num_threads",
+__all__ = ["CUDAUnavailableError", "cuda_available", "cuda_device_count", "Statistics", "select", "refit", "Selection", "factorize", "Factorization", "allocate", "Allocation", "Budget", "NumericalError", "METHODS", "set_num_threads",
            "get_num_threads", "__version__"]

@@ -92,3 +92,46 @@ def check_float(v, name: str, lo: float | None = None, hi: float | None = None) 
         rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
         raise ValueError(f"{name}={v} is out of range {rng}")
     return v
+
+
+_CAI_DTYPES = {"<f2": 0, "<f4": 1, "<f8": 2}
+
+
+def device_matrix(a, name: str, n_cols: int, device: int):
+    """Describes a 2-D CUDA array for the device statistics: returns
+    ``((ptr, dtype code, rows, cols, row stride, col stride), stream, owner)``, strides
+    in elements; dtype codes 0 float16, 1 float32, 2 float64, 3 bfloat16. Accepts torch
+    CUDA tensors (run on torch's current stream) and objects with
+    ``__cuda_array_interface__``."""
+    expect = f"(N, {n_cols})"
+    if hasattr(a, "data_ptr") and hasattr(a, "is_cuda"):  # torch
+        import torch
+
+        if not a.is_cuda:
+            raise TypeError(f"{name} is a CPU tensor but these statistics live on cuda:{device}: pass a CUDA tensor "
+                            "(or use CPU statistics)")
+        if a.device.index != device:
+            raise ValueError(f"{name} is on {a.device} but these statistics live on cuda:{device}")
+        a = a.detach()
+        codes = {torch.float16: 0, torch.float32: 1, torch.float64: 2, torch.bfloat16: 3}
+        if a.dtype not in codes:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {a.dtype}")
+        if a.dim() != 2 or a.shape[1] != n_cols:
+            raise ValueError(f"{name} has shape {tuple(a.shape)}; expected {expect}")
+        rs, cs = a.stride()
+        return ((a.data_ptr(), codes[a.dtype], a.shape[0], a.shape[1], rs, cs),
+                torch.cuda.current_stream(a.device).cuda_stream, a)
+    iface = getattr(a, "__cuda_array_interface__", None)
+    if iface is None:
+        raise TypeError(f"{name} must be a CUDA array (a torch CUDA tensor or an object with "
+                        f"__cuda_array_interface__) for CUDA statistics, got {type(a).__name__}")
+    shape, typestr = tuple(iface["shape"]), iface["typestr"]
+    if typestr not in _CAI_DTYPES:
+        raise TypeError(f"{name} must be float16, float32 or float64, got typestr {typestr!r}")
+    if len(shape) != 2 or shape[1] != n_cols:
+        raise ValueError(f"{name} has shape {shape}; expected {expect}")
+    item = int(typestr[2:])
+    strides = iface.get("strides")
+    rs, cs = (shape[1], 1) if strides is None else (strides[0] // item, strides[1] // item)
+    stream = iface.get("stream") or 0
+    return (int(iface["data"][0]), _CAI_DTYPES[typestr], shape[0], shape[1], rs, cs), int(stream), a

@@ -9,6 +9,7 @@ import numpy as np
 
 from . import _arrays
 from ._native import _core
+from ._device import parse_device
 from ._problem import groups_spec, problem_args
 from .statistics import Statistics
 
@@ -151,7 +152,7 @@ def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, 
            group_size: int = 1, groups: Optional[Sequence] = None, method: str = "forward", damping: float = 1e-6,
            fit_intercept: bool = True, force: Optional[Sequence[int]] = None, return_path: bool = True,
            weights_in=None, bias_in=None, gram=None, cross=None, target_energy=None, mean_x=None, mean_y=None,
-           count=None, rcond: float = 1e-10) -> Selection:
+           count=None, rcond: float = 1e-10, device="cpu") -> Selection:
     """Chooses the input groups (channels) of a layer that best reproduce its targets,
     and re-fits the weights on them by least squares.
 
@@ -192,6 +193,11 @@ def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, 
         ``Σ‖y‖²``, means and sample count. float32 ``gram`` gives float32 weights.
     rcond : float, default 1e-10
         A pivot below ``rcond`` times the column's damped variance marks a group degenerate.
+    device : {"cpu", "cuda", "cuda:N", "auto"}
+        Where the solver state lives. CUDA runs the same loop with its state (C, R,
+        residual blocks; backward: H, W) on the GPU; groups of at most 49 columns.
+        Asking for CUDA without it raises :class:`lsprune.CUDAUnavailableError`;
+        ``"auto"`` uses CUDA when available and logs the choice.
 
     Returns
     -------
@@ -214,8 +220,9 @@ def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, 
     if nk >= 0 and len(fl) > nk:
         raise ValueError(f"force names {len(fl)} groups but n_keep is {nk}")
     rc = _arrays.check_float(rcond, "rcond", lo=0.0)
+    dev = parse_device(device)
     r = _core.select(**kw, offsets=offsets, columns=columns, method=method, n_keep=nk, tol=tl, force=fl, rcond=rc,
-                     n_targets=m)
+                     n_targets=m, device=dev)
     return _result(method, r, out_dtype, bool(return_path), kw["damping"], n_groups, None)
 
 

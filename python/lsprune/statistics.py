@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 import os
 import tempfile
 import zipfile
@@ -9,6 +10,7 @@ import zipfile
 import numpy as np
 
 from . import _arrays
+from ._device import device_name, parse_device
 from ._native import _core
 
 FORMAT = "lsprune.statistics"
@@ -39,11 +41,32 @@ class Statistics:
     n_targets : int, default 0
         m, the number of target columns; 0 when only the Gram matrix is needed
         (independent layers, see ``select(weights_in=...)``).
+    device : {"cpu", "cuda", "cuda:N", "auto"}, default "cpu"
+        Where the sums live. CUDA statistics take CUDA tensors (torch, or anything
+        with ``__cuda_array_interface__``; float16/bfloat16/float32/float64, any
+        strides) and run on the tensor's current stream without host
+        synchronisation; a batch with NaN/Inf is not added and reported (as a
+        ``RuntimeWarning``) when the sums are next read. Reading a property copies
+        the sums to the host. ``merge`` needs CPU statistics (``to_cpu()``).
+    sums_dtype : {"float64", "float32"}, default "float64"
+        CUDA only: precision of the device sums (float32 halves memory; see the README
+        for the accuracy of each).
     """
 
-    def __init__(self, n_features: int, n_targets: int = 0):
+    def __init__(self, n_features: int, n_targets: int = 0, *, device="cpu", sums_dtype: str = "float64"):
         D = _arrays.check_int(n_features, "n_features", lo=1)
         m = _arrays.check_int(n_targets, "n_targets", lo=0)
+        if sums_dtype not in ("float64", "float32"):
+            raise ValueError("sums_dtype must be 'float64' or 'float32'")
+        self._device = parse_device(device)
+        self._dev = None
+        self._rows_in = 0          # CUDA: rows submitted (rejected ones are subtracted on read)
+        self._rejected_seen = 0
+        self._stale = False
+        if self._device >= 0:
+            self._dev = _core.DeviceStatistics(D, m, self._device, sums_dtype == "float64")
+        elif sums_dtype != "float64":
+            raise ValueError("sums_dtype='float32' is for CUDA statistics; CPU sums are float64")
         self._acc = _core.Accumulator(D, m)
         self._D, self._m = D, m
         self._gram = np.zeros((D, D))
@@ -69,6 +92,8 @@ class Statistics:
         Returns ``self``. A batch holding NaN/Inf raises ``ValueError`` and the
         statistics stay exactly as they were.
         """
+        if self._dev is not None:
+            return self._update_device(x, y)
         xa = _arrays.as_float_matrix(x, "x", self._D)
         ya = None
         if self._m > 0:
@@ -86,11 +111,54 @@ class Statistics:
         self._symmetric = False
         return self
 
+    def _update_device(self, x, y):
+        xd, stream, keep_x = _arrays.device_matrix(x, "x", self._D, self._device)
+        yd = None
+        if self._m > 0:
+            if y is None:
+                raise ValueError(f"these statistics have n_targets={self._m}: pass y of shape (N, {self._m})")
+            yd, _, keep_y = _arrays.device_matrix(y, "y", self._m, self._device)
+            if yd[2] != xd[2]:
+                raise ValueError(f"x has {xd[2]} rows but y has {yd[2]}")
+        elif y is not None:
+            raise ValueError("these statistics were created with n_targets=0: y must be None")
+        if xd[2] == 0:
+            return self
+        self._dev.update(xd, yd, stream)
+        self._rows_in += int(xd[2])
+        self._stale = True
+        return self
+
+    def _sync(self):
+        """CUDA statistics: copies the device sums to the host arrays (once per change)."""
+        if self._dev is None or not self._stale:
+            return
+        G, B, sx, sy, syy, rej, rej_rows = self._dev.read()
+        self._gram, self._cross, self._sum_x, self._sum_y, self._sum_yy = G, B, sx, sy, syy
+        self._count = self._rows_in - int(rej_rows)
+        self._symmetric = True
+        self._stale = False
+        if rej > self._rejected_seen:
+            warnings.warn(f"{rej - self._rejected_seen} batch(es) with NaN/Inf were not added to the statistics "
+                          f"on {device_name(self._device)}", RuntimeWarning, stacklevel=3)
+            self._rejected_seen = rej
+
+    @property
+    def device(self) -> str:
+        """"cpu" or "cuda:N"."""
+        return device_name(self._device)
+
+    def to_cpu(self) -> "Statistics":
+        """A CPU copy (for CUDA statistics: the device sums copied to the host)."""
+        return self.copy()
+
     def merge(self, other: "Statistics") -> "Statistics":
         """Adds another ``Statistics`` of the same shape (e.g. from another process
         or data shard) into this one; returns ``self``."""
         if not isinstance(other, Statistics):
             raise TypeError(f"can only merge Statistics, got {type(other).__name__}")
+        if self._dev is not None:
+            raise TypeError("merge into CUDA statistics is not supported: merge their .to_cpu() copies")
         if (other._D, other._m) != (self._D, self._m):
             raise ValueError(
                 f"cannot merge statistics of shape (n_features={other._D}, n_targets={other._m}) into "
@@ -107,7 +175,8 @@ class Statistics:
         return self
 
     def _flush(self):
-        """Adds the engine's pending float32 products into the float64 sums."""
+        """Adds the engine's pending float32 products into the float64 sums (CUDA: copies them to the host)."""
+        self._sync()
         if self._acc.pending_rows:
             self._acc.flush(self._gram, self._cross)
             self._symmetric = False
@@ -122,6 +191,9 @@ class Statistics:
     def reset(self) -> None:
         """Zeros all sums (keeps the shapes)."""
         self._acc.discard()
+        if self._dev is not None:
+            self._dev.reset()
+            self._rows_in, self._rejected_seen, self._stale = 0, 0, False
         for a in (self._gram, self._cross, self._sum_x, self._sum_y, self._sum_yy):
             a.fill(0.0)
         self._count = 0
@@ -173,6 +245,7 @@ class Statistics:
     @property
     def count(self) -> int:
         """Number of samples (rows) streamed."""
+        self._sync()
         return self._count
 
     @property
@@ -192,23 +265,28 @@ class Statistics:
 
     @property
     def sum_x(self) -> np.ndarray:
+        self._sync()
         return self._ro(self._sum_x)
 
     @property
     def sum_y(self) -> np.ndarray:
+        self._sync()
         return self._ro(self._sum_y)
 
     @property
     def sum_y_sq(self) -> np.ndarray:
         """Per-target ``Σ y²``, shape (m,)."""
+        self._sync()
         return self._ro(self._sum_yy)
 
     @property
     def target_energy(self) -> float:
         """``Σ ‖y‖²`` over all samples and targets."""
+        self._sync()
         return float(self._sum_yy.sum())
 
     def _n(self):
+        self._sync()
         if self._count == 0:
             raise ValueError("the statistics hold no samples yet: call update() first")
         return float(self._count)
@@ -243,7 +321,8 @@ class Statistics:
         return self._sum_yy / n - (self._sum_y / n) ** 2
 
     def __repr__(self):
-        return f"Statistics(n_features={self._D}, n_targets={self._m}, count={self._count})"
+        dev = "" if self._dev is None else f", device={self.device!r}"
+        return f"Statistics(n_features={self._D}, n_targets={self._m}, count={self.count}{dev})"
 
     # ------------------------------------------------------------------ persistence
     def _arrays(self):
