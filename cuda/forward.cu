@@ -297,7 +297,10 @@ class DeviceForwardState final : public ForwardStateBase {
     Lpacked_.reserve(std::size_t(cap) * (cap + 1) / 2);
   }
 
-  void evaluate_all() override { sweep(nullptr, 0, nullptr); }
+  void evaluate_all() override {
+    sweep(nullptr, 0, nullptr);
+    state_.download(host_state_.data(), NG_);  // forced groups must see which ones are degenerate
+  }
   bool is_active(Index g) const override { return host_state_[g] == ACTIVE; }
 
   Index best() override {

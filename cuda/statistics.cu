@@ -137,10 +137,11 @@ __global__ void tile_kernel(View U, View V, Index len, bool upper_only, const in
 
 // sums += sum over splits of partial, in split order, unless the batch was flagged.
 template <class Acc, class Sum>
-__global__ void reduce_partial_kernel(Index n, int splits, const Acc* __restrict partial, Sum* __restrict sums,
-                                      const int* __restrict bad) {
+__global__ void reduce_partial_kernel(Index n, Index ld, bool upper_only, int splits, const Acc* __restrict partial,
+                                      Sum* __restrict sums, const int* __restrict bad) {
   const Index t = Index(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= n || *bad) return;
+  if (upper_only && t / ld > t % ld) return;  // lower tiles were never written
   double s = 0;
   for (int c = 0; c < splits; ++c) s += double(partial[c * n + t]);
   sums[t] += Sum(s);
@@ -273,8 +274,8 @@ void DeviceStatistics::update(const DeviceMatrix& x, const DeviceMatrix* y, std:
       tile_kernel<Acc, Sum><<<dim3(unsigned(tiles), splits), 256, 0, st>>>(U, V, rlen, upper, s.bad.get(), part,
                                                                           sums, ldo);
       if (splits > 1)
-        reduce_partial_kernel<Acc, Sum><<<blocks_for(n_out, 256), 256, 0, st>>>(n_out, splits, part, sums,
-                                                                                s.bad.get());
+        reduce_partial_kernel<Acc, Sum><<<blocks_for(n_out, 256), 256, 0, st>>>(n_out, ldo, upper, splits, part,
+                                                                                sums, s.bad.get());
     };
     if (f64_in) launch(double()); else launch(float());
   };
