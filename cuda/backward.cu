@@ -28,21 +28,7 @@ __global__ void cost_kernel(const signed char* __restrict skip, const Index* __r
   __shared__ int bad;
   for (int t = threadIdx.x; t < gs * gs; t += blockDim.x) L[t] = H[(p + t / gs) * Du + p + t % gs];
   __syncthreads();
-  if (threadIdx.x == 0) {
-    bad = 0;
-    for (int j = 0; j < gs && !bad; ++j) {
-      double d = L[j * gs + j];
-      for (int k = 0; k < j; ++k) d -= L[j * gs + k] * L[j * gs + k];
-      if (!(d > 0) || !isfinite(d)) { bad = 1; break; }
-      d = sqrt(d);
-      L[j * gs + j] = d;
-      for (int i = j + 1; i < gs; ++i) {
-        double s = L[i * gs + j];
-        for (int k = 0; k < j; ++k) s -= L[i * gs + k] * L[j * gs + k];
-        L[i * gs + j] = s / d;
-      }
-    }
-  }
+  if (threadIdx.x == 0) bad = !small_cholesky(L, gs, nullptr);
   __syncthreads();
   if (bad) {  // cannot happen for a positive definite H: never remove such a group
     if (threadIdx.x == 0) cost[g] = INFINITY;
@@ -58,13 +44,8 @@ __global__ void cost_kernel(const signed char* __restrict skip, const Index* __r
       s += x[a] * x[a];
     }
   }
-  part[threadIdx.x] = s;
-  __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) cost[g] = part[0];
+  const double total = block_sum(s, part);
+  if (threadIdx.x == 0) cost[g] = total;
 }
 
 // Cheapest removable group (ties: lowest index), -1 if none.

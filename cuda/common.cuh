@@ -79,4 +79,35 @@ class DeviceGuard {
 
 inline unsigned blocks_for(Index n, int threads) { return unsigned((n + threads - 1) / threads); }
 
+// In-place Cholesky of a small row-major gs x gs block (one thread; the lower
+// factor overwrites the lower triangle). False when a pivot is <= tol[j] (tol may
+// be null: > 0) or not finite, as in the CPU engine.
+__device__ inline bool small_cholesky(double* L, int gs, const double* tol) {
+  for (int j = 0; j < gs; ++j) {
+    double d = L[j * gs + j];
+    for (int k = 0; k < j; ++k) d -= L[j * gs + k] * L[j * gs + k];
+    if (!(d > (tol ? tol[j] : 0.0)) || !isfinite(d)) return false;
+    d = sqrt(d);
+    L[j * gs + j] = d;
+    for (int i = j + 1; i < gs; ++i) {
+      double s = L[i * gs + j];
+      for (int k = 0; k < j; ++k) s -= L[i * gs + k] * L[j * gs + k];
+      L[i * gs + j] = s / d;
+    }
+  }
+  return true;
+}
+
+// Sum over the block in a fixed order (deterministic); part has blockDim.x entries,
+// blockDim.x a power of two. Every thread must call it; thread 0 gets the result.
+__device__ inline double block_sum(double v, double* part) {
+  part[threadIdx.x] = v;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+    __syncthreads();
+  }
+  return part[0];
+}
+
 }  // namespace lsp::cuda

@@ -99,13 +99,8 @@ __global__ void make_z_kernel(const double* __restrict R, Index pj, int gJ, Inde
       s += x[i] * x[i];
     }
   }
-  part[threadIdx.x] = s;
-  __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) *znorm = part[0];
+  const double total = block_sum(s, part);
+  if (threadIdx.x == 0) *znorm = total;
 }
 
 // A[k, i] = C[k, pj + i]
@@ -143,24 +138,7 @@ __global__ void sweep_kernel(signed char* __restrict state, double* __restrict g
     L[t] = Db[t];
   }
   __syncthreads();
-  if (threadIdx.x == 0) {  // tiny Cholesky with the degeneracy test of the CPU engine
-    bad = 0;
-    for (int j = 0; j < gs && !bad; ++j) {
-      double d = L[j * gs + j];
-      for (int k = 0; k < j; ++k) d -= L[j * gs + k] * L[j * gs + k];
-      if (!(d > tol[goff[g] + j]) || !isfinite(d)) {
-        bad = 1;
-        break;
-      }
-      d = sqrt(d);
-      L[j * gs + j] = d;
-      for (int i = j + 1; i < gs; ++i) {
-        double s = L[i * gs + j];
-        for (int k = 0; k < j; ++k) s -= L[i * gs + k] * L[j * gs + k];
-        L[i * gs + j] = s / d;
-      }
-    }
-  }
+  if (threadIdx.x == 0) bad = !small_cholesky(L, gs, tol + goff[g]);  // the CPU engine's degeneracy test
   __syncthreads();
   if (bad) {
     if (threadIdx.x == 0) state[g] = DEGENERATE;
@@ -192,15 +170,10 @@ __global__ void sweep_kernel(signed char* __restrict state, double* __restrict g
       s += x[a] * x[a];
     }
   }
-  part[threadIdx.x] = s;
-  __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
-    __syncthreads();
-  }
+  const double total = block_sum(s, part);
   if (threadIdx.x == 0) {
-    gain[g] = part[0];
-    if (!isfinite(part[0])) state[g] = DEGENERATE;
+    gain[g] = total;
+    if (!isfinite(total)) state[g] = DEGENERATE;
   }
 }
 

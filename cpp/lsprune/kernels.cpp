@@ -204,10 +204,11 @@ double lower_solve_sumsq(const double* L, Index g, double* B, Index n) {
   return total;
 }
 
-LSP_CLONES
-void colsum_rows(const float* x, Index rows, Index rs, Index D, double* __restrict s, double* __restrict q) {
+template <class T>
+__attribute__((always_inline)) inline void colsum_impl(const T* x, Index rows, Index rs, Index D,
+                                                       double* __restrict s, double* __restrict q) {
   for (Index r = 0; r < rows; ++r) {
-    const float* __restrict row = x + r * rs;
+    const T* __restrict row = x + r * rs;
     for (Index j = 0; j < D; ++j) {
       const double a = row[j];
       s[j] += a;
@@ -216,16 +217,15 @@ void colsum_rows(const float* x, Index rows, Index rs, Index D, double* __restri
   }
 }
 
+// One clone set per input type; the loop body is inlined into each clone.
 LSP_CLONES
-void colsum_rows(const double* x, Index rows, Index rs, Index D, double* __restrict s, double* __restrict q) {
-  for (Index r = 0; r < rows; ++r) {
-    const double* __restrict row = x + r * rs;
-    for (Index j = 0; j < D; ++j) {
-      const double a = row[j];
-      s[j] += a;
-      q[j] += a * a;
-    }
-  }
+void colsum_rows(const float* x, Index rows, Index rs, Index D, double* s, double* q) {
+  colsum_impl(x, rows, rs, D, s, q);
+}
+
+LSP_CLONES
+void colsum_rows(const double* x, Index rows, Index rs, Index D, double* s, double* q) {
+  colsum_impl(x, rows, rs, D, s, q);
 }
 
 LSP_CLONES
