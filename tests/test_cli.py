@@ -34,6 +34,18 @@ def files(tmp_path_factory):
     return d
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """In-process CLI calls install a stderr handler on the ``lsprune`` logger: undo it after each test."""
+    import logging
+
+    log = logging.getLogger("lsprune")
+    handlers, level = list(log.handlers), log.level
+    yield
+    log.handlers[:] = handlers
+    log.setLevel(level)
+
+
 def one_line_error(r):
     assert r.returncode == 2, (r.returncode, r.stderr)
     err = r.stderr.strip().splitlines()
@@ -171,3 +183,22 @@ def test_demo_runs_end_to_end():
     for label in ("LS forward (lsprune)", "magnitude + LS re-fit", "magnitude (no re-fit)"):
         assert out.count(label) == 3
     assert "10% FLOPs" in out
+
+
+def test_checkpoint_and_memory_limit_options(files, tmp_path, capsys):
+    from lsprune.cli.main import main
+
+    base = ["prune", str(files / "model.pt"), "--calib", str(files / "calib.pt"), "--ratio", "0.5", "-q"]
+    assert main(base + ["-o", str(tmp_path / "a.pt"), "--checkpoint", str(tmp_path / "ck"),
+                        "--memory-limit", "0.9"]) == 0
+    assert (tmp_path / "ck" / "manifest.json").exists()
+    assert main(base + ["-o", str(tmp_path / "b.pt"), "--checkpoint", str(tmp_path / "ck")]) == 0  # resumed
+    a, b = torch.load(tmp_path / "a.pt", weights_only=False), torch.load(tmp_path / "b.pt", weights_only=False)
+    assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
+    capsys.readouterr()
+    assert main(base + ["-o", str(tmp_path / "c.pt"), "--memory-limit", "1K"]) == 2
+    assert "not enough memory" in capsys.readouterr().err and not (tmp_path / "c.pt").exists()
+    assert main(base + ["-o", str(tmp_path / "c.pt"), "--memory-limit", "lots"]) == 2
+    assert "--memory-limit 'lots'" in capsys.readouterr().err
+    assert main(base + ["-o", str(tmp_path / "c.pt"), "--damping", "1e-3", "--checkpoint", str(tmp_path / "ck")]) == 2
+    assert "written for another run: option damping" in capsys.readouterr().err

@@ -250,3 +250,13 @@ def test_pending_float32_products_flush_on_read_and_threshold(rng):
     np.testing.assert_allclose(big.gram, Z.astype(np.float64).T @ Z.astype(np.float64), rtol=1e-6)
     st.reset()
     assert st._acc.pending_rows == 0 and st.count == 0 and not st.gram.any()
+
+
+def test_from_sums_rejects_bad_sums():
+    ok = dict(gram=np.eye(2), cross=np.zeros((2, 1)), sum_x=np.zeros(2), sum_y=np.zeros(1), sum_y_sq=np.zeros(1),
+              count=3)
+    for key, bad, msg in (("gram", np.full((2, 2), np.nan), "NaN or Inf"), ("count", -1, "out of range"),
+                          ("gram", np.ones((2, 3)), "square"), ("cross", np.zeros((3, 1)), "cross must have shape"),
+                          ("sum_x", np.zeros(3), "sum_x")):
+        with pytest.raises(ValueError, match=msg):
+            lsprune.Statistics.from_sums(**dict(ok, **{key: bad}))

@@ -158,8 +158,8 @@ def test_prune_through_the_device_sums_path(monkeypatch):
     ref, r_ref = lt.prune(model, cal, ratio=0.5, progress=False, mask_fn=masks)
 
     class TorchSums(Sums):
-        def __init__(self, n_features, n_targets, device, use_torch=None):
-            super().__init__(n_features, n_targets, device, use_torch=True)
+        def __init__(self, n_features, n_targets, device, use_torch=None, **kw):
+            super().__init__(n_features, n_targets, device, use_torch=True, **kw)
 
     monkeypatch.setattr(pruning, "Sums", TorchSums)
     dev, r_dev = lt.prune(model, cal, ratio=0.5, progress=False, mask_fn=masks)

@@ -32,12 +32,16 @@ def assert_unchanged(model: nn.Module, snap: dict) -> None:
     for k, v in state.items():
         ref = snap["state"][k]
         assert v.dtype == ref.dtype and v.shape == ref.shape, k
-        assert torch.equal(v.detach(), ref), f"{k} changed"
+        assert torch.equal(_bits(v), _bits(ref)), f"{k} changed"  # bit for bit (NaN included)
         assert id(v) == snap["ids"][k], f"{k} was replaced"
     assert {n: m.training for n, m in model.named_modules()} == snap["training"]
     for n, m in model.named_modules():
         for a, v in snap["attrs"][n].items():
             assert getattr(m, a) == v, f"{n}.{a} changed"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

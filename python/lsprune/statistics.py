@@ -174,6 +174,32 @@ class Statistics:
         self._symmetric = False
         return self
 
+    def all_reduce(self, reduce) -> "Statistics":
+        """Sums these statistics over several processes, in place.
+
+        ``reduce(arrays)`` receives the sums as a list of C-contiguous NumPy arrays: the
+        float64 ``gram`` (D, D, both triangles), ``cross`` (D, m), ``sum_x``, ``sum_y``,
+        ``sum_y_sq`` and the count as a 1-element int64 array; it must replace each one, in
+        place, by its element-wise sum over the processes (e.g. ``torch.distributed.all_reduce``
+        on ``torch.from_numpy`` views). Every process must hold statistics of the same shape.
+        Returns ``self``.
+        """
+        if self._dev is not None:
+            raise TypeError("all_reduce needs CPU statistics: reduce their .to_cpu() copies")
+        self.gram  # flushes pending float32 products and mirrors: the sum of symmetric matrices stays symmetric
+        count = np.array([self._count], dtype=np.int64)
+        reduce([self._gram, self._cross, self._sum_x, self._sum_y, self._sum_yy, count])
+        self._count = int(count[0])
+        self._symmetric = True
+        return self
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows whose float32 products wait in the engine's scratch for the next float64 add
+        (0 right after a flush, and always for float64 batches). Reading any sum flushes them, which
+        rounds differently than letting them wait; a snapshot taken when this is 0 resumes bit-exactly."""
+        return 0 if self._dev is not None else int(self._acc.pending_rows)
+
     def _flush(self):
         """Adds the engine's pending float32 products into the float64 sums (CUDA: copies them to the host)."""
         self._sync()

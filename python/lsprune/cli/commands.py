@@ -26,6 +26,22 @@ def demo(args) -> int:
     return 0
 
 
+def _memory_limit(text: str):
+    """``--memory-limit``: 'auto', 'none', a fraction in (0, 1] or bytes with an optional K/M/G/T suffix."""
+    t = text.strip().lower()
+    if t in ("auto", "none"):
+        return None if t == "none" else "auto"
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    try:
+        if t[-1:] in scale:
+            return int(float(t[:-1]) * scale[t[-1]])
+        v = float(t)
+    except ValueError:
+        raise CLIError(f"--memory-limit {text!r}: give auto, none, a fraction such as 0.5 or bytes such as 8G") \
+            from None
+    return v if v <= 1 else int(v)
+
+
 def _fraction(v, name):
     if v is not None and not 0.0 < v <= 1.0:
         raise CLIError(f"--{name} must be a fraction in (0, 1], got {v}")
@@ -42,6 +58,7 @@ def prune(args) -> int:
     _fraction(args.params, "params")
     if args.eval_labels and not args.eval_data:
         raise CLIError("--eval-labels needs --eval-data")
+    memory_limit = _memory_limit(args.memory_limit)
     if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
         raise CLIError(f"--plots {args.plots!r} is a file, not a folder")
     for path in (args.output, args.report):  # checked before the work, not after it
@@ -61,7 +78,8 @@ def prune(args) -> int:
         evals = (batches_of(ex, args.batch_size), ey)
 
     kw = dict(method=args.method, mode=args.mode, damping=args.damping, max_batches=args.max_batches,
-              device=args.device, progress=not args.quiet, seed=args.seed)
+              device=args.device, progress=not args.quiet, seed=args.seed, checkpoint=args.checkpoint,
+              memory_limit=memory_limit)
     if args.no_refit:
         kw["refit"] = False
     if args.ratio is not None:

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-batches", type=int, default=None)
     r.add_argument("--device", default=None, help="e.g. cpu or cuda (default: the model's device)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--checkpoint", help="folder to save progress in; rerun with it to resume an interrupted prune")
+    r.add_argument("--memory-limit", default="auto",
+                   help="memory guard: 'auto' (0.7 x available), a fraction such as 0.5, bytes with an optional "
+                        "K/M/G suffix such as 8G, or 'none'")
     r.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="resize folder images")
     r.add_argument("--grayscale", action="store_true", help="read folder images as one channel")
     r.add_argument("--eval-data", help="inputs to measure accuracy before/after (.pt/.npy or image folder)")

@@ -7,6 +7,7 @@
 * :func:`count_flops_params` — parameters and multiply-accumulates (MACs) of a model.
 * :class:`PruneReport`, :class:`PairReport`, :class:`FactorizeReport`, :class:`LayerFactorReport`, :class:`Pair`,
   :class:`SkippedPair`, :class:`PairSearch`; :class:`Budget` (= :class:`lsprune.Budget`).
+* :class:`MemoryLimitError` (the memory guard refused), :class:`DistributedError` (another rank failed).
 
 Only this subpackage imports torch; ``import lsprune`` works without it.
 """
@@ -18,14 +19,16 @@ except ImportError as e:  # pragma: no cover
 from lsprune.budget import Budget
 
 from .api import DEFAULT_MAX_POSITIONS, find_pairs, prune
+from .distributed import DistributedError
 from .factor_report import FactorizeReport, LayerFactorReport
 from .factorize import factorize
 from .flops import FlopsCount, count_flops_params
 from .graph import NotTraceableError
+from .memory import MemoryLimitError
 from .pairs import Pair, PairSearch, SkippedPair
 from .report import PairReport, PruneReport
 from .surgery import apply_structure
 
 __all__ = ["prune", "factorize", "Budget", "find_pairs", "apply_structure", "count_flops_params", "FlopsCount", "Pair",
            "PairSearch", "SkippedPair", "PairReport", "PruneReport", "FactorizeReport", "LayerFactorReport",
-           "NotTraceableError", "DEFAULT_MAX_POSITIONS"]
+           "NotTraceableError", "MemoryLimitError", "DistributedError", "DEFAULT_MAX_POSITIONS"]

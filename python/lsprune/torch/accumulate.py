@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Iterator, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -149,7 +150,9 @@ class Sums:
 
     On CPU the engine accumulates (multithreaded fp32 products added into fp64 sums);
     on other devices the sums stay on the device as float64 torch tensors (no host sync
-    per batch) and are converted once with :meth:`lsprune.Statistics.from_sums`.
+    per batch) and are converted once with :meth:`lsprune.Statistics.from_sums`. Nothing
+    is allocated before the first rows arrive (the memory guard counts pairs whose sums
+    are alive at once), and :meth:`release` frees the sums once the pair is done.
 
     Parameters
     ----------
@@ -158,24 +161,37 @@ class Sums:
     device : torch.device
     use_torch : bool, optional
         Force the torch path (the default is torch on non-CPU devices).
+    dist : distributed.Dist, optional
+        When active, :meth:`statistics` sums the ranks' sums (once) before returning them.
     """
 
-    def __init__(self, n_features: int, n_targets: int, device: torch.device, use_torch: Optional[bool] = None):
+    def __init__(self, n_features: int, n_targets: int, device: torch.device, use_torch: Optional[bool] = None,
+                 dist=None):
         self.D, self.m = int(n_features), int(n_targets)
+        self.device = device
         self.use_torch = (device.type != "cpu") if use_torch is None else bool(use_torch)
+        self.dist = dist
+        self.stats: Optional[lsprune.Statistics] = None  # CPU engine sums
+        self._t: Optional[dict] = None  # torch sums
+        self._result: Optional[lsprune.Statistics] = None  # after statistics(): the (reduced) statistics
+        self._local_rows: Optional[int] = None  # rows of this process, frozen by statistics()
+
+    def _alloc(self) -> None:
+        if self._result is not None:
+            raise RuntimeError("rows added to the sums of a pair whose statistics were already read")
         if self.use_torch:
-            f64 = dict(dtype=torch.float64, device=device)
-            self.gram = torch.zeros(self.D, self.D, **f64)
-            self.cross = torch.zeros(self.D, self.m, **f64)
-            self.sum_x = torch.zeros(self.D, **f64)
-            self.sum_y = torch.zeros(self.m, **f64)
-            self.sum_yy = torch.zeros(self.m, **f64)
-            self.count = torch.zeros((), dtype=torch.int64, device=device)
-        else:
+            if self._t is None:
+                f64 = dict(dtype=torch.float64, device=self.device)
+                self._t = dict(gram=torch.zeros(self.D, self.D, **f64), cross=torch.zeros(self.D, self.m, **f64),
+                               sum_x=torch.zeros(self.D, **f64), sum_y=torch.zeros(self.m, **f64),
+                               sum_yy=torch.zeros(self.m, **f64),
+                               count=torch.zeros((), dtype=torch.int64, device=self.device))
+        elif self.stats is None:
             self.stats = lsprune.Statistics(self.D, self.m)
 
     def add(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None) -> None:
         """Adds rows ``x`` (n, D) and targets ``y`` (n, m); rows where ``keep`` is False are left out."""
+        self._alloc()
         if not self.use_torch:
             if keep is not None:
                 x = x[keep]
@@ -186,31 +202,89 @@ class Sums:
                 y = y.float()
             self.stats.update(x.detach(), y.detach() if y is not None else None)
             return
+        t = self._t
         x64 = x.detach().to(torch.float64)
         y64 = y.detach().to(torch.float64) if y is not None else None
         if keep is not None:  # zeroed rows add nothing to any sum; no boolean indexing, so no host sync
             k = keep[:, None]
             x64 = torch.where(k, x64, 0.0)
             y64 = torch.where(k, y64, 0.0) if y64 is not None else None
-            self.count += keep.sum()
+            t["count"] += keep.sum()
         else:
-            self.count += x64.shape[0]
-        self.gram.addmm_(x64.T, x64)
-        self.sum_x += x64.sum(0)
+            t["count"] += x64.shape[0]
+        t["gram"].addmm_(x64.T, x64)
+        t["sum_x"] += x64.sum(0)
         if y64 is not None:
-            self.cross.addmm_(x64.T, y64)
-            self.sum_y += y64.sum(0)
-            self.sum_yy += (y64 * y64).sum(0)
+            t["cross"].addmm_(x64.T, y64)
+            t["sum_y"] += y64.sum(0)
+            t["sum_yy"] += (y64 * y64).sum(0)
 
     @property
     def n_rows(self) -> int:
-        return int(self.count.item()) if self.use_torch else self.stats.count
+        """Rows added on this process."""
+        if self._local_rows is not None:
+            return self._local_rows
+        if self.use_torch:
+            return int(self._t["count"].item()) if self._t is not None else 0
+        return self.stats.count if self.stats is not None else 0
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows whose float32 products the engine has not yet added in float64 (see
+        :attr:`lsprune.Statistics.pending_rows`); a snapshot is bit-exact only when 0."""
+        return self.stats.pending_rows if self.stats is not None else 0
+
+    def snapshot(self) -> lsprune.Statistics:
+        """The local sums so far as statistics (for a checkpoint; the engine's are not copied)."""
+        if self.use_torch:
+            if self._t is None:
+                return lsprune.Statistics(self.D, self.m)
+            t = self._t
+            return lsprune.Statistics.from_sums(t["gram"].cpu().numpy(), t["cross"].cpu().numpy(),
+                                                t["sum_x"].cpu().numpy(), t["sum_y"].cpu().numpy(),
+                                                t["sum_yy"].cpu().numpy(), int(t["count"].item()))
+        return self.stats if self.stats is not None else lsprune.Statistics(self.D, self.m)
+
+    def restore(self, stats: lsprune.Statistics) -> None:
+        """Continues from ``stats`` (a snapshot loaded from a checkpoint)."""
+        if (stats.n_features, stats.n_targets) != (self.D, self.m):
+            raise ValueError(f"saved statistics have shape ({stats.n_features}, {stats.n_targets}), this pair "
+                             f"({self.D}, {self.m})")
+        if self.use_torch:
+            self._t = None
+            self._alloc()
+            for k, v in (("gram", stats.gram), ("cross", stats.cross), ("sum_x", stats.sum_x),
+                         ("sum_y", stats.sum_y), ("sum_yy", stats.sum_y_sq)):
+                self._t[k].copy_(torch.from_numpy(np.array(v)))
+            self._t["count"].fill_(int(stats.count))
+        else:
+            self.stats = stats
 
     def statistics(self) -> lsprune.Statistics:
+        """The statistics of all rows (summed over the ranks when distributed; done once)."""
+        if self._result is not None:
+            return self._result
+        self._local_rows = self.n_rows
+        dist = self.dist if self.dist is not None and self.dist.active else None
         if not self.use_torch:
-            return self.stats
-        if not bool(torch.isfinite(self.gram).all()) or not bool(torch.isfinite(self.cross).all()):
+            if self.stats is None:  # no rows here (e.g. an empty shard): zeros still join the reduction
+                self.stats = lsprune.Statistics(self.D, self.m)
+            if dist is not None:
+                self.stats.all_reduce(dist.sum_arrays)
+            self._result = self.stats
+            return self._result
+        self._alloc()
+        t = self._t
+        if dist is not None:
+            dist.sum_([t[k] for k in ("gram", "cross", "sum_x", "sum_y", "sum_yy", "count")])
+        if not bool(torch.isfinite(t["gram"]).all()) or not bool(torch.isfinite(t["cross"]).all()):
             raise ValueError("x or y contains NaN or Inf")
-        return lsprune.Statistics.from_sums(self.gram.cpu().numpy(), self.cross.cpu().numpy(),
-                                            self.sum_x.cpu().numpy(), self.sum_y.cpu().numpy(),
-                                            self.sum_yy.cpu().numpy(), self.n_rows)
+        self._result = lsprune.Statistics.from_sums(t["gram"].cpu().numpy(), t["cross"].cpu().numpy(),
+                                                    t["sum_x"].cpu().numpy(), t["sum_y"].cpu().numpy(),
+                                                    t["sum_yy"].cpu().numpy(), int(t["count"].item()))
+        self._t = None  # the device copy is no longer needed
+        return self._result
+
+    def release(self) -> None:
+        """Frees the sums (the pair is finished)."""
+        self.stats = self._t = self._result = None

@@ -6,6 +6,7 @@ import difflib
 import logging
 import math
 import numbers
+import os
 import time
 from collections.abc import Mapping
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -27,8 +28,11 @@ from .pairs import (Pair, PairSearch, channel_passthrough_kind, check_consumer, 
 from . import budget as budgeting
 from .baselines import NORMS
 from .costs import PairCosts
-from .pruning import (ORDER_METHODS, SELECTORS, Timer, _log_engine_warnings, effective_damping, finish, job_order,
-                      make_job, plan_channels, unchanged_report)
+from .checkpoint import Checkpoint, fingerprint, model_hashes
+from .distributed import Dist
+from .memory import Guard
+from .pruning import (ORDER_METHODS, SELECTORS, PairJob, Timer, _log_engine_warnings, effective_damping, finish,
+                      job_order, job_statistics, make_job, plan_channels, unchanged_report)
 from .report import PruneReport
 from .surgery import Backup, consumer_matrix
 from .sweep import sweep
@@ -117,7 +121,8 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
           device=None, progress: bool = True, pairs: Optional[Sequence] = None, forward_fn: Optional[Callable] = None,
           mask_fn: Optional[Callable] = None, inplace: bool = False,
           max_positions: Optional[int] = DEFAULT_MAX_POSITIONS, seed: int = 0,
-          strategy: str = "auto") -> Tuple[nn.Module, PruneReport]:
+          strategy: str = "auto", distributed: Optional[bool] = None, checkpoint=None,
+          checkpoint_interval: float = 60.0, memory_limit="auto") -> Tuple[nn.Module, PruneReport]:
     """Structurally prunes a trained model by layerwise least squares (no labels, no fine-tuning).
 
     For every prunable pair producer -> (BatchNorm, activation, pooling, depthwise conv,
@@ -192,6 +197,30 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
         ``graph``: one torch.fx sweep; ``hooks``: per-pair module hooks (for models fx cannot
         trace); ``auto``: graph when the model traces, else hooks (needs ``pairs``).
 
+    distributed : bool or None
+        ``None`` (default): distributed calibration when ``torch.distributed`` is initialised with
+        more than one rank: every rank passes its own shard of the calibration data (a rank may
+        have none), the float64 sums are all-reduced before each selection, and every rank returns
+        the same pruned model. ``True``: require an initialised process group; ``False``: this
+        process only. Every rank must call ``prune`` with the same model and options.
+    checkpoint : str or os.PathLike, optional
+        Folder for checkpoint/resume: finished pairs (statistics, kept channels, re-fitted weights)
+        and partial statistics are saved as the prune goes; calling ``prune`` again with the same
+        folder (same model, data and options) skips the finished pairs and resumes the partial one,
+        bit-identical to an uninterrupted run. A folder of another run, or a damaged one, is
+        refused with ``ValueError`` and left untouched. Not with distributed calibration.
+    checkpoint_interval : float
+        Seconds between two partial saves of a pair being accumulated (0: after every batch at
+        which the engine holds no pending float32 products).
+    memory_limit : "auto", int, float or None
+        The memory guard: before any statistics are allocated, the memory the pass needs at once
+        (statistics ``8·D²`` per pair and more, solver, cached activations; see the README) is
+        estimated and compared with this limit: ``"auto"`` = 0.7 × the available memory, a float
+        in (0, 1] = that fraction of it, an int = bytes, ``None`` = no guard. An independent pass
+        that does not fit runs in waves of pairs (one forward pass each); otherwise
+        :class:`lsprune.torch.MemoryLimitError` (a ``MemoryError`` and ``ValueError``) states the
+        estimate and the limit. ``report.memory`` records the estimate.
+
     Returns
     -------
     (pruned_model, PruneReport)
@@ -200,16 +229,41 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
     ------
     TypeError, ValueError
         Invalid arguments, calibration batches that do not fit the model, no prunable pair, pairs
-        whose channels do not map one-to-one.
+        whose channels do not map one-to-one, a stale or damaged checkpoint.
+    MemoryLimitError
+        The estimated memory exceeds ``memory_limit`` and waves cannot help (nothing was allocated).
+    DistributedError
+        Another rank of a distributed prune failed.
     """
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be None, True or False, got {distributed!r}")
+    dist = Dist.resolve(distributed)
+    try:
+        return _prune(model, calibration, dist, ratio=ratio, keep=keep, budget=budget, method=method, refit=refit,
+                      norm=norm, mode=mode, damping=damping, max_batches=max_batches, device=device,
+                      progress=progress, pairs=pairs, forward_fn=forward_fn, mask_fn=mask_fn, inplace=inplace,
+                      max_positions=max_positions, seed=seed, strategy=strategy, checkpoint=checkpoint,
+                      checkpoint_interval=checkpoint_interval, memory_limit=memory_limit)
+    except BaseException as e:
+        dist.fail(e)  # the other ranks raise at their next collective instead of waiting for this one
+        raise
+
+
+def _prune(model, calibration, dist: Dist, *, ratio, keep, budget, method, refit, norm, mode, damping, max_batches,
+           device, progress, pairs, forward_fn, mask_fn, inplace, max_positions, seed, strategy, checkpoint,
+           checkpoint_interval, memory_limit) -> Tuple[nn.Module, PruneReport]:
     t_start = time.perf_counter()
     timer = Timer()
     opts = _validate(model, ratio=ratio, keep=keep, budget=budget, method=method, refit=refit, norm=norm, mode=mode,
                      damping=damping, max_batches=max_batches, device=device, progress=progress, pairs=pairs,
                      forward_fn=forward_fn, mask_fn=mask_fn, inplace=inplace, max_positions=max_positions, seed=seed,
-                     strategy=strategy)
+                     strategy=strategy, checkpoint=checkpoint, checkpoint_interval=checkpoint_interval,
+                     memory_limit=memory_limit)
+    if checkpoint is not None and dist.active:
+        raise ValueError("checkpoint= is not supported with distributed calibration: give checkpoint=None or "
+                         "distributed=False")
     explicit: Optional[List[Pair]] = opts["pairs"]
-    batches = materialize(calibration, max_batches)
+    batches = materialize(calibration, max_batches, allow_empty=dist.active)
     run = forward_fn or default_forward
     model_dev = _norm_device(first_tensor_device(model))
     dev = opts["device"] or model_dev
@@ -222,8 +276,24 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
         model.eval()  # fx bakes self.training into the graph, and calibration must not update BN statistics
         with torch.no_grad():
             ref = copy.deepcopy(model).to(dev) if inplace or dev != model_dev else model
-            batch0 = to_device(batches[0], dev)
             nb = len(batches)
+            # ---- distributed: every rank needs an example batch (tracing, shapes) and the same settings
+            src = 0
+            if dist.active:
+                counts = dist.gather_ints(nb)
+                if sum(counts) == 0:
+                    raise ValueError("calibration is empty on every rank: give at least one batch")
+                src = next(r for r, c in enumerate(counts) if c > 0)
+                example = dist.broadcast_object(batches[0] if dist.rank == src else None, src) \
+                    if min(counts) == 0 else batches[0]
+                h = model_hashes(model)
+                dist.agree("the model", h["architecture"] + h["parameters"])
+                same = {k: v for k, v in opts.items() if k not in ("device", "memory_limit")}  # may differ per rank
+                dist.agree("the options", repr(sorted((k, repr(v)) for k, v in same.items())) + dev.type)
+            else:
+                example = batches[0]
+            batch0 = to_device(example, dev)
+            per_batch = 1.0 / nb if nb else 0.0
 
             # ---- find the pairs (nothing is modified before this is done)
             use_graph, search, chains, gm, positions, inputs0 = _choose_strategy(ref, batch0, run, strategy,
@@ -243,10 +313,15 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
                 raise ValueError("no prunable pairs found" + (f":\n{search.table()}" if search is not None else ""))
             ref_mods = dict(ref.named_modules())
             channels = {p.producer: producer_channels(ref_mods[p.producer]) for p in chosen}
+            b0 = batch_size(batch0) or 1
+            scale = sum((batch_size(b) or 1) for b in batches) / b0  # calibration set / the recorded batch
+            if dist.active:  # FLOPs (report, budget) counted on one rank's batch, so that all ranks plan alike
+                dist.agree("the prunable pairs", repr([(p, channels[p.producer]) for p in chosen]))
+                positions, b0 = dist.broadcast_object((positions, b0), src)
             _check_keep(opts["keep"], chosen, search)
             budget = opts["budget"]
-            b0 = batch_size(batch0) or 1
-            costs = None
+            costs = pinned = lo = hi = None
+            global_pass = False
             if budget is not None:  # refuse an unreachable budget before any expensive work
                 costs = PairCosts(ref, chosen, channels, positions, 1.0 / b0, budget.kind, refit=refit)
                 sizes = [channels[p.producer] for p in chosen]
@@ -254,6 +329,40 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
                 lo, hi = budgeting.keep_bounds(budget, sizes, pinned)
                 _, hi_cost = budgeting.check_reachable(budget, costs, budgeting.allowed(lo, hi, sizes,
                                                                                        budget.multiple))
+                global_pass = budget.allocation == "global" and any(k is None for k in pinned) and \
+                    hi_cost > budget.fraction * costs.full
+            plan = None
+            if not global_pass:
+                with timer("allocation"):
+                    plan = plan_channels(chosen, channels, ratio=opts["ratio"], keep=opts["keep"], budget=budget,
+                                         costs=costs)
+
+            # ---- checkpoint: refuse a stale or damaged folder before anything is computed
+            ckpt = None
+            if checkpoint is not None:
+                fp_opts = {k: opts[k] for k in ("ratio", "keep", "budget", "method", "refit", "norm", "mode",
+                                                "damping", "max_positions", "seed")}
+                fp_opts.update(strategy="graph" if use_graph else "hooks", device=dev.type, pairs=chosen,
+                               forward_fn=_qualname(forward_fn), mask_fn=_qualname(mask_fn))
+                ckpt = Checkpoint(checkpoint, fingerprint(model, batches, fp_opts), checkpoint_interval)
+                if ckpt.resumed:
+                    logger.info("resuming from checkpoint %s (%d saved entries)", checkpoint, ckpt.resumed)
+
+            # ---- memory guard: every pass is estimated before any statistics exist
+            guard = Guard(opts["memory_limit"], dist, dev, ref_mods, chains if use_graph else None,
+                          gm.graph if use_graph else None, method=method, refit=refit, scale=scale,
+                          model_copies=2 if dev != model_dev and not inplace else 1)
+            pre_names = [p.producer for i, p in enumerate(chosen)
+                         if global_pass and (pinned[i] is None or not sequential)]
+            pre_plan = guard.plan("the budget's independent pass", chosen,
+                                  {p.producer: int(hi[i]) for i, p in enumerate(chosen)} if global_pass else {},
+                                  pre_names, sequential=False)
+            reuse = global_pass and not sequential and len(pre_plan.waves) == 1  # budget statistics prune too
+            main_what = "the sequential pass" if sequential else "the independent pass"
+            # a global budget's counts are known after its pass: until then, the least any plan needs (min_keep)
+            least = plan if plan is not None else {p.producer: int(lo[i]) for i, p in enumerate(chosen)}
+            todo = [p.producer for i, p in enumerate(chosen) if least[p.producer] < channels[p.producer]]
+            main_plan = guard.plan(main_what, chosen, least, [] if reuse else todo, sequential=sequential)
 
             # ---- inputs of every batch
             inputs, masks = [], []
@@ -276,74 +385,91 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
             backup = Backup([pr_mods[n] for p in chosen for n in (p.producer, *p.between, p.consumer)])
             n_samples = sum((batch_size(b) or 1) for b in batches)
             job_kw = dict(device=dev, use_torch_sums=None, seed=seed, max_positions=max_positions,
-                          n_samples=n_samples, refit=refit, norm=norm)
-            common = dict(sequential=sequential, method=method, damping=float(damping), progress=progress,
-                          timer=timer)
-            passes = 1.0 / nb if use_graph else (1.0 + len(probes)) / nb
+                          n_samples=max(1, int(dist.reduce_numbers([n_samples])[0])), refit=refit, norm=norm,
+                          dist=dist if dist.active else None, ckpt=ckpt)
+            common = dict(method=method, damping=float(damping), progress=progress, timer=timer)
+            passes = per_batch if use_graph else (1.0 + len(probes)) * per_batch
 
-            # ---- a global budget: error paths from an independent pass, then the allocation
-            paths, weights, pre_jobs = None, None, {}
-            if budget is not None and budget.allocation == "global" and any(k is None for k in pinned) and \
-                    hi_cost > budget.fraction * costs.full:
-                for i, p in enumerate(chosen):  # independent mode reuses these statistics for the pruning itself
-                    if pinned[i] is None or not sequential:
-                        pre_jobs[p.producer] = make_job(i, p, channels[p.producer], int(hi[i]), ref_mods, pr_mods,
-                                                        independent=True, **job_kw)
-                pre = dict(common, sequential=False)
+            def run_pass(jobs: Dict[str, PairJob], *, seq: bool, collect_only: bool = False) -> Optional[float]:
+                """One pass of the strategy over the calibration data; returns the output error (graph,
+                sequential) or None."""
+                nonlocal passes
                 if use_graph:
-                    sweep(gm.graph, ref, pruned, inputs, masks, pre_jobs, chains, collect_only=True, **pre)
-                    passes += 1.0
-                else:
-                    passes += run_hooks(ref, pruned, batches, dev, run, mask_fn, list(pre_jobs.values()),
-                                        collect_only=True, **pre)
+                    res = sweep(gm.graph, ref, pruned, inputs, masks, jobs, chains, sequential=seq,
+                                collect_only=collect_only, dist=job_kw["dist"], **common)
+                    passes += 1.0 + res["pruned_pass_fraction"]
+                    return res["output_relative_error"]
+                passes += run_hooks(ref, pruned, batches, dev, run, mask_fn, list(jobs.values()), sequential=seq,
+                                    collect_only=collect_only, **common)
+                return None
+
+            # ---- a global budget: error paths from an independent pass (in waves if need be), then the allocation
+            paths, pre_jobs = None, {}
+            if global_pass:
+                for i, p in enumerate(chosen):
+                    if p.producer in pre_names:
+                        pre_jobs[p.producer] = make_job(i, p, channels[p.producer], int(hi[i]), ref_mods, pr_mods,
+                                                        independent=True, stage="budget", **job_kw)
+                paths = {}
+                guard.announce(pre_plan)
+                for wave in pre_plan.waves:
+                    wave_jobs = {n: pre_jobs[n] for n in wave}
+                    if any(j.saved is None for j in wave_jobs.values()):
+                        run_pass(wave_jobs, seq=False, collect_only=True)
+                    with timer("allocation"):
+                        for i, p in enumerate(chosen):
+                            if p.producer in wave_jobs and pinned[i] is None:
+                                paths[p.producer] = _error_path(wave_jobs[p.producer], method, float(damping),
+                                                                int(lo[i]), int(hi[i]), keep=not sequential)
+                    if not reuse:
+                        for j in wave_jobs.values():
+                            j.sums.release()
                 with timer("allocation"):
-                    paths = {p.producer: _error_path(pre_jobs[p.producer], method, float(damping), int(lo[i]),
-                                                     int(hi[i]))
-                             for i, p in enumerate(chosen) if pinned[i] is None}
                     fc = costs if budget.kind == "flops" else PairCosts(ref, chosen, channels, positions, 1.0 / b0,
                                                                         "flops", refit=refit)
                     weights = budgeting.error_weights(budget, [p.producer for p in chosen], fc)
-            with timer("allocation"):
-                plan = plan_channels(chosen, channels, ratio=opts["ratio"], keep=opts["keep"], budget=budget,
-                                     costs=costs, error_paths=paths, weights=weights)
+                    plan = plan_channels(chosen, channels, ratio=opts["ratio"], keep=opts["keep"], budget=budget,
+                                         costs=costs, error_paths=paths, weights=weights)
 
             jobs = {}
             for i, p in enumerate(chosen):
                 if plan[p.producer] < channels[p.producer]:
-                    if not sequential and p.producer in pre_jobs:
-                        jobs[p.producer] = pre_jobs[p.producer]
-                        jobs[p.producer].n_keep = plan[p.producer]
+                    if reuse:
+                        jobs[p.producer] = job = pre_jobs[p.producer]
+                        job.n_keep = plan[p.producer]
+                        job.reuse_for_pruning()
                     else:
                         jobs[p.producer] = make_job(i, p, channels[p.producer], plan[p.producer], ref_mods, pr_mods,
                                                     independent=not sequential, **job_kw)
-            reuse = bool(jobs) and all(j is pre_jobs.get(n) for n, j in jobs.items())
+            for job in pre_jobs.values():
+                if job.pair.producer not in jobs:
+                    job.sums.release()
+            if global_pass and not reuse:  # the counts are known now: plan the pruning pass with them
+                main_plan = guard.plan(main_what, chosen, plan, list(jobs), sequential=sequential, replace=True)
             out_err = None
             if reuse:  # independent mode after the budget pass: the statistics are complete
                 for job in jobs.values():
                     finish(job, method=method, damping=float(damping), timer=timer)
-                if not use_graph:
-                    try:
-                        run(pruned, batch0)
-                    except Exception as e:
-                        raise pruned_failure(e) from e
-                    passes += 1.0 / nb
-            elif use_graph:
-                res = sweep(gm.graph, ref, pruned, inputs, masks, jobs, chains, **common)
-                out_err = res["output_relative_error"]
-                passes += (1.0 + res["pruned_pass_fraction"] if jobs else 0.0)
-            else:
-                passes += run_hooks(ref, pruned, batches, dev, run, mask_fn, list(jobs.values()), **common) \
-                    if jobs else 0.0
-                if jobs:
-                    try:
-                        run(pruned, batch0)
-                    except Exception as e:
-                        raise pruned_failure(e) from e
-                    passes += 1.0 / nb
+            elif jobs:
+                guard.announce(main_plan)
+                for wave in main_plan.waves:
+                    wave_jobs = {n: jobs[n] for n in wave if n in jobs}
+                    if not sequential and all(j.saved is not None for j in wave_jobs.values()):
+                        for job in wave_jobs.values():  # finished by an earlier run: no pass needed
+                            finish(job, method=method, damping=float(damping), timer=timer)
+                    elif wave_jobs:
+                        out_err = run_pass(wave_jobs, seq=sequential)
+            if jobs and not use_graph:  # hooks cannot see every user of a pruned output: run the pruned model
+                try:
+                    run(pruned, batch0)
+                except Exception as e:
+                    raise pruned_failure(e) from e
+                passes += per_batch
 
             # ---- report
-            report = _report(chosen, jobs, channels, search, ref, pruned, positions, batch0, batches, opts,
+            report = _report(chosen, jobs, channels, search, ref, pruned, positions, b0, batches, opts, dist,
                              strategy="graph" if use_graph else "hooks", passes=passes, out_err=out_err)
+            report.memory = guard.report.to_dict()
             if budget is not None:
                 report.budget = dict(plan.budget, flops_reached=report.flops_ratio, params_reached=report.params_ratio)
                 report.budget["reached"] = report.budget[f"{budget.kind}_reached"]
@@ -351,6 +477,7 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
                     if paths is not None and r.producer in paths:
                         v = paths[r.producer][r.channels_after]
                         r.predicted_error = float(v) if np.isfinite(v) else None
+            dist.close()  # the last collective: every rank got here
         state.restore(pruned)
         report.time_s = time.perf_counter() - t_start
         report.timings = {k: float(v) for k, v in timer.totals.items()}
@@ -365,18 +492,29 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
         state.restore(model)
 
 
-def _error_path(job, method: str, damping: float, lo: int, hi: int) -> np.ndarray:
-    """A pair's relative error for every kept count, from its independent statistics."""
-    stats = job.sums.statistics()
+def _qualname(f) -> Optional[str]:
+    """A callable's name for the checkpoint fingerprint (its code cannot be compared)."""
+    return None if f is None else f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', type(f).__name__)}"
+
+
+def _error_path(job, method: str, damping: float, lo: int, hi: int, keep: bool = False) -> np.ndarray:
+    """A pair's relative error for every kept count, from its independent statistics (or from the
+    checkpoint). ``keep``: the statistics can prune the pair too (independent mode): a checkpoint saves them."""
+    if job.saved is not None:
+        return job.ckpt.load_arrays(job.saved)["path"]
+    stats = job_statistics(job)
     if stats.count == 0:
         raise ValueError(f"pair {job.name}: no calibration rows reached the statistics")
     damping = effective_damping(job, stats.count, damping)
     W, b = consumer_matrix(job.ref_consumer)
     order = job_order(job, method) if method in ORDER_METHODS else None
     with _log_engine_warnings(job.name):
-        return budgeting.pair_error_path(stats, method=method, refit=job.refit, n_channels=job.channels,
+        path = budgeting.pair_error_path(stats, method=method, refit=job.refit, n_channels=job.channels,
                                          group_size=job.group_size, lo=lo, hi=hi, damping=damping, weights_in=W,
                                          bias_in=b, order=order)
+    if job.ckpt is not None:
+        job.ckpt.save_done(job.key, job.stem, stats if keep else None, {"path": path})
+    return path
 
 
 def _choose_strategy(ref, batch0, run, strategy, explicit):
@@ -423,9 +561,8 @@ def _check_keep(keep, chosen: List[Pair], search: Optional[PairSearch]) -> None:
                              f"producers: {sorted(producers)}")
 
 
-def _report(chosen, jobs, channels, search, ref, pruned, positions, batch0, batches, opts, *, strategy, passes,
+def _report(chosen, jobs, channels, search, ref, pruned, positions, b0, batches, opts, dist, *, strategy, passes,
             out_err) -> PruneReport:
-    b0 = batch_size(batch0) or 1
     before = macs_from_positions(ref, positions, 1.0 / b0)
     after = macs_from_positions(pruned, positions, 1.0 / b0)
     ref_mods, pr_mods = dict(ref.named_modules()), dict(pruned.named_modules())
@@ -441,14 +578,14 @@ def _report(chosen, jobs, channels, search, ref, pruned, positions, batch0, batc
         reps.append(r)
     skipped = [{"producer": s.producer, "consumer": s.consumer, "reason": s.reason} for s in search.skipped] \
         if search is not None else []
-    n_samples = sum((batch_size(b) or 1) for b in batches)
+    n_batches, n_samples = dist.reduce_numbers([len(batches), sum((batch_size(b) or 1) for b in batches)])
     return PruneReport(
         pairs=reps, skipped=skipped, mode=opts["mode"], method=opts["method"], strategy=strategy,
         ratio=opts["ratio"], refit=opts["refit"], norm=opts["norm"] if opts["method"] == "magnitude" else None,
         damping=float(opts["damping"]), max_positions=opts["max_positions"], seed=opts["seed"],
         params_before=total_params(ref), params_after=total_params(pruned),
         flops_before=int(sum(before.values())), flops_after=int(sum(after.values())),
-        forward_passes=float(passes), n_batches=len(batches), n_samples=int(n_samples),
+        forward_passes=float(passes), n_batches=int(n_batches), n_samples=int(n_samples), world_size=dist.world,
         output_relative_error=out_err, versions={"lsprune": lsprune.__version__, "torch": torch.__version__})
 
 
@@ -466,7 +603,8 @@ def _unknown(name: str, names) -> str:
 
 
 def _validate(model, *, ratio, keep, budget, method, refit, norm, mode, damping, max_batches, device, progress,
-              pairs, forward_fn, mask_fn, inplace, max_positions, seed, strategy) -> dict:
+              pairs, forward_fn, mask_fn, inplace, max_positions, seed, strategy, checkpoint=None,
+              checkpoint_interval=60.0, memory_limit="auto") -> dict:
     """Checks every argument before anything is touched; returns normalized options."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -554,5 +692,31 @@ def _validate(model, *, ratio, keep, budget, method, refit, norm, mode, damping,
         for name in budget.weights:
             if name not in modules:
                 raise ValueError(f"Budget weights: {_unknown(name, modules)}")
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a folder path (str or os.PathLike) or None, got "
+                        f"{type(checkpoint).__name__}")
+    if isinstance(checkpoint_interval, bool) or not isinstance(checkpoint_interval, numbers.Real):
+        raise TypeError(f"checkpoint_interval must be a number of seconds, got {type(checkpoint_interval).__name__}")
+    if not (math.isfinite(checkpoint_interval) and checkpoint_interval >= 0):
+        raise ValueError(f"checkpoint_interval={checkpoint_interval} must be finite and >= 0 (seconds)")
+    memory_limit = _check_memory_limit(memory_limit)
     return dict(ratio=ratio, keep=keep, budget=budget, method=method, refit=refit, norm=norm, mode=mode,
-                damping=damping, device=dev, pairs=explicit, max_positions=max_positions, seed=int(seed))
+                damping=damping, device=dev, pairs=explicit, max_positions=max_positions, seed=int(seed),
+                memory_limit=memory_limit)
+
+
+def _check_memory_limit(v):
+    """``memory_limit``: "auto", a fraction in (0, 1], a number of bytes (int >= 1) or None."""
+    if v is None or (isinstance(v, str) and v == "auto"):
+        return v
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"memory_limit must be 'auto', a fraction in (0, 1], a number of bytes or None, got {v!r}")
+    if isinstance(v, numbers.Integral):
+        if v < 1:
+            raise ValueError(f"memory_limit={v} bytes must be >= 1 (or None for no limit)")
+        return int(v)
+    v = float(v)
+    if not (math.isfinite(v) and 0.0 < v <= 1.0):
+        raise ValueError(f"memory_limit={v}: a float is a fraction of the available memory, in (0, 1]; give bytes "
+                         "as an int")
+    return v

@@ -9,11 +9,12 @@ import torch
 import torch.nn as nn
 
 
-def materialize(calibration, max_batches: Optional[int]) -> list:
+def materialize(calibration, max_batches: Optional[int], allow_empty: bool = False) -> list:
     """Reads the calibration iterable into a list (at most ``max_batches`` batches).
 
     The list is iterated several times (and must give the same batches each time),
-    which a shuffling DataLoader or a generator would not do.
+    which a shuffling DataLoader or a generator would not do. ``allow_empty``: a rank of a
+    distributed prune may have no batch (checked across the ranks later).
     """
     if isinstance(calibration, torch.Tensor):
         raise TypeError("calibration must be an iterable of batches, not a single tensor: pass [x] or "
@@ -26,8 +27,11 @@ def materialize(calibration, max_batches: Optional[int]) -> list:
         raise TypeError(f"calibration must be an iterable of batches (a DataLoader, a list of tensors, ...), "
                         f"got {type(calibration).__name__}") from None
     batches = list(itertools.islice(it, max_batches) if max_batches is not None else it)
-    if not batches:
+    if not batches and not allow_empty:
         raise ValueError("calibration is empty: give at least one batch")
+    for i, b in enumerate(batches):
+        if batch_size(b) == 0:
+            raise ValueError(f"calibration batch {i} has no samples (leading dimension 0): leave empty batches out")
     return batches
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
 
 from .pairs import (CONSUMER_TYPES, Pair, PairSearch, SkippedPair, channel_passthrough_kind, check_consumer,
                     check_producer, is_depthwise, producer_channels)
@@ -124,7 +125,10 @@ def map_values(a, lookup):
 
 
 def record_shapes(graph: fx.Graph, runner: Runner, inputs: Dict[str, object]) -> Dict[fx.Node, Optional[torch.Size]]:
-    """Runs one batch through the graph and returns every node's output shape (None for non-tensors)."""
+    """Runs one batch through the graph and returns every node's output shape (None for non-tensors).
+
+    Also stores the bytes of every node's tensor values in ``node.meta["nbytes"]`` (for the memory
+    guard's estimate of the cached activations)."""
     env: Dict[fx.Node, object] = {}
     shapes: Dict[fx.Node, Optional[torch.Size]] = {}
     users_left = {n: len(n.users) for n in graph.nodes}
@@ -139,11 +143,24 @@ def record_shapes(graph: fx.Graph, runner: Runner, inputs: Dict[str, object]) ->
             val = runner(node, args, kwargs)
         env[node] = val
         shapes[node] = val.shape if isinstance(val, torch.Tensor) else None
+        node.meta["nbytes"] = _new_bytes(val, [env[n] for n in node.all_input_nodes if n in env]) \
+            if node.op not in ("placeholder", "get_attr") else 0
         for inp in node.all_input_nodes:  # free values nobody reads any more
             users_left[inp] -= 1
             if users_left[inp] == 0:
                 env.pop(inp, None)
     return shapes
+
+
+def _new_bytes(val, inputs) -> int:
+    """Bytes of the tensors in ``val`` that are not views of the ``inputs``' tensors."""
+    seen = {t.untyped_storage().data_ptr() for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)}
+    total = 0
+    for t in tree_leaves(val):
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.nelement() * t.element_size()
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- op tables

@@ -28,6 +28,15 @@ class _Stop(BaseException):
     ``except Exception`` does not swallow it)."""
 
 
+class _HookError(BaseException):
+    """Carries an error of lsprune's own statistics hook through the user's forward, so that it is not
+    reported as a batch that does not fit the model."""
+
+    def __init__(self, exc: Exception):
+        super().__init__()
+        self.exc = exc
+
+
 @dataclass
 class Probe:
     """What the probe pass learned about one explicit pair."""
@@ -190,6 +199,9 @@ def check_mapping(ref: nn.Module, q: Probe, batch, run: Callable, seed: int) -> 
     finally:
         h.remove()
     x0 = q.x0
+    if not bool(torch.isfinite(x0).all()):  # NaN would look like a changed channel: say what is wrong instead
+        raise _refuse(p, "the calibration activations contain NaN or Inf (batch 0, at the consumer's input); "
+                         "check the calibration data and the model's weights")
     tol = 1e-6 * (float(x0.abs().max()) + 1.0)
     diff = ~((x1 - x0).abs() <= tol)  # NaN counts as changed
     if isinstance(cons, nn.Conv2d):
@@ -223,7 +235,10 @@ def run_hooks(ref: nn.Module, pruned: nn.Module, batches: list, device, run: Cal
 
             def make(job):
                 def hook(mod, args):
-                    accumulate(job, args[0], None, cur["mask"], timer)
+                    try:
+                        accumulate(job, args[0], None, cur["mask"], timer, cur["batch"])
+                    except Exception as e:
+                        raise _HookError(e) from None
                 return hook
 
             for job in jobs:
@@ -231,11 +246,15 @@ def run_hooks(ref: nn.Module, pruned: nn.Module, batches: list, device, run: Cal
             try:
                 for b, batch in enumerate(tqdm(batches, desc="lsprune batches", unit="batch", disable=not progress,
                                                leave=False)):
+                    if all(job.skips(b) for job in jobs):  # a checkpoint holds this batch for every pair
+                        continue
                     batch = to_device(batch, device)
-                    cur["mask"] = make_mask(mask_fn, batch, device)
+                    cur["mask"], cur["batch"] = make_mask(mask_fn, batch, device), b
                     with timer("forward"):
                         try:
                             run(ref, batch)
+                        except _HookError as h:
+                            raise h.exc
                         except Exception as e:
                             raise forward_error(e, b) from e
             finally:
@@ -249,6 +268,8 @@ def run_hooks(ref: nn.Module, pruned: nn.Module, batches: list, device, run: Cal
         for job in jobs:
             for b, batch in enumerate(tqdm(batches, desc=f"lsprune {job.pair.consumer}", unit="batch",
                                            disable=not progress, leave=False)):
+                if job.skips(b):  # finished by an earlier run, or already in the resumed sums
+                    continue
                 batch = to_device(batch, device)
                 mask = make_mask(mask_fn, batch, device)
                 with timer("forward"):
@@ -260,8 +281,8 @@ def run_hooks(ref: nn.Module, pruned: nn.Module, batches: list, device, run: Cal
                         x = run_until(pruned, pr_mods[job.pair.consumer], run, batch, "input")
                     except Exception as e:
                         raise pruned_failure(e) from e
-                accumulate(job, x, y, mask, timer)
-            passes += 2.0
+                accumulate(job, x, y, mask, timer, b)
+            passes += 2.0 if job.saved is None else 0.0
             finish(job, method=method, damping=damping, timer=timer)
             pair_bar.update(1)
     finally:

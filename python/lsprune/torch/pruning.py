@@ -22,6 +22,8 @@ from lsprune.budget import Budget
 from . import budget as budgeting
 from .accumulate import Sums, iter_rows
 from .baselines import magnitude_order, naive_greedy, no_refit_error, random_order
+from .checkpoint import Checkpoint
+from .distributed import Dist
 from .pairs import Pair
 from .report import PairReport
 from .surgery import consumer_matrix, set_consumer, shrink_channels, shrink_in, shrink_out
@@ -215,6 +217,44 @@ class PairJob:
     refit: bool = True
     norm: str = "l1"
     seed: int = 0
+    dist: Optional[Dist] = None
+    ckpt: Optional[Checkpoint] = None
+    stage: str = "prune"  # checkpoint stage: "prune", or "budget" (a global budget's independent pass)
+    start_batch: int = 0  # batches already in the sums (a resumed partial pair)
+    restore: Optional[dict] = None  # checkpoint entry of partial sums not loaded yet
+    saved: Optional[dict] = None  # checkpoint entry of a pair finished by an earlier run
+
+    @property
+    def key(self) -> str:
+        return f"{self.stage}:{self.pair.producer}"
+
+    @property
+    def stem(self) -> str:
+        return f"{self.stage}-{self.index:03d}"
+
+    def attach(self, stage: str) -> None:
+        """Looks the pair up in the checkpoint for ``stage``: finished (``saved``) or partial (``restore``)."""
+        self.stage = stage
+        self.saved = self.restore = None
+        self.start_batch = 0
+        if self.ckpt is not None:
+            self.saved = self.ckpt.done(self.key)
+            self.restore = None if self.saved is not None else self.ckpt.partial(self.key)
+            if self.restore is not None:
+                self.start_batch = int(self.restore["batches"])
+
+    def reuse_for_pruning(self) -> None:
+        """A job of the budget's independent pass prunes its pair too (independent mode): its statistics
+        are complete, in memory or (finished by an earlier run) in the checkpoint."""
+        budget_entry = self.saved
+        self.stage = "prune"
+        self.saved = self.ckpt.done(self.key) if self.ckpt is not None else None
+        if self.saved is None and budget_entry is not None:
+            self.restore = budget_entry
+
+    def skips(self, batch: int) -> bool:
+        """Whether batch ``batch`` adds nothing (the pair is finished, or the batch is already in its sums)."""
+        return self.saved is not None or batch < self.start_batch
 
     @property
     def name(self) -> str:
@@ -247,38 +287,75 @@ def positions_cap(max_positions: Optional[int], n_features: int, n_samples: int)
 
 def make_job(index: int, pair: Pair, channels: int, n_keep: int, ref_modules, pruned_modules, *, device,
              independent: bool, use_torch_sums: Optional[bool], seed: int, max_positions: Optional[int] = None,
-             n_samples: int = 1, refit: bool = True, norm: str = "l1") -> PairJob:
+             n_samples: int = 1, refit: bool = True, norm: str = "l1", dist: Optional[Dist] = None,
+             ckpt: Optional[Checkpoint] = None, stage: str = "prune") -> PairJob:
     ref_consumer = ref_modules[pair.consumer]
     D = consumer_width(ref_consumer)
     m = 0 if independent else ref_consumer.weight.shape[0]
     g = D // channels
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + index)
-    return PairJob(index, pair, channels, n_keep, g, ref_consumer, pruned_modules[pair.producer],
-                   [pruned_modules[b] for b in pair.between], pruned_modules[pair.consumer], independent,
-                   Sums(D, m, device, use_torch_sums), gen, positions_cap(max_positions, D, n_samples),
-                   ref_producer=ref_modules[pair.producer], refit=bool(refit), norm=norm, seed=int(seed))
+    job = PairJob(index, pair, channels, n_keep, g, ref_consumer, pruned_modules[pair.producer],
+                  [pruned_modules[b] for b in pair.between], pruned_modules[pair.consumer], independent,
+                  Sums(D, m, device, use_torch_sums, dist=dist), gen, positions_cap(max_positions, D, n_samples),
+                  ref_producer=ref_modules[pair.producer], refit=bool(refit), norm=norm, seed=int(seed), dist=dist,
+                  ckpt=ckpt)
+    job.attach(stage)
+    return job
 
 
-def accumulate(job: PairJob, x: torch.Tensor, y: Optional[torch.Tensor], mask, timer: Timer):
-    """Streams one batch of consumer input ``x`` (and original output ``y``) into the pair's sums."""
+def _resume(job: PairJob) -> None:
+    """Loads a resumed pair's partial sums and sampler state (lazily: the sums are only alive while used)."""
+    if job.restore is not None:
+        job.sums.restore(job.ckpt.load_statistics(job.restore))
+        if "generator" in job.restore:
+            job.generator.set_state(job.ckpt.generator_state(job.restore))
+        job.restore = None
+
+
+def accumulate(job: PairJob, x: torch.Tensor, y: Optional[torch.Tensor], mask, timer: Timer, batch: int = 0):
+    """Streams batch number ``batch`` of consumer input ``x`` (and original output ``y``) into the pair's
+    sums (nothing for a batch a checkpoint already holds); writes a partial checkpoint when due."""
+    if job.skips(batch):
+        return
     t = time.perf_counter()
     with timer("statistics"):
+        _resume(job)
         try:
             for xr, yr, wr in iter_rows(job.ref_consumer, job.pair.consumer, x, None if job.independent else y,
                                         mask=mask, max_positions=job.max_positions, generator=job.generator):
                 job.sums.add(xr, yr, wr)
         except ValueError as e:
             if "NaN" in str(e) or "Inf" in str(e):
-                raise ValueError(f"pair {job.name}: the calibration activations contain NaN or Inf ({e})") from None
+                raise _nan_error(job, e) from None
             raise
+        if job.ckpt is not None and job.ckpt.want_partial(job.key, job.sums.pending_rows):
+            job.ckpt.save_partial(job.key, job.stem, job.sums.snapshot(), batch + 1, job.generator)
     job.seconds += time.perf_counter() - t
+
+
+def _nan_error(job: PairJob, e: Exception) -> ValueError:
+    return ValueError(f"pair {job.name}: the calibration activations contain NaN or Inf ({e}); check the "
+                      "calibration data and the model's weights")
+
+
+def job_statistics(job: PairJob) -> lsprune.Statistics:
+    """The pair's complete statistics (summed over the ranks when distributed)."""
+    _resume(job)
+    try:
+        return job.sums.statistics()
+    except ValueError as e:  # the device sums find NaN/Inf only here
+        if "NaN" in str(e) or "Inf" in str(e):
+            raise _nan_error(job, e) from None
+        raise
 
 
 def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairReport:
     """Selects the kept channels, re-fits the consumer and shrinks the modules; returns the pair's report."""
+    if job.saved is not None:
+        return _apply_saved(job, timer)
     t = time.perf_counter()
     with timer("selection"):
-        stats = job.sums.statistics()
+        stats = job_statistics(job)
         if stats.count == 0:
             raise ValueError(f"pair {job.name}: no calibration rows reached the statistics (does the mask "
                              "exclude every position?)")
@@ -311,6 +388,8 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairRe
         else:
             shrink_in(job.consumer, kept, job.group_size)
             added = False
+        if job.dist is not None:
+            job.dist.sync_modules(job.modules, kept.tolist(), job.name)
     job.seconds += time.perf_counter() - t
     rel = plain / sel.target_energy if sel.target_energy > 0 else 0.0
     p = job.pair
@@ -326,6 +405,30 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairRe
         method=method, refit=job.refit)
     logger.info("pair %s: %d -> %d channels, relative error %.4g (%.2fs)", job.name, job.channels, kept.size, rel,
                 job.seconds)
+    if job.ckpt is not None:
+        arrays = {"kept": kept}
+        if job.refit:
+            arrays.update(weights=np.asarray(sel.weights), bias=np.asarray(sel.bias))
+        job.ckpt.save_done(job.key, job.stem, stats, arrays, {"report": dataclasses.asdict(job.report)})
+    job.sums.release()
+    return job.report
+
+
+def _apply_saved(job: PairJob, timer: Timer) -> PairReport:
+    """Installs the result of a pair an earlier (interrupted) run finished: the same surgery, no selection."""
+    with timer("surgery"):
+        a = job.ckpt.load_arrays(job.saved)
+        kept = a["kept"].astype(np.int64)
+        shrink_out(job.producer, kept)
+        for m in job.between:
+            shrink_channels(m, kept)
+        if job.refit:
+            set_consumer(job.consumer, a["weights"], a["bias"], int(kept.size))
+        else:
+            shrink_in(job.consumer, kept, job.group_size)
+    job.report = PairReport(**job.saved["info"]["report"])
+    job.sums.release()
+    logger.info("pair %s: %d -> %d channels, from the checkpoint", job.name, job.channels, kept.size)
     return job.report
 
 

@@ -128,6 +128,14 @@ class PruneReport:
         (a global budget's error paths and :func:`lsprune.allocate`) and ``other``.
     versions : dict
         lsprune and torch versions.
+    world_size : int
+        Ranks of a distributed calibration (1: one process); ``n_batches``, ``n_samples``,
+        ``output_relative_error`` and every pair's ``samples`` cover all ranks.
+    memory : dict or None
+        The memory guard: ``limit`` (bytes, None = no guard), ``limit_source``, ``available``,
+        ``estimate`` (peak bytes of host memory estimated for the prune), ``device_estimate``, ``model_copy``
+        (bytes of the model copy being pruned), and
+        per pass ``{"pass", "estimate", "device_estimate", "waves"}``.
     """
 
     pairs: List[PairReport] = field(default_factory=list)
@@ -153,6 +161,8 @@ class PruneReport:
     time_s: float = 0.0
     timings: Dict[str, float] = field(default_factory=dict)
     versions: Dict[str, str] = field(default_factory=dict)
+    world_size: int = 1
+    memory: Optional[dict] = None
 
     @property
     def params_ratio(self) -> float:

@@ -211,7 +211,13 @@ def apply_structure(model: nn.Module, report) -> nn.Module:
         return _apply_factor_structure(model, data)
     modules = dict(model.named_modules())
     todo = []
-    for p in data["pairs"]:
+    need = ("producer", "consumer", "between", "group_size", "channels_before", "channels_after", "bias_added")
+    if not isinstance(data["pairs"], (list, tuple)):
+        raise TypeError("report['pairs'] must be a list of pair records")
+    for i, p in enumerate(data["pairs"]):
+        missing = [k for k in need if not isinstance(p, Mapping) or k not in p]
+        if missing:
+            raise ValueError(f"report pair {i} lacks {missing}: pass a PruneReport, its to_dict() or its parsed JSON")
         names = [p["producer"], p["consumer"], *p["between"]]
         missing = [n for n in names if n not in modules]
         if missing:
@@ -248,7 +254,12 @@ def apply_structure(model: nn.Module, report) -> nn.Module:
 def _apply_factor_structure(model: nn.Module, data) -> nn.Module:
     modules = dict(model.named_modules())
     todo = []
-    for r in data["layers"]:
+    need = ("name", "status", "type", "rank", "in_features", "out_features")
+    for i, r in enumerate(data["layers"]):
+        missing = [k for k in need if not isinstance(r, Mapping) or k not in r]
+        if missing:
+            raise ValueError(f"report layer {i} lacks {missing}: pass a FactorizeReport, its to_dict() or its parsed "
+                             "JSON")
         if r["status"] != "factorized":
             continue
         m = modules.get(r["name"])

@@ -17,7 +17,7 @@ environments is cloned first.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from .batches import forward_error
+from .distributed import Dist
 from .graph import Chain, Runner, map_values, mutated_input
 from .pruning import PairJob, Timer, accumulate, finish
 
@@ -39,8 +40,8 @@ def _slice(v: torch.Tensor, keep: torch.Tensor, dim: int, group: int) -> torch.T
 def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs: List[Dict[str, object]],
           masks: List[Optional[torch.Tensor]], jobs: Dict[str, PairJob], chains: Dict[str, Chain], *,
           sequential: bool, method: str, damping: float, progress: bool, timer: Timer,
-          collect_only: bool = False, finish_fn: Callable = finish, job_nodes: Optional[Dict[str, fx.Node]] = None
-          ) -> dict:
+          collect_only: bool = False, finish_fn: Callable = finish, job_nodes: Optional[Dict[str, fx.Node]] = None,
+          dist: Optional[Dist] = None) -> dict:
     """Runs the sweep; prunes ``pruned`` in place.
 
     Parameters
@@ -61,6 +62,9 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
         the pruned network's modules are re-read after every job.
     job_nodes : dict key -> fx.Node, optional
         The node at which a job without a chain is finished (its module's call).
+    dist : Dist, optional
+        Distributed calibration: the output error is summed over the ranks (the statistics are
+        summed by the jobs' sums).
 
     Returns
     -------
@@ -94,7 +98,10 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
                 continue
             if node.op == "output":
                 if sequential:
-                    out_err = _output_error(node, orig, pruned_env, nb)
+                    num, den = _output_error(node, orig, pruned_env, nb)
+                    if dist is not None:
+                        num, den = dist.reduce_numbers([num, den])
+                    out_err = num / den if den > 0 else None
                 break
             n_ops += 1
             div = sequential and (any(a in diverged for a in node.all_input_nodes) or
@@ -122,7 +129,7 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
                 src = node.args[0]
                 x_env = pruned_env if sequential else orig
                 for b in range(nb):
-                    accumulate(job, x_env[src][b], orig[node][b], masks[b], timer)
+                    accumulate(job, x_env[src][b], orig[node][b], masks[b], timer, b)
                 if sequential:
                     rep = finish_fn(job, method=method, damping=damping, timer=timer)
                     pair_bar.update(1)
@@ -132,8 +139,7 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
                         keep = torch.as_tensor(rep.kept, dtype=torch.long)
                         for cn, dim, group in chain_of[node].slices:
                             if cn in pruned_env:
-                                k = keep.to(pruned_env[cn][0].device)
-                                pruned_env[cn] = [_slice(v, k, dim, group) for v in pruned_env[cn]]
+                                pruned_env[cn] = [_slice(v, keep.to(v.device), dim, group) for v in pruned_env[cn]]
                                 diverged.add(cn)
                     div = True
                 else:
@@ -174,7 +180,8 @@ def _owner(node: fx.Node) -> str:
     return node.target.rsplit(".", 1)[0] if "." in node.target else ""
 
 
-def _output_error(node: fx.Node, orig, pruned_env, nb: int) -> Optional[float]:
+def _output_error(node: fx.Node, orig, pruned_env, nb: int) -> Tuple[float, float]:
+    """``Σ‖f_pruned(x) - f(x)‖²`` and ``Σ‖f(x)‖²`` over the batches."""
     num = den = 0.0
     for b in range(nb):
         o = [t for t in tree_leaves(map_values(node.args, lambda n: orig[n][b])) if isinstance(t, torch.Tensor)]
@@ -184,4 +191,4 @@ def _output_error(node: fx.Node, orig, pruned_env, nb: int) -> Optional[float]:
                 a64, c64 = a.detach().double(), c.detach().double()
                 num += float(((c64 - a64) ** 2).sum())
                 den += float((a64 ** 2).sum())
-    return num / den if den > 0 else None
+    return num, den
