@@ -128,3 +128,31 @@ def test_gpu_statistics_reject_nan_batches_without_sync(rng):
         st.merge(lsprune.Statistics(8))
     c = st.to_cpu()
     assert c.device == "cpu" and c.count == 400
+
+
+def test_front_end_engine_device_choice():
+    torch = pytest.importorskip("torch")
+    from lsprune.torch.accumulate import engine_device
+
+    assert engine_device(torch.device("cpu")) is None
+    expect = "cuda:0" if HAVE_GPU else None
+    assert engine_device(torch.device("cuda", 0)) == expect
+
+
+@gpu
+def test_front_end_prunes_cuda_model_like_cpu(rng):
+    torch = pytest.importorskip("torch")
+    import lsprune.torch as lt
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(16 * 8 * 8, 10)).double().eval()
+    calib = [torch.randn(32, 3, 8, 8, dtype=torch.float64) for _ in range(4)]
+    cpu_pruned, cpu_rep = lt.prune(model, calib, ratio=0.5, progress=False, max_positions=None)
+    gpu_pruned, gpu_rep = lt.prune(model.cuda(), [c.cuda() for c in calib], ratio=0.5, progress=False,
+                                   max_positions=None)
+    for a, b in zip(cpu_rep.pairs, gpu_rep.pairs):
+        assert a.kept == b.kept
+    x = calib[0]
+    np.testing.assert_allclose(gpu_pruned(x.cuda()).cpu().numpy(), cpu_pruned(x).numpy(), rtol=1e-6, atol=1e-8)

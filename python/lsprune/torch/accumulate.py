@@ -145,12 +145,23 @@ def _out_size(conv: nn.Conv2d, hw) -> Tuple[int, int]:
                  for a in range(2))
 
 
+def engine_device(device: torch.device) -> Optional[str]:
+    """The CUDA engine device ("cuda:N") for a calibration device, or None when the
+    engine has no CUDA (a build without a CUDA compiler, or no such GPU)."""
+    if device.type != "cuda":
+        return None
+    idx = 0 if device.index is None else int(device.index)
+    return f"cuda:{idx}" if lsprune.cuda_device_count() > idx else None
+
+
 class Sums:
     """Float64 sums of one consumer's rows, turned into :class:`lsprune.Statistics` at the end.
 
-    On CPU the engine accumulates (multithreaded fp32 products added into fp64 sums);
-    on other devices the sums stay on the device as float64 torch tensors (no host sync
-    per batch) and are converted once with :meth:`lsprune.Statistics.from_sums`. Nothing
+    On CPU the engine accumulates (multithreaded fp32 products added into fp64 sums).
+    On a CUDA device the engine's CUDA statistics accumulate (``Statistics(device="cuda:N")``,
+    no host sync per batch; masked rows are zeroed on the device and subtracted from the
+    count at the end); without the CUDA engine, or on other devices, the sums stay on the
+    device as float64 torch tensors. Either way they are converted once. Nothing
     is allocated before the first rows arrive (the memory guard counts pairs whose sums
     are alive at once), and :meth:`release` frees the sums once the pair is done.
 
@@ -170,6 +181,11 @@ class Sums:
         self.D, self.m = int(n_features), int(n_targets)
         self.device = device
         self.use_torch = (device.type != "cpu") if use_torch is None else bool(use_torch)
+        # the CUDA engine takes over the device sums unless the torch path was forced
+        self.engine_dev = engine_device(device) if use_torch is None else None
+        if self.engine_dev is not None:
+            self.use_torch = False
+        self._dropped = None  # CUDA engine: masked rows (a device counter, read once at the end)
         self.dist = dist
         self.stats: Optional[lsprune.Statistics] = None  # CPU engine sums
         self._t: Optional[dict] = None  # torch sums
@@ -187,11 +203,20 @@ class Sums:
                                sum_yy=torch.zeros(self.m, **f64),
                                count=torch.zeros((), dtype=torch.int64, device=self.device))
         elif self.stats is None:
-            self.stats = lsprune.Statistics(self.D, self.m)
+            self.stats = lsprune.Statistics(self.D, self.m, device=self.engine_dev or "cpu")
 
     def add(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None) -> None:
         """Adds rows ``x`` (n, D) and targets ``y`` (n, m); rows where ``keep`` is False are left out."""
         self._alloc()
+        if self.engine_dev is not None:
+            if keep is not None:  # zeroed rows add nothing; boolean indexing would sync the host
+                k = keep[:, None]
+                x = torch.where(k, x, torch.zeros((), dtype=x.dtype, device=x.device))
+                y = torch.where(k, y, torch.zeros((), dtype=y.dtype, device=y.device)) if y is not None else None
+                d = (~keep).sum()
+                self._dropped = d if self._dropped is None else self._dropped + d
+            self.stats.update(x.detach(), y.detach() if y is not None else None)
+            return
         if not self.use_torch:
             if keep is not None:
                 x = x[keep]
@@ -226,7 +251,9 @@ class Sums:
             return self._local_rows
         if self.use_torch:
             return int(self._t["count"].item()) if self._t is not None else 0
-        return self.stats.count if self.stats is not None else 0
+        if self.stats is None:
+            return 0
+        return self.stats.count - (int(self._dropped.item()) if self._dropped is not None else 0)
 
     @property
     def pending_rows(self) -> int:
@@ -243,13 +270,23 @@ class Sums:
             return lsprune.Statistics.from_sums(t["gram"].cpu().numpy(), t["cross"].cpu().numpy(),
                                                 t["sum_x"].cpu().numpy(), t["sum_y"].cpu().numpy(),
                                                 t["sum_yy"].cpu().numpy(), int(t["count"].item()))
-        return self.stats if self.stats is not None else lsprune.Statistics(self.D, self.m)
+        if self.stats is None:
+            return lsprune.Statistics(self.D, self.m)
+        return self._host_copy() if self.engine_dev is not None else self.stats
+
+    def _host_copy(self) -> lsprune.Statistics:
+        """CUDA engine sums as CPU statistics, masked rows taken out of the count."""
+        s = self.stats
+        dropped = int(self._dropped.item()) if self._dropped is not None else 0
+        return lsprune.Statistics.from_sums(s.gram, s.cross, s.sum_x, s.sum_y, s.sum_y_sq, s.count - dropped)
 
     def restore(self, stats: lsprune.Statistics) -> None:
         """Continues from ``stats`` (a snapshot loaded from a checkpoint)."""
         if (stats.n_features, stats.n_targets) != (self.D, self.m):
             raise ValueError(f"saved statistics have shape ({stats.n_features}, {stats.n_targets}), this pair "
                              f"({self.D}, {self.m})")
+        if self.engine_dev is not None:  # continue on the device with the torch float64 sums
+            self.engine_dev, self.use_torch, self._dropped = None, True, None
         if self.use_torch:
             self._t = None
             self._alloc()
@@ -269,6 +306,8 @@ class Sums:
         if not self.use_torch:
             if self.stats is None:  # no rows here (e.g. an empty shard): zeros still join the reduction
                 self.stats = lsprune.Statistics(self.D, self.m)
+            elif self.engine_dev is not None:  # device sums -> host (one copy per pair)
+                self.stats, self._dropped = self._host_copy(), None
             if dist is not None:
                 self.stats.all_reduce(dist.sum_arrays)
             self._result = self.stats

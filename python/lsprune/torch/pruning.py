@@ -95,9 +95,15 @@ def plan_channels(pairs: Sequence[Pair], channels: Mapping[str, int], *, ratio: 
 
 
 # ---------------------------------------------------------------------------------------------- selection
+#: Largest group (columns per channel) the CUDA engine's kernels take.
+CUDA_MAX_GROUP = 49
+
+
 def _engine_select(stats, n_keep, *, method, group_size, damping, weights_in=None, bias_in=None, job=None):
+    # the solver runs where the calibration ran when the CUDA engine is there
+    dev = job.sums.engine_dev if job is not None and group_size <= CUDA_MAX_GROUP else None
     return lsprune.select(stats, n_keep=n_keep, group_size=group_size, method=method, damping=damping,
-                          weights_in=weights_in, bias_in=bias_in)
+                          weights_in=weights_in, bias_in=bias_in, device=dev or "cpu")
 
 
 @contextmanager
