@@ -602,6 +602,20 @@ def _unknown(name: str, names) -> str:
     return f"the model has no module named {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
+def check_damping_and_counts(damping, **counts) -> None:
+    """Shared checks of prune() and factorize(): damping >= 0, optional positive ints."""
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
+        raise TypeError(f"damping must be a float >= 0, got {type(damping).__name__}")
+    if not (math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping={damping} must be finite and >= 0")
+    for name, v in counts.items():
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name} must be a positive int or None, got {type(v).__name__}")
+            if v < 1:
+                raise ValueError(f"{name}={v} must be >= 1 (or None)")
+
+
 def _validate(model, *, ratio, keep, budget, method, refit, norm, mode, damping, max_batches, device, progress,
               pairs, forward_fn, mask_fn, inplace, max_positions, seed, strategy, checkpoint=None,
               checkpoint_interval=60.0, memory_limit="auto") -> dict:
@@ -647,16 +661,7 @@ def _validate(model, *, ratio, keep, budget, method, refit, norm, mode, damping,
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
-        raise TypeError(f"damping must be a float >= 0, got {type(damping).__name__}")
-    if not (math.isfinite(damping) and damping >= 0):
-        raise ValueError(f"damping={damping} must be finite and >= 0")
-    for name, v in (("max_batches", max_batches), ("max_positions", max_positions)):
-        if v is not None:
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-                raise TypeError(f"{name} must be a positive int or None, got {type(v).__name__}")
-            if v < 1:
-                raise ValueError(f"{name}={v} must be >= 1 (or None)")
+    check_damping_and_counts(damping, max_batches=max_batches, max_positions=max_positions)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise TypeError(f"seed must be a non-negative int, got {seed!r}")
     for name, v in (("progress", progress), ("inplace", inplace)):

@@ -28,7 +28,7 @@ import lsprune
 from lsprune.budget import as_budget
 
 from . import budget as budgeting
-from .api import DEFAULT_MAX_POSITIONS, MODES, _graph_discovery, _norm_device, _TrainState, _unknown
+from .api import DEFAULT_MAX_POSITIONS, MODES, _graph_discovery, check_damping_and_counts, _norm_device, _TrainState, _unknown
 from .batches import (batch_size, capture_call, default_forward, first_tensor_device, forward_error, make_mask,
                       materialize, to_device)
 from .costs import FactorCosts, max_useful_rank
@@ -397,13 +397,7 @@ def _validate(model, *, budget, rank, ratio, layers, mode, damping, max_batches,
                 raise ValueError(f"layers: {_unknown(n, modules)}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
-        raise TypeError(f"damping must be a float >= 0, got {type(damping).__name__}")
-    if not (math.isfinite(damping) and damping >= 0):
-        raise ValueError(f"damping={damping} must be finite and >= 0")
-    for name, v in (("max_batches", max_batches), ("max_positions", max_positions)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
-            raise ValueError(f"{name}={v!r} must be a positive int or None")
+    check_damping_and_counts(damping, max_batches=max_batches, max_positions=max_positions)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise TypeError(f"seed must be a non-negative int, got {seed!r}")
     if not isinstance(progress, bool):
