@@ -109,8 +109,9 @@ class Dist:
         self._closed = True
 
     # ------------------------------------------------------------------ collectives
-    def sum_(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Sums each tensor over the ranks, in place (a CPU tensor goes through the GPU under NCCL)."""
+    def _in_place(self, tensors: Iterable[torch.Tensor], collective) -> None:
+        """Runs ``collective(tensor)`` on each tensor in place; a tensor off the
+        collective's device (a CPU tensor under NCCL) goes through a device copy."""
         if not self.active:
             return
         self.check()
@@ -119,11 +120,15 @@ class Dist:
             if t.numel() == 0:
                 continue
             if t.device == dev:
-                _dist().all_reduce(t)
+                collective(t)
             else:
                 tmp = t.to(dev)
-                _dist().all_reduce(tmp)
+                collective(tmp)
                 t.copy_(tmp.to(t.device))
+
+    def sum_(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Sums each tensor over the ranks, in place."""
+        self._in_place(tensors, lambda t: _dist().all_reduce(t))
 
     def sum_arrays(self, arrays: Sequence[np.ndarray]) -> None:
         """Sums NumPy arrays over the ranks, in place (for :meth:`lsprune.Statistics.all_reduce`)."""
@@ -168,19 +173,7 @@ class Dist:
 
     def broadcast_(self, tensors: Iterable[torch.Tensor], src: int = 0) -> None:
         """Overwrites each tensor with rank ``src``'s, in place."""
-        if not self.active:
-            return
-        self.check()
-        dev = self._device()
-        for t in tensors:
-            if t.numel() == 0:
-                continue
-            if t.device == dev:
-                _dist().broadcast(t, src=src)
-            else:
-                tmp = t.to(dev)
-                _dist().broadcast(tmp, src=src)
-                t.copy_(tmp.to(t.device))
+        self._in_place(tensors, lambda t: _dist().broadcast(t, src=src))
 
     def sync_modules(self, modules: Sequence[torch.nn.Module], kept: Sequence[int], name: str) -> None:
         """After a pair's surgery: checks that every rank kept the same channels, then copies rank
