@@ -3,6 +3,8 @@
 * :func:`prune` — prune a model on unlabeled calibration data; returns ``(pruned_model, report)``.
 * :func:`factorize` — replace Linear/Conv2d layers by LS-fitted low-rank factorizations; ``(new_model, report)``.
 * :func:`find_pairs` — list the prunable producer -> consumer pairs of a model (and why others are skipped).
+* :func:`save_pruned` / :func:`load_pruned` — a pruned model as safetensors + structure, loaded into a fresh model.
+* :func:`find_units` — the attention-head and MLP units of a transformer block.
 * :func:`apply_structure` — shrink a freshly built model to a report's channel counts (to load a pruned state_dict).
 * :func:`count_flops_params` — parameters and multiply-accumulates (MACs) of a model.
 * :class:`PruneReport`, :class:`PairReport`, :class:`FactorizeReport`, :class:`LayerFactorReport`, :class:`Pair`,
@@ -27,8 +29,12 @@ from .graph import NotTraceableError
 from .memory import MemoryLimitError
 from .pairs import Pair, PairSearch, SkippedPair
 from .report import PairReport, PruneReport
+from .blockwise import BlocksNotFoundError
+from .layouts import Unit, find_units
+from .saving import load_pruned, save_pruned
 from .surgery import apply_structure
 
 __all__ = ["prune", "factorize", "Budget", "find_pairs", "apply_structure", "count_flops_params", "FlopsCount", "Pair",
            "PairSearch", "SkippedPair", "PairReport", "PruneReport", "FactorizeReport", "LayerFactorReport",
-           "NotTraceableError", "MemoryLimitError", "DistributedError", "DEFAULT_MAX_POSITIONS"]
+           "NotTraceableError", "MemoryLimitError", "DistributedError", "DEFAULT_MAX_POSITIONS", "save_pruned",
+           "load_pruned", "find_units", "Unit", "BlocksNotFoundError"]

@@ -18,6 +18,8 @@ import torch.nn as nn
 import lsprune
 from lsprune.budget import as_budget
 
+from .blockprune import TARGETS, normalize_units, prune_blocks
+from .blockwise import BlocksNotFoundError, find_blocks
 from .batches import (batch_size, capture_call, default_forward, first_tensor_device, forward_error, make_mask,
                       materialize, to_device)
 from .flops import macs_from_positions, own_params, record_positions, total_params
@@ -40,7 +42,7 @@ from .sweep import sweep
 logger = logging.getLogger("lsprune.torch")
 
 MODES = ("sequential", "independent")
-STRATEGIES = ("auto", "graph", "hooks")
+STRATEGIES = ("auto", "graph", "hooks", "blocks")
 #: Default cap on the output positions per sample that a Conv2d consumer streams into its statistics.
 DEFAULT_MAX_POSITIONS = 16
 
@@ -122,7 +124,8 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
           mask_fn: Optional[Callable] = None, inplace: bool = False,
           max_positions: Optional[int] = DEFAULT_MAX_POSITIONS, seed: int = 0,
           strategy: str = "auto", distributed: Optional[bool] = None, checkpoint=None,
-          checkpoint_interval: float = 60.0, memory_limit="auto") -> Tuple[nn.Module, PruneReport]:
+          checkpoint_interval: float = 60.0, memory_limit="auto", units=None, targets: str = "layer",
+          blocks: Optional[str] = None) -> Tuple[nn.Module, PruneReport]:
     """Structurally prunes a trained model by layerwise least squares (no labels, no fine-tuning).
 
     For every prunable pair producer -> (BatchNorm, activation, pooling, depthwise conv,
@@ -193,9 +196,24 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
         consumer's C_in*kh*kw inputs). None uses all positions.
     seed : int
         Seed of the position subsampling.
-    strategy : {"auto", "graph", "hooks"}
+    strategy : {"auto", "graph", "hooks", "blocks"}
         ``graph``: one torch.fx sweep; ``hooks``: per-pair module hooks (for models fx cannot
-        trace); ``auto``: graph when the model traces, else hooks (needs ``pairs``).
+        trace); ``blocks``: transformers, block by block (attention heads and MLP neurons, see
+        ``units``); ``auto``: blocks when the model has a list of transformer blocks with units
+        lsprune recognises (or ``units``/``blocks`` is given), else graph when the model traces,
+        else hooks (needs ``pairs``).
+    units : {"mlp", "heads"} or a list of them, optional
+        Blocks strategy: what is pruned. ``"mlp"``: MLP neurons (rows of the up/gate projections,
+        columns of the down projection; gated SwiGLU/GeGLU MLPs too); ``"heads"``: attention heads
+        (q/k/v rows and output-projection columns; under grouped-query attention whole KV groups,
+        see the README). Default: both. The residual stream's width is never changed.
+    targets : {"layer", "original"}
+        Blocks strategy: what a re-fitted consumer reproduces. ``"layer"`` (default): its own
+        original map applied to its current input (the pruned stream); ``"original"``: the
+        original network's outputs on the original stream (a second stream is cached and run).
+    blocks : str, optional
+        Blocks strategy: the name of the ``nn.ModuleList`` of repeated blocks (e.g.
+        ``"model.layers"``); found automatically when omitted.
 
     distributed : bool or None
         ``None`` (default): distributed calibration when ``torch.distributed`` is initialised with
@@ -243,7 +261,8 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
                       norm=norm, mode=mode, damping=damping, max_batches=max_batches, device=device,
                       progress=progress, pairs=pairs, forward_fn=forward_fn, mask_fn=mask_fn, inplace=inplace,
                       max_positions=max_positions, seed=seed, strategy=strategy, checkpoint=checkpoint,
-                      checkpoint_interval=checkpoint_interval, memory_limit=memory_limit)
+                      checkpoint_interval=checkpoint_interval, memory_limit=memory_limit, units=units,
+                      targets=targets, blocks=blocks)
     except BaseException as e:
         dist.fail(e)  # the other ranks raise at their next collective instead of waiting for this one
         raise
@@ -251,14 +270,18 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
 
 def _prune(model, calibration, dist: Dist, *, ratio, keep, budget, method, refit, norm, mode, damping, max_batches,
            device, progress, pairs, forward_fn, mask_fn, inplace, max_positions, seed, strategy, checkpoint,
-           checkpoint_interval, memory_limit) -> Tuple[nn.Module, PruneReport]:
+           checkpoint_interval, memory_limit, units, targets, blocks) -> Tuple[nn.Module, PruneReport]:
     t_start = time.perf_counter()
     timer = Timer()
     opts = _validate(model, ratio=ratio, keep=keep, budget=budget, method=method, refit=refit, norm=norm, mode=mode,
                      damping=damping, max_batches=max_batches, device=device, progress=progress, pairs=pairs,
                      forward_fn=forward_fn, mask_fn=mask_fn, inplace=inplace, max_positions=max_positions, seed=seed,
                      strategy=strategy, checkpoint=checkpoint, checkpoint_interval=checkpoint_interval,
-                     memory_limit=memory_limit)
+                     memory_limit=memory_limit, units=units, targets=targets, blocks=blocks)
+    if _use_blocks(model, opts, strategy, units, blocks):
+        _check_blockwise(opts, dist, checkpoint, mode)
+        return _prune_blockwise(model, calibration, opts, forward_fn=forward_fn, mask_fn=mask_fn, inplace=inplace,
+                                progress=progress, max_batches=max_batches, timer=timer, t_start=t_start)
     if checkpoint is not None and dist.active:
         raise ValueError("checkpoint= is not supported with distributed calibration: give checkpoint=None or "
                          "distributed=False")
@@ -492,6 +515,82 @@ def _prune(model, calibration, dist: Dist, *, ratio, keep, budget, method, refit
         state.restore(model)
 
 
+# ---------------------------------------------------------------------------------------------- blocks
+def _use_blocks(model, opts, strategy, units, blocks) -> bool:
+    """The blocks strategy: asked for, or (auto, no pairs named) the model has transformer blocks."""
+    if strategy == "blocks":
+        return True
+    if strategy != "auto" or opts["pairs"] is not None:
+        if units is not None or blocks is not None:
+            raise ValueError("units= and blocks= belong to the blocks strategy: use strategy='blocks' or 'auto' "
+                             "without pairs=")
+        return False
+    if units is not None or blocks is not None:
+        return True
+    try:
+        find_blocks(model, None, opts["units"])
+    except BlocksNotFoundError:
+        return False
+    return True
+
+
+def _check_blockwise(opts, dist: Dist, checkpoint, mode) -> None:
+    """What the blocks strategy does not do (yet): refused before anything runs."""
+    for bad, what in ((dist.active, "distributed calibration"), (checkpoint is not None, "checkpoint="),
+                      (opts["budget"] is not None, "budget= (give ratio= or keep=)"),
+                      (mode != "sequential", "mode='independent' (blocks are pruned in sequence; targets= chooses "
+                                             "what the re-fit reproduces)"),
+                      (opts["method"] == "thinet", "method='thinet'")):
+        if bad:
+            raise ValueError(f"the blocks strategy (transformer heads and MLP neurons) does not support {what}")
+
+
+def _prune_blockwise(model, calibration, opts, *, forward_fn, mask_fn, inplace, progress, max_batches, timer,
+                     t_start) -> Tuple[nn.Module, PruneReport]:
+    """The blocks strategy on a copy of the model (or in place, restored on failure)."""
+    batches = materialize(calibration, max_batches)
+    run = forward_fn or default_forward
+    model_dev = _norm_device(first_tensor_device(model))
+    dev = opts["device"] or model_dev
+    if inplace and dev != model_dev:
+        raise ValueError(f"inplace=True needs device= to be the model's device ({model_dev}); got {dev}")
+    state, backup = _TrainState(model), None
+    try:
+        model.eval()
+        with torch.no_grad():
+            ref = copy.deepcopy(model).to(dev) if inplace or dev != model_dev else model
+            pruned = model if inplace else copy.deepcopy(model).to(dev)
+            if inplace:
+                backup = Backup(list(pruned.modules()))
+            batches = [to_device(b, dev) for b in batches]
+            out = prune_blocks(ref, pruned, batches, run, opts=opts, device=dev, timer=timer, progress=progress,
+                               mask_fn=mask_fn)
+            positions: Dict[str, float] = {}
+            with record_positions(ref, positions):
+                run(ref, batches[0])
+            chosen = [Pair(u.name, u.consumer, (), u.group_size, via=(u.kind,)) for u in out["units"]]
+            channels = {u.name: u.channels for u in out["units"]}
+            report = _report(chosen, out["jobs"], channels, None, ref, pruned, positions,
+                             batch_size(batches[0]) or 1, batches, opts, Dist.resolve(False), strategy="blocks",
+                             passes=out["passes"] + 1.0 / len(batches), out_err=None,
+                             unit_modules={u.name: u.modules for u in out["units"]})
+            for r, u in zip(report.pairs, out["units"]):
+                r.kind = u.kind
+            report.memory = out["memory"]
+        state.restore(pruned)
+        report.time_s = time.perf_counter() - t_start
+        report.timings = {k: float(v) for k, v in timer.totals.items()}
+        report.timings["other"] = max(0.0, report.time_s - sum(report.timings.values()))
+        logger.info("%s", str(report).splitlines()[0])
+        return pruned, report
+    except BaseException:
+        if backup is not None:
+            backup.restore()
+        raise
+    finally:
+        state.restore(model)
+
+
 def _qualname(f) -> Optional[str]:
     """A callable's name for the checkpoint fingerprint (its code cannot be compared)."""
     return None if f is None else f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', type(f).__name__)}"
@@ -562,7 +661,7 @@ def _check_keep(keep, chosen: List[Pair], search: Optional[PairSearch]) -> None:
 
 
 def _report(chosen, jobs, channels, search, ref, pruned, positions, b0, batches, opts, dist, *, strategy, passes,
-            out_err) -> PruneReport:
+            out_err, unit_modules: Optional[Dict[str, List[str]]] = None) -> PruneReport:
     before = macs_from_positions(ref, positions, 1.0 / b0)
     after = macs_from_positions(pruned, positions, 1.0 / b0)
     ref_mods, pr_mods = dict(ref.named_modules()), dict(pruned.named_modules())
@@ -570,7 +669,7 @@ def _report(chosen, jobs, channels, search, ref, pruned, positions, b0, batches,
     for p in chosen:
         r = jobs[p.producer].report if p.producer in jobs else unchanged_report(p, channels[p.producer], p.group_size)
         r.method = opts["method"]
-        names = [p.producer, *p.between, p.consumer]
+        names = unit_modules[p.producer] if unit_modules else [p.producer, *p.between, p.consumer]
         r.params_before = sum(own_params(ref_mods[n]) for n in names)
         r.params_after = sum(own_params(pr_mods[n]) for n in names)
         r.flops_before = sum(before.get(n, 0) for n in names)
@@ -618,7 +717,7 @@ def check_damping_and_counts(damping, **counts) -> None:
 
 def _validate(model, *, ratio, keep, budget, method, refit, norm, mode, damping, max_batches, device, progress,
               pairs, forward_fn, mask_fn, inplace, max_positions, seed, strategy, checkpoint=None,
-              checkpoint_interval=60.0, memory_limit="auto") -> dict:
+              checkpoint_interval=60.0, memory_limit="auto", units=None, targets="layer", blocks=None) -> dict:
     """Checks every argument before anything is touched; returns normalized options."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -705,9 +804,13 @@ def _validate(model, *, ratio, keep, budget, method, refit, norm, mode, damping,
     if not (math.isfinite(checkpoint_interval) and checkpoint_interval >= 0):
         raise ValueError(f"checkpoint_interval={checkpoint_interval} must be finite and >= 0 (seconds)")
     memory_limit = _check_memory_limit(memory_limit)
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+    if blocks is not None and not isinstance(blocks, str):
+        raise TypeError(f"blocks must be the name of the model's list of blocks (str) or None, got {blocks!r}")
     return dict(ratio=ratio, keep=keep, budget=budget, method=method, refit=refit, norm=norm, mode=mode,
                 damping=damping, device=dev, pairs=explicit, max_positions=max_positions, seed=int(seed),
-                memory_limit=memory_limit)
+                memory_limit=memory_limit, units=normalize_units(units), targets=targets, blocks=blocks)
 
 
 def _check_memory_limit(v):

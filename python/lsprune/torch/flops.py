@@ -30,7 +30,14 @@ def module_macs(module: nn.Module, positions: float) -> float:
         return positions * module.out_channels * (module.in_channels // module.groups) * _prod(module.kernel_size)
     if isinstance(module, nn.Linear):
         return positions * module.out_features * module.in_features
+    if _is_conv1d(module):  # Hugging Face Conv1D (GPT-2): weight (in, out)
+        return positions * module.weight.shape[0] * module.weight.shape[1]
     return 0.0
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and \
+        module.weight.dim() == 2
 
 
 def _prod(t) -> int:
@@ -61,12 +68,13 @@ def record_positions(model: nn.Module, out: Dict[str, float]):
                 x = inputs[0]
                 out[name] = out.get(name, 0.0) + x.numel() / max(1, mod.in_channels)
             elif isinstance(output, torch.Tensor):
-                ch = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+                ch = mod.out_features if isinstance(mod, nn.Linear) else \
+                    mod.weight.shape[1] if _is_conv1d(mod) else mod.out_channels
                 out[name] = out.get(name, 0.0) + output.numel() / max(1, ch)
         return hook
 
     for name, m in model.named_modules():
-        if isinstance(m, _COUNTED):
+        if isinstance(m, _COUNTED) or _is_conv1d(m):
             handles.append(m.register_forward_hook(make(name)))
     try:
         yield out

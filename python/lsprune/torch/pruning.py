@@ -26,7 +26,8 @@ from .checkpoint import Checkpoint
 from .distributed import Dist
 from .pairs import Pair
 from .report import PairReport
-from .surgery import consumer_matrix, set_consumer, shrink_channels, shrink_in, shrink_out
+from .layouts import Unit, shrink_unit, unit_magnitude_order
+from .surgery import consumer_matrix, linear_like, set_consumer, shrink_channels, shrink_in, shrink_out, weight_rows
 
 logger = logging.getLogger("lsprune.torch")
 
@@ -142,6 +143,8 @@ def _thinet_select(stats, n_keep, *, group_size, damping, weights_in=None, bias_
 def job_order(job: "PairJob", method: str) -> np.ndarray:
     """The channel ranking of an order-based baseline for a pair (from the original producer)."""
     if method == "magnitude":
+        if job.unit is not None:
+            return unit_magnitude_order(job.extra["ref_modules"], job.unit, job.norm)
         return magnitude_order(job.ref_producer, job.norm)
     return random_order(job.channels, job.seed, job.index)
 
@@ -229,6 +232,7 @@ class PairJob:
     start_batch: int = 0  # batches already in the sums (a resumed partial pair)
     restore: Optional[dict] = None  # checkpoint entry of partial sums not loaded yet
     saved: Optional[dict] = None  # checkpoint entry of a pair finished by an earlier run
+    unit: Optional[Unit] = None  # a transformer unit (heads, MLP neurons): its own producer surgery
 
     @property
     def key(self) -> str:
@@ -275,7 +279,7 @@ def consumer_width(module: nn.Module) -> int:
     """D: consumer input columns (C_in*kh*kw for Conv2d)."""
     if isinstance(module, nn.Conv2d):
         return module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-    return module.in_features
+    return weight_rows(module, out=False) if linear_like(module) else module.in_features
 
 
 #: Position subsampling never leaves a Conv2d consumer fewer than this many rows per input column
@@ -297,7 +301,7 @@ def make_job(index: int, pair: Pair, channels: int, n_keep: int, ref_modules, pr
              ckpt: Optional[Checkpoint] = None, stage: str = "prune") -> PairJob:
     ref_consumer = ref_modules[pair.consumer]
     D = consumer_width(ref_consumer)
-    m = 0 if independent else ref_consumer.weight.shape[0]
+    m = 0 if independent else (weight_rows(ref_consumer) if linear_like(ref_consumer) else ref_consumer.weight.shape[0])
     g = D // channels
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + index)
     job = PairJob(index, pair, channels, n_keep, g, ref_consumer, pruned_modules[pair.producer],
@@ -386,9 +390,7 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairRe
         W, b = consumer_matrix(job.ref_consumer)
         plain = no_refit_error(stats, W, b if job.ref_consumer.bias is not None else None, kept, job.group_size)
     with timer("surgery"):
-        shrink_out(job.producer, kept)
-        for m in job.between:
-            shrink_channels(m, kept)
+        shrink_producers(job, kept)
         if job.refit:
             added = set_consumer(job.consumer, sel.weights, sel.bias, int(kept.size))
         else:
@@ -408,7 +410,7 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairRe
         error_path=[float(v) for v in sel.relative_error_path] if has_path else [],
         n_kept_path=[int(v) for v in sel.n_kept_path] if has_path else [],
         bias_added=bool(added), samples=int(stats.count), damping=float(sel.damping), time_s=job.seconds,
-        method=method, refit=job.refit)
+        method=method, refit=job.refit, kind=job.unit.kind if job.unit is not None else "pair")
     logger.info("pair %s: %d -> %d channels, relative error %.4g (%.2fs)", job.name, job.channels, kept.size, rel,
                 job.seconds)
     if job.ckpt is not None:
@@ -420,14 +422,23 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairRe
     return job.report
 
 
+def shrink_producers(job: PairJob, kept: np.ndarray) -> None:
+    """Removes the dropped channels from the producer side: a pair's producer and ``between`` modules,
+    or a unit's producer slices and head counts."""
+    if job.unit is not None:
+        shrink_unit(job.extra["pr_modules"], job.unit, kept)
+        return
+    shrink_out(job.producer, kept)
+    for m in job.between:
+        shrink_channels(m, kept)
+
+
 def _apply_saved(job: PairJob, timer: Timer) -> PairReport:
     """Installs the result of a pair an earlier (interrupted) run finished: the same surgery, no selection."""
     with timer("surgery"):
         a = job.ckpt.load_arrays(job.saved)
         kept = a["kept"].astype(np.int64)
-        shrink_out(job.producer, kept)
-        for m in job.between:
-            shrink_channels(m, kept)
+        shrink_producers(job, kept)
         if job.refit:
             set_consumer(job.consumer, a["weights"], a["bias"], int(kept.size))
         else:

@@ -57,6 +57,10 @@ class PairReport:
     predicted_error : float or None
         With a global budget: the relative error the allocation expected for this pair's count
         (from the independent pass's error path; a sequential pass usually does better).
+    kind : str
+        ``"pair"`` (producer -> consumer), ``"mlp"`` (MLP neurons of a transformer block; ``producer``
+        names the MLP module) or ``"heads"`` (attention heads, or whole KV groups under GQA;
+        ``producer`` names the attention module and channels count heads or groups).
     """
 
     producer: str
@@ -81,6 +85,7 @@ class PairReport:
     method: str = ""
     refit: bool = True
     predicted_error: Optional[float] = None
+    kind: str = "pair"
 
 
 @dataclass

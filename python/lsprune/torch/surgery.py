@@ -15,7 +15,8 @@ import torch.nn as nn
 from .pairs import channel_passthrough_kind, check_consumer, check_producer, consumer_in_features, producer_channels
 
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-                "num_parameters")
+                "num_parameters", "nf", "nx", "num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads",
+                "all_head_size", "split_size", "inner_dim", "intermediate_size")
 
 
 class Backup:
@@ -46,6 +47,41 @@ def _param(old: torch.Tensor, new: torch.Tensor) -> nn.Parameter:
 
 def _index(idx, device) -> torch.Tensor:
     return torch.as_tensor(np.asarray(idx, dtype=np.int64), device=device)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a Linear whose weight is stored transposed, (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None \
+        and module.weight.dim() == 2
+
+
+def linear_like(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a Hugging Face ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def weight_rows(module: nn.Module, out: bool = True) -> int:
+    """Output (``out``) or input features of a Linear-like module."""
+    if is_conv1d(module):
+        return module.weight.shape[1 if out else 0]
+    return module.weight.shape[0 if out else 1]
+
+
+def linear_matrix(module: nn.Module) -> torch.Tensor:
+    """A Linear-like module's weight as an (out, in) CPU tensor (detached)."""
+    w = module.weight.detach().cpu()
+    return w.t() if is_conv1d(module) else w
+
+
+def shrink_rows(module: nn.Module, rows) -> None:
+    """Keeps output rows ``rows`` of a Linear-like producer (Linear or Conv1D)."""
+    if not is_conv1d(module):
+        return shrink_out(module, rows)
+    i = _index(rows, module.weight.device)
+    module.weight = _param(module.weight, module.weight.index_select(1, i))
+    if module.bias is not None:
+        module.bias = _param(module.bias, module.bias.index_select(0, i))
+    module.nf = len(i)
 
 
 def shrink_out(module: nn.Module, idx) -> None:
@@ -107,6 +143,9 @@ def set_consumer(module: nn.Module, weights: np.ndarray, bias: Optional[np.ndarr
     if isinstance(module, nn.Conv2d):
         new = new.reshape(w.shape[0], n_channels, *w.shape[2:])
         module.in_channels = n_channels
+    elif is_conv1d(module):
+        new = new.t()
+        module.nx = new.shape[0]
     else:
         module.in_features = new.shape[1]
     module.weight = _param(w, new)
@@ -129,8 +168,12 @@ def shrink_in(module: nn.Module, idx, group: int = 1) -> None:
     if isinstance(module, nn.Conv2d):
         module.weight = _param(w, w.index_select(1, i))
         module.in_channels = len(i)
+        return
+    cols = (i[:, None] * group + torch.arange(group, device=w.device)).reshape(-1)
+    if is_conv1d(module):
+        module.weight = _param(w, w.index_select(0, cols))
+        module.nx = len(cols)
     else:
-        cols = (i[:, None] * group + torch.arange(group, device=w.device)).reshape(-1)
         module.weight = _param(w, w.index_select(1, cols))
         module.in_features = len(cols)
 
@@ -174,7 +217,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def consumer_matrix(module: nn.Module):
     """A consumer's weights as (out, D) float64 and its bias (out,) (zeros if none), NumPy."""
-    w = module.weight.detach().to("cpu", torch.float64)
+    w = (linear_matrix(module) if is_conv1d(module) else module.weight.detach()).to("cpu", torch.float64)
     W = w.reshape(w.shape[0], -1).numpy()
     b = module.bias.detach().to("cpu", torch.float64).numpy() if module.bias is not None else np.zeros(w.shape[0])
     return W, b
@@ -210,7 +253,7 @@ def apply_structure(model: nn.Module, report) -> nn.Module:
     if data.get("format") == "lsprune.torch.factorize_report":
         return _apply_factor_structure(model, data)
     modules = dict(model.named_modules())
-    todo = []
+    todo, units = [], []
     need = ("producer", "consumer", "between", "group_size", "channels_before", "channels_after", "bias_added")
     if not isinstance(data["pairs"], (list, tuple)):
         raise TypeError("report['pairs'] must be a list of pair records")
@@ -218,6 +261,10 @@ def apply_structure(model: nn.Module, report) -> nn.Module:
         missing = [k for k in need if not isinstance(p, Mapping) or k not in p]
         if missing:
             raise ValueError(f"report pair {i} lacks {missing}: pass a PruneReport, its to_dict() or its parsed JSON")
+        if p.get("kind", "pair") != "pair":  # a transformer unit (heads, MLP neurons)
+            from .layouts import unit_of_record  # layouts builds on this module
+            units.append((p, unit_of_record(modules, p)))
+            continue
         names = [p["producer"], p["consumer"], *p["between"]]
         missing = [n for n in names if n not in modules]
         if missing:
@@ -238,6 +285,13 @@ def apply_structure(model: nn.Module, report) -> nn.Module:
                 raise ValueError(f"{b}: {r}")
         todo.append((p, prod, cons))
     with torch.no_grad():
+        for p, u in units:
+            from .layouts import shrink_unit
+            idx = np.arange(p["channels_after"])
+            if p["channels_after"] != p["channels_before"]:
+                shrink_unit(modules, u, idx)
+                shrink_in(modules[u.consumer], idx, u.group_size)
+            _add_zero_bias(modules[u.consumer], p["bias_added"])
         for p, prod, cons in todo:
             if p["channels_after"] != p["channels_before"]:
                 idx = np.arange(p["channels_after"])
@@ -245,10 +299,15 @@ def apply_structure(model: nn.Module, report) -> nn.Module:
                 for b in p["between"]:
                     shrink_channels(modules[b], idx)
                 shrink_in(cons, idx, p["group_size"])
-            if p["bias_added"] and cons.bias is None:
-                cons.bias = nn.Parameter(torch.zeros(cons.weight.shape[0], dtype=cons.weight.dtype,
-                                                     device=cons.weight.device))
+            _add_zero_bias(cons, p["bias_added"])
     return model
+
+
+def _add_zero_bias(cons: nn.Module, added: bool) -> None:
+    """The bias the LS intercept gave a consumer that had none (values come with the state dict)."""
+    if added and cons.bias is None:
+        n = weight_rows(cons) if linear_like(cons) else cons.weight.shape[0]
+        cons.bias = nn.Parameter(torch.zeros(n, dtype=cons.weight.dtype, device=cons.weight.device))
 
 
 def _apply_factor_structure(model: nn.Module, data) -> nn.Module:

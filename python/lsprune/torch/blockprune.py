@@ -1,0 +1,148 @@
+"""``prune(strategy="blocks")``: attention heads and MLP neurons of transformers, block by block.
+
+Plan (counts per unit) -> jobs (statistics per unit) -> the block sweep (:func:`.blockwise.sweep_blocks`)
+-> selection, re-fit and surgery per unit (:func:`.pruning.finish`, shared with the pair strategies).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .batches import batch_size, make_mask
+from .blockwise import block_units, capture_inputs, find_blocks, sweep_blocks
+from .layouts import UNIT_KINDS, Unit
+from .memory import MemoryLimitError, gib, resolve_limit, solver_bytes, statistics_bytes
+from .pairs import Pair
+from .pruning import PairJob, Timer, accumulate, finish, make_job
+from .surgery import weight_rows
+
+logger = logging.getLogger("lsprune.torch")
+
+TARGETS = ("layer", "original")
+
+
+def normalize_units(units) -> tuple:
+    """``prune(units=)``: None (every kind), a kind or a sequence of kinds from :data:`UNIT_KINDS`."""
+    if units is None:
+        return UNIT_KINDS
+    kinds = (units,) if isinstance(units, str) else units
+    if not isinstance(kinds, (tuple, list, set, frozenset)) or not kinds:
+        raise TypeError(f"units must be None, one of {UNIT_KINDS} or a list of them, got {units!r}")
+    bad = [k for k in kinds if k not in UNIT_KINDS]
+    if bad:
+        raise ValueError(f"units: unknown kind(s) {bad}; choose from {UNIT_KINDS}")
+    return tuple(k for k in UNIT_KINDS if k in kinds)
+
+
+def plan_units(units: Sequence[Unit], *, ratio: Optional[float], keep: Optional[Mapping[str, int]]) -> Dict[str, int]:
+    """Channels (neurons, heads or KV groups) to keep per unit: ``keep[name]``, else ``C - round(ratio*C)``
+    (at least one stays), else all."""
+    plan = {}
+    for u in units:
+        if keep and u.name in keep:
+            k = keep[u.name]
+            if not 1 <= k <= u.channels:
+                raise ValueError(f"keep[{u.name!r}]={k}: must be between 1 and the unit's {u.channels} channels")
+        elif ratio is not None:
+            k = max(1, u.channels - int(math.floor(ratio * u.channels + 0.5)))
+        else:
+            k = u.channels
+        plan[u.name] = k
+    return plan
+
+
+def default_mask(batch, device) -> Optional[torch.Tensor]:
+    """Padding tokens stay out of the statistics: a dict batch's ``attention_mask`` (B, T), if any."""
+    if isinstance(batch, Mapping):
+        m = batch.get("attention_mask")
+        if isinstance(m, torch.Tensor) and m.dim() == 2:
+            return (m != 0).to(device)
+    return None
+
+
+def check_memory(limit_option, calls, units: List[Unit], plan, modules, *, original: bool, method: str,
+                 refit: bool) -> dict:
+    """The memory guard for the block sweep: cached hidden states (two streams with ``original`` targets)
+    plus the largest block's statistics and one solver; raises MemoryLimitError before anything is
+    allocated. Returns the estimate for the report."""
+    cache = sum(c.nbytes() for c in calls) * (2 if original else 1)
+    per_block: Dict[str, int] = {}
+    solver = 0
+    for u in units:
+        D = u.channels * u.group_size
+        m = weight_rows(modules[u.consumer])
+        block = u.name.rsplit(".", 1)[0]
+        st = statistics_bytes(D, m if original else 0, fp32_scratch=True, on_device=False)["host"]
+        per_block[block] = per_block.get(block, 0) + st
+        solver = max(solver, solver_bytes(D, m, plan[u.name] * u.group_size, method=method, refit=refit,
+                                          independent=not original))
+    est = cache + max(per_block.values(), default=0) + solver
+    limit = resolve_limit(limit_option)
+    if limit.bytes is not None and est > limit.bytes:
+        raise MemoryLimitError(f"the block-wise prune needs about {gib(est)} (cached hidden states {gib(cache)}, "
+                               f"the largest block's statistics and a solver) but the limit is {gib(limit.bytes)} "
+                               f"({limit.source}); use fewer calibration batches, targets='layer' or "
+                               "memory_limit=None")
+    return {"limit": limit.bytes, "limit_source": limit.source, "available": limit.available, "estimate": int(est),
+            "device_estimate": 0, "model_copy": 0,
+            "passes": [{"pass": "the block sweep", "estimate": int(est), "device_estimate": 0, "waves": 1,
+                        "largest_pair": None}]}
+
+
+def unit_job(index: int, unit: Unit, n_keep: int, ref_mods, pr_mods, *, targets: str, device, seed: int,
+             n_samples: int, refit: bool, norm: str) -> PairJob:
+    pair = Pair(unit.name, unit.consumer, (), unit.group_size, via=(unit.kind,))
+    job = make_job(index, pair, unit.channels, n_keep, ref_mods, pr_mods, device=device,
+                   independent=targets == "layer", use_torch_sums=None, seed=seed, max_positions=None,
+                   n_samples=n_samples, refit=refit, norm=norm)
+    job.unit = unit
+    job.extra.update(ref_modules=ref_mods, pr_modules=pr_mods)
+    return job
+
+
+def prune_blocks(ref: nn.Module, pruned: nn.Module, batches: list, run, *, opts: dict, device, timer: Timer,
+                 progress: bool, mask_fn) -> dict:
+    """Prunes ``pruned`` (a copy of ``ref``) block by block; returns ``units``, ``jobs`` (by unit name),
+    ``plan``, ``passes``, ``memory`` and the blocks' name."""
+    kinds = opts["units"]
+    name, ref_blocks = find_blocks(ref, opts["blocks"], kinds)
+    per_block = block_units(ref_blocks, name, kinds)
+    units = [u for _, us in per_block for u in us]
+    if not units:
+        raise ValueError(f"the blocks {name!r} hold no {' or '.join(kinds)} units that lsprune recognises")
+    keep = opts["keep"] or {}
+    unknown = sorted(set(keep) - {u.name for u in units})
+    if unknown:
+        raise ValueError(f"keep names {unknown}, which are not units being pruned; units: "
+                         f"{[u.name for u in units][:8]}{' ...' if len(units) > 8 else ''}")
+    plan = plan_units(units, ratio=opts["ratio"], keep=keep)
+    original = opts["targets"] == "original"
+    ref_mods, pr_mods = dict(ref.named_modules()), dict(pruned.named_modules())
+    pr_blocks = pruned.get_submodule(name)
+    calls = capture_inputs(pruned, pr_blocks[0], batches, run)
+    memory = check_memory(opts["memory_limit"], calls, units, plan, ref_mods, original=original, method=opts["method"],
+                          refit=opts["refit"])
+    masks = [make_mask(mask_fn, b, device) if mask_fn is not None else default_mask(b, device) for b in batches]
+    n_samples = sum((batch_size(b) or 1) for b in batches)
+    jobs: Dict[str, PairJob] = {}
+    for i, u in enumerate(units):
+        if plan[u.name] < u.channels:
+            jobs[u.name] = unit_job(i, u, plan[u.name], ref_mods, pr_mods, targets=opts["targets"], device=device,
+                                    seed=opts["seed"], n_samples=n_samples, refit=opts["refit"], norm=opts["norm"])
+    active = [(i, [u for u in us if u.name in jobs]) for i, us in per_block]
+
+    def on_rows(unit: Unit, b: int, x, y):
+        accumulate(jobs[unit.name], x, y, masks[b], timer, b)
+
+    def on_block(block_units_: List[Unit]):
+        for u in block_units_:
+            finish(jobs[u.name], method=opts["method"], damping=float(opts["damping"]), timer=timer)
+
+    passes = sweep_blocks(ref_blocks, pr_blocks, active, calls, original=original, ref_modules=ref_mods,
+                          pr_modules=pr_mods, on_rows=on_rows, on_block=on_block, progress=progress)
+    return {"units": units, "jobs": jobs, "plan": plan, "passes": passes, "memory": memory, "blocks": name}
