@@ -201,9 +201,9 @@ def test_inplace_failure_restores_model():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calls = {"n": 0}
 
-    def forward_fn(m, batch):  # fails on the second calibration batch, after capture began
+    def forward_fn(m, batch):  # FLOPs count on batch 0, capture of batch 0, then batch 1 fails
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 3:
             raise RuntimeError("boom")
         return m(**batch)
 
@@ -212,3 +212,22 @@ def test_inplace_failure_restores_model():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.model.layers[0].mlp.down_proj.in_features == 96
+
+
+@pytest.mark.parametrize("kind", ["params", "flops"])
+def test_budget_across_heads_and_neurons(kind):
+    import lsprune
+
+    model, _ = _llama()
+    calib, held = _tokens(n=8), _tokens(n=1, seed=9)[0]
+    ref = _out(model, held)
+    g, rep = lt.prune(model, calib, budget=lsprune.Budget(**{kind: 0.7}), progress=False)
+    u, rep_u = lt.prune(model, calib, budget=lsprune.Budget(**{kind: 0.7}, allocation="uniform"), progress=False)
+    for r in (rep, rep_u):
+        assert r.budget["reached"] <= 0.7 + 1e-9
+        assert (r.params_ratio if kind == "params" else r.flops_ratio) == pytest.approx(r.budget["reached"])
+    assert rep.budget["reached"] > 0.69  # the global allocation spends the budget
+    assert {r.kind for r in rep.pairs if r.status == "pruned"} == {"mlp", "heads"}
+    assert all(r.predicted_error is not None for r in rep.pairs)
+    assert _rel(ref, _out(g, held)) < _rel(ref, _out(u, held))
+    assert rep.forward_passes <= 3.5  # the allocation's pass on the original stream, then the pruning passes

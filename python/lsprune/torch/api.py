@@ -33,10 +33,9 @@ from .costs import PairCosts
 from .checkpoint import Checkpoint, fingerprint, model_hashes
 from .distributed import Dist
 from .memory import Guard
-from .pruning import (ORDER_METHODS, SELECTORS, PairJob, Timer, _log_engine_warnings, effective_damping, finish,
-                      job_order, job_statistics, make_job, plan_channels, unchanged_report)
+from .pruning import (SELECTORS, PairJob, Timer, error_path, finish, make_job, plan_channels, unchanged_report)
 from .report import PruneReport
-from .surgery import Backup, consumer_matrix
+from .surgery import Backup
 from .sweep import sweep
 
 logger = logging.getLogger("lsprune.torch")
@@ -442,7 +441,7 @@ def _prune(model, calibration, dist: Dist, *, ratio, keep, budget, method, refit
                     with timer("allocation"):
                         for i, p in enumerate(chosen):
                             if p.producer in wave_jobs and pinned[i] is None:
-                                paths[p.producer] = _error_path(wave_jobs[p.producer], method, float(damping),
+                                paths[p.producer] = error_path(wave_jobs[p.producer], method, float(damping),
                                                                 int(lo[i]), int(hi[i]), keep=not sequential)
                     if not reuse:
                         for j in wave_jobs.values():
@@ -494,12 +493,7 @@ def _prune(model, calibration, dist: Dist, *, ratio, keep, budget, method, refit
                              strategy="graph" if use_graph else "hooks", passes=passes, out_err=out_err)
             report.memory = guard.report.to_dict()
             if budget is not None:
-                report.budget = dict(plan.budget, flops_reached=report.flops_ratio, params_reached=report.params_ratio)
-                report.budget["reached"] = report.budget[f"{budget.kind}_reached"]
-                for r in report.pairs:
-                    if paths is not None and r.producer in paths:
-                        v = paths[r.producer][r.channels_after]
-                        r.predicted_error = float(v) if np.isfinite(v) else None
+                _budget_record(report, plan.budget, budget, paths)
             dist.close()  # the last collective: every rank got here
         state.restore(pruned)
         report.time_s = time.perf_counter() - t_start
@@ -537,7 +531,6 @@ def _use_blocks(model, opts, strategy, units, blocks) -> bool:
 def _check_blockwise(opts, dist: Dist, checkpoint, mode) -> None:
     """What the blocks strategy does not do (yet): refused before anything runs."""
     for bad, what in ((dist.active, "distributed calibration"), (checkpoint is not None, "checkpoint="),
-                      (opts["budget"] is not None, "budget= (give ratio= or keep=)"),
                       (mode != "sequential", "mode='independent' (blocks are pruned in sequence; targets= chooses "
                                              "what the re-fit reproduces)"),
                       (opts["method"] == "thinet", "method='thinet'")):
@@ -563,11 +556,14 @@ def _prune_blockwise(model, calibration, opts, *, forward_fn, mask_fn, inplace, 
             if inplace:
                 backup = Backup(list(pruned.modules()))
             batches = [to_device(b, dev) for b in batches]
-            out = prune_blocks(ref, pruned, batches, run, opts=opts, device=dev, timer=timer, progress=progress,
-                               mask_fn=mask_fn)
             positions: Dict[str, float] = {}
             with record_positions(ref, positions):
-                run(ref, batches[0])
+                try:
+                    run(ref, batches[0])
+                except Exception as e:
+                    raise forward_error(e, 0) from e
+            out = prune_blocks(ref, pruned, batches, run, opts=opts, device=dev, timer=timer, progress=progress,
+                               mask_fn=mask_fn, positions=positions)
             chosen = [Pair(u.name, u.consumer, (), u.group_size, via=(u.kind,)) for u in out["units"]]
             channels = {u.name: u.channels for u in out["units"]}
             report = _report(chosen, out["jobs"], channels, None, ref, pruned, positions,
@@ -577,6 +573,8 @@ def _prune_blockwise(model, calibration, opts, *, forward_fn, mask_fn, inplace, 
             for r, u in zip(report.pairs, out["units"]):
                 r.kind = u.kind
             report.memory = out["memory"]
+            if opts["budget"] is not None:
+                _budget_record(report, out["plan"].budget, opts["budget"], out["paths"])
         state.restore(pruned)
         report.time_s = time.perf_counter() - t_start
         report.timings = {k: float(v) for k, v in timer.totals.items()}
@@ -591,29 +589,19 @@ def _prune_blockwise(model, calibration, opts, *, forward_fn, mask_fn, inplace, 
         state.restore(model)
 
 
+def _budget_record(report: PruneReport, planned: dict, budget, paths) -> None:
+    """The budget's plan and what the pruned model reached; each pair's error the allocation predicted."""
+    report.budget = dict(planned, flops_reached=report.flops_ratio, params_reached=report.params_ratio)
+    report.budget["reached"] = report.budget[f"{budget.kind}_reached"]
+    for r in report.pairs:
+        if paths is not None and r.producer in paths:
+            v = paths[r.producer][r.channels_after]
+            r.predicted_error = float(v) if np.isfinite(v) else None
+
+
 def _qualname(f) -> Optional[str]:
     """A callable's name for the checkpoint fingerprint (its code cannot be compared)."""
     return None if f is None else f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', type(f).__name__)}"
-
-
-def _error_path(job, method: str, damping: float, lo: int, hi: int, keep: bool = False) -> np.ndarray:
-    """A pair's relative error for every kept count, from its independent statistics (or from the
-    checkpoint). ``keep``: the statistics can prune the pair too (independent mode): a checkpoint saves them."""
-    if job.saved is not None:
-        return job.ckpt.load_arrays(job.saved)["path"]
-    stats = job_statistics(job)
-    if stats.count == 0:
-        raise ValueError(f"pair {job.name}: no calibration rows reached the statistics")
-    damping = effective_damping(job, stats.count, damping)
-    W, b = consumer_matrix(job.ref_consumer)
-    order = job_order(job, method) if method in ORDER_METHODS else None
-    with _log_engine_warnings(job.name):
-        path = budgeting.pair_error_path(stats, method=method, refit=job.refit, n_channels=job.channels,
-                                         group_size=job.group_size, lo=lo, hi=hi, damping=damping, weights_in=W,
-                                         bias_in=b, order=order)
-    if job.ckpt is not None:
-        job.ckpt.save_done(job.key, job.stem, stats if keep else None, {"path": path})
-    return path
 
 
 def _choose_strategy(ref, batch0, run, strategy, explicit):

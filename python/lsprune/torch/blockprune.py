@@ -18,7 +18,9 @@ from .blockwise import block_units, capture_inputs, find_blocks, sweep_blocks
 from .layouts import UNIT_KINDS, Unit
 from .memory import MemoryLimitError, gib, resolve_limit, solver_bytes, statistics_bytes
 from .pairs import Pair
-from .pruning import PairJob, Timer, accumulate, finish, make_job
+from . import budget as budgeting
+from .costs import UnitCosts
+from .pruning import PairJob, Timer, accumulate, error_path, finish, make_job, plan_channels
 from .surgery import weight_rows
 
 logger = logging.getLogger("lsprune.torch")
@@ -94,10 +96,68 @@ def check_memory(limit_option, calls, units: List[Unit], plan, modules, *, origi
                         "largest_pair": None}]}
 
 
+def unit_pair(u: Unit) -> Pair:
+    """The :class:`Pair` record a unit is planned and reported under (keyed by the unit's name)."""
+    return Pair(u.name, u.consumer, (), u.group_size, via=(u.kind,))
+
+
+def plan_budget(ref: nn.Module, units: List[Unit], per_block, calls, *, opts: dict, positions, b0: int, device,
+                timer: Timer, progress: bool):
+    """Counts per unit under ``opts["budget"]``; returns (plan, error paths or None). A global allocation
+    first streams every block once on the original stream (statistics per block, freed after its error
+    paths are computed): one extra pass."""
+    budget, keep, refit = opts["budget"], opts["keep"] or {}, opts["refit"]
+    pairs = [unit_pair(u) for u in units]
+    channels = {u.name: u.channels for u in units}
+    costs = UnitCosts(ref, units, positions, 1.0 / b0, budget.kind, refit=refit)
+    sizes = [u.channels for u in units]
+    pinned = [keep.get(u.name) for u in units]
+    lo, hi = budgeting.keep_bounds(budget, sizes, pinned)
+    _, hi_cost = budgeting.check_reachable(budget, costs, budgeting.allowed(lo, hi, sizes, budget.multiple))
+    paths = None
+    if budget.allocation == "global" and any(k is None for k in pinned) and hi_cost > budget.fraction * costs.full:
+        paths = _independent_paths(ref, units, per_block, calls, lo=lo, hi=hi, opts=opts, device=device,
+                                   timer=timer, progress=progress)
+    with timer("allocation"):
+        fc = costs if budget.kind == "flops" else UnitCosts(ref, units, positions, 1.0 / b0, "flops", refit=refit)
+        weights = budgeting.error_weights(budget, [u.name for u in units], fc)
+        plan = plan_channels(pairs, channels, keep=keep, budget=budget, costs=costs, error_paths=paths,
+                             weights=weights)
+    return plan, paths
+
+
+def _independent_paths(ref, units, per_block, calls, *, lo, hi, opts, device, timer, progress) -> Dict[str, object]:
+    """Every free unit's error path E(k), k = 0..C, from its statistics on the original stream."""
+    ref_mods = dict(ref.named_modules())
+    index = {u.name: i for i, u in enumerate(units)}
+    pinned = set((opts["keep"] or {}))
+    jobs = {u.name: unit_job(index[u.name], u, int(hi[index[u.name]]), ref_mods, ref_mods, targets="layer",
+                             device=device, seed=opts["seed"], n_samples=1, refit=opts["refit"], norm=opts["norm"])
+            for u in units if u.name not in pinned}
+    masks = opts["_masks"]
+    paths: Dict[str, object] = {}
+
+    def on_rows(u, b, x, y):
+        accumulate(jobs[u.name], x, None, masks[b], timer, b)
+
+    def on_block(block_units_):
+        with timer("allocation"):
+            for u in block_units_:
+                i = index[u.name]
+                paths[u.name] = error_path(jobs[u.name], opts["method"], float(opts["damping"]), int(lo[i]),
+                                           int(hi[i]))
+                jobs[u.name].sums.release()
+
+    blocks = ref.get_submodule(opts["_blocks_name"])
+    active = [(i, [u for u in us if u.name in jobs]) for i, us in per_block]
+    sweep_blocks(blocks, blocks, active, list(calls), original=False, ref_modules=ref_mods, pr_modules=ref_mods,
+                 on_rows=on_rows, on_block=on_block, progress=progress, unchanged=True)
+    return paths
+
+
 def unit_job(index: int, unit: Unit, n_keep: int, ref_mods, pr_mods, *, targets: str, device, seed: int,
              n_samples: int, refit: bool, norm: str) -> PairJob:
-    pair = Pair(unit.name, unit.consumer, (), unit.group_size, via=(unit.kind,))
-    job = make_job(index, pair, unit.channels, n_keep, ref_mods, pr_mods, device=device,
+    job = make_job(index, unit_pair(unit), unit.channels, n_keep, ref_mods, pr_mods, device=device,
                    independent=targets == "layer", use_torch_sums=None, seed=seed, max_positions=None,
                    n_samples=n_samples, refit=refit, norm=norm)
     job.unit = unit
@@ -106,9 +166,10 @@ def unit_job(index: int, unit: Unit, n_keep: int, ref_mods, pr_mods, *, targets:
 
 
 def prune_blocks(ref: nn.Module, pruned: nn.Module, batches: list, run, *, opts: dict, device, timer: Timer,
-                 progress: bool, mask_fn) -> dict:
+                 progress: bool, mask_fn, positions: Dict[str, float]) -> dict:
     """Prunes ``pruned`` (a copy of ``ref``) block by block; returns ``units``, ``jobs`` (by unit name),
-    ``plan``, ``passes``, ``memory`` and the blocks' name."""
+    ``plan``, ``paths`` (global budget), ``passes``, ``memory`` and the blocks' name. ``positions``: output
+    positions per module on ``batches[0]`` (FLOPs of a budget)."""
     kinds = opts["units"]
     name, ref_blocks = find_blocks(ref, opts["blocks"], kinds)
     per_block = block_units(ref_blocks, name, kinds)
@@ -120,14 +181,23 @@ def prune_blocks(ref: nn.Module, pruned: nn.Module, batches: list, run, *, opts:
     if unknown:
         raise ValueError(f"keep names {unknown}, which are not units being pruned; units: "
                          f"{[u.name for u in units][:8]}{' ...' if len(units) > 8 else ''}")
-    plan = plan_units(units, ratio=opts["ratio"], keep=keep)
     original = opts["targets"] == "original"
     ref_mods, pr_mods = dict(ref.named_modules()), dict(pruned.named_modules())
     pr_blocks = pruned.get_submodule(name)
     calls = capture_inputs(pruned, pr_blocks[0], batches, run)
-    memory = check_memory(opts["memory_limit"], calls, units, plan, ref_mods, original=original, method=opts["method"],
-                          refit=opts["refit"])
     masks = [make_mask(mask_fn, b, device) if mask_fn is not None else default_mask(b, device) for b in batches]
+    least = plan_units(units, ratio=opts["ratio"], keep=keep) if opts["budget"] is None else \
+        {u.name: keep.get(u.name, 1) for u in units}
+    memory = check_memory(opts["memory_limit"], calls, units, least, ref_mods, original=original,
+                          method=opts["method"], refit=opts["refit"])
+    paths, passes = None, 0.0
+    if opts["budget"] is None:
+        plan = least
+    else:
+        plan, paths = plan_budget(ref, units, per_block, calls, opts=dict(opts, _masks=masks, _blocks_name=name),
+                                  positions=positions, b0=batch_size(batches[0]) or 1, device=device, timer=timer,
+                                  progress=progress)
+        passes += 1.0 if paths is not None else 0.0
     n_samples = sum((batch_size(b) or 1) for b in batches)
     jobs: Dict[str, PairJob] = {}
     for i, u in enumerate(units):
@@ -143,6 +213,7 @@ def prune_blocks(ref: nn.Module, pruned: nn.Module, batches: list, run, *, opts:
         for u in block_units_:
             finish(jobs[u.name], method=opts["method"], damping=float(opts["damping"]), timer=timer)
 
-    passes = sweep_blocks(ref_blocks, pr_blocks, active, calls, original=original, ref_modules=ref_mods,
-                          pr_modules=pr_mods, on_rows=on_rows, on_block=on_block, progress=progress)
-    return {"units": units, "jobs": jobs, "plan": plan, "passes": passes, "memory": memory, "blocks": name}
+    passes += sweep_blocks(ref_blocks, pr_blocks, active, calls, original=original, ref_modules=ref_mods,
+                           pr_modules=pr_mods, on_rows=on_rows, on_block=on_block, progress=progress)
+    return {"units": units, "jobs": jobs, "plan": plan, "paths": paths, "passes": passes, "memory": memory,
+            "blocks": name}

@@ -197,14 +197,15 @@ class ConsumerTaps:
 def sweep_blocks(ref_blocks: nn.ModuleList, pr_blocks: nn.ModuleList, per_block: List[Tuple[int, List[Unit]]],
                  calls: List[BlockCall], *, original: bool, ref_modules: Dict[str, nn.Module],
                  pr_modules: Dict[str, nn.Module], on_rows: Callable, on_block: Callable,
-                 progress: bool = False) -> float:
+                 progress: bool = False, unchanged: bool = False) -> float:
     """Streams every block's units, block after block, and returns the block passes made (in units of
     one pass over all blocks).
 
     ``on_rows(unit, batch, x, y)`` gets a unit's consumer input x (..., D) on the pruned stream and,
     with ``original``, the original network's consumer output y (..., m) on the original stream (else
     None); ``on_block(units)`` is called once a block's units have seen every batch and must prune them.
-    ``calls`` (the first block's inputs, one per batch) are advanced in place.
+    ``calls`` (the first block's inputs, one per batch) are advanced in place. ``unchanged``: ``on_block``
+    does not change the blocks (statistics only), so the streaming pass's outputs are the next inputs.
     """
     from tqdm.auto import tqdm
 
@@ -218,9 +219,13 @@ def sweep_blocks(ref_blocks: nn.ModuleList, pr_blocks: nn.ModuleList, per_block:
                     with ConsumerTaps(ref_modules, units, on_output=lambda u, y: ys.__setitem__(u.name, y)):
                         orig[b] = orig[b].with_hidden(run_block(ref_blocks[i], orig[b]))
                 with ConsumerTaps(pr_modules, units, on_input=lambda u, x: on_rows(u, b, x, ys.get(u.name))):
-                    run_block(pr_blocks[i], call)
+                    h = run_block(pr_blocks[i], call)
+                if unchanged:
+                    calls[b] = call.with_hidden(h)
             passes += (1.0 + original) / n_blocks
             on_block(units)
+            if unchanged:
+                continue
         elif original:
             for b in range(len(orig)):
                 orig[b] = orig[b].with_hidden(run_block(ref_blocks[i], orig[b]))

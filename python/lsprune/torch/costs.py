@@ -176,3 +176,62 @@ def max_useful_rank(m: nn.Module) -> int:
     extra = 0 if m.bias is not None else out  # the factorized layer always has a bias
     r = min((out * D - 1) // (D + out), (out * D - extra - 1) // (D + out))
     return int(max(0, min(r, out, D)))
+
+
+class UnitCosts:
+    """``cost(keep)``: the whole model's MACs per sample or parameters when transformer unit ``i``
+    (:class:`.layouts.Unit`: heads, KV groups or MLP neurons) keeps ``keep[i]`` channels.
+
+    A unit's producers lose ``rows`` output rows per channel (e.g. ``n_q/n_kv * head_dim`` query rows and
+    ``head_dim`` key and value rows per KV group), its consumer ``group_size`` input columns; so a GQA
+    group and a SwiGLU neuron each cost their true number of parameters. Same interface as
+    :class:`PairCosts` (``n_channels``, ``full``, ``kind``).
+    """
+
+    def __init__(self, model: nn.Module, units: Sequence, positions: Mapping[str, float], scale: float, kind: str,
+                 refit: bool = True):
+        from .surgery import weight_rows
+
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}")
+        self.kind = kind
+        mods = dict(model.named_modules())
+        self.n_channels = np.array([u.channels for u in units], dtype=np.int64)
+        self._terms: List[tuple] = []  # (unit index, rows per channel, fixed rows, inputs, per-row extra, positions)
+        self._bias: List[tuple] = []  # consumers: (unit index, outputs, has a bias, re-fit adds one)
+        touched = set()
+        for i, u in enumerate(units):
+            for name in dict.fromkeys(s.module for s in u.producers):
+                m = mods[name]
+                per = sum(s.rows for s in u.producers if s.module == name)
+                fixed = weight_rows(m) - per * u.channels  # rows no channel owns (none but in fused layouts)
+                bias = 1 if getattr(m, "bias", None) is not None else 0
+                self._terms.append((i, per, fixed, weight_rows(m, out=False), bias, positions.get(name, 0.0) * scale))
+                touched.add(name)
+            c = mods[u.consumer]
+            out = weight_rows(c)
+            self._terms.append((i, -u.group_size, out, 0, 0, positions.get(u.consumer, 0.0) * scale))
+            touched.add(u.consumer)
+            self._bias.append((i, out, getattr(c, "bias", None) is not None, refit))
+        if kind == "flops":
+            self.const = float(sum(int(round(module_macs(mods[n], p * scale))) for n, p in positions.items()
+                                   if n in mods and n not in touched))
+        else:
+            self.const = float(total_params(model) - sum(own_params(mods[n]) for n in touched))
+        self.full = self(self.n_channels)
+
+    def __call__(self, keep) -> float:
+        k = np.asarray(keep, dtype=np.float64).reshape(-1)
+        if k.shape != self.n_channels.shape:
+            raise ValueError(f"keep must have {self.n_channels.size} entries (one per unit)")
+        total = self.const
+        for i, per, fixed, n_in, bias, pos in self._terms:
+            if per < 0:  # a consumer: `fixed` outputs, -per input columns per channel
+                rows, n_in, extra = fixed, -per * k[i], 0
+            else:
+                rows, extra = per * k[i] + fixed, bias
+            total += float(round(pos * rows * n_in)) if self.kind == "flops" else rows * (n_in + extra)
+        if self.kind == "params":
+            for i, out, has_bias, refit in self._bias:
+                total += out if has_bias or (refit and k[i] < self.n_channels[i]) else 0
+        return total

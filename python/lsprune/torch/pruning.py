@@ -422,6 +422,26 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairRe
     return job.report
 
 
+def error_path(job, method: str, damping: float, lo: int, hi: int, keep: bool = False) -> np.ndarray:
+    """A pair's relative error for every kept count, from its independent statistics (or from the
+    checkpoint). ``keep``: the statistics can prune the pair too (independent mode): a checkpoint saves them."""
+    if job.saved is not None:
+        return job.ckpt.load_arrays(job.saved)["path"]
+    stats = job_statistics(job)
+    if stats.count == 0:
+        raise ValueError(f"pair {job.name}: no calibration rows reached the statistics")
+    damping = effective_damping(job, stats.count, damping)
+    W, b = consumer_matrix(job.ref_consumer)
+    order = job_order(job, method) if method in ORDER_METHODS else None
+    with _log_engine_warnings(job.name):
+        path = budgeting.pair_error_path(stats, method=method, refit=job.refit, n_channels=job.channels,
+                                         group_size=job.group_size, lo=lo, hi=hi, damping=damping, weights_in=W,
+                                         bias_in=b, order=order)
+    if job.ckpt is not None:
+        job.ckpt.save_done(job.key, job.stem, stats if keep else None, {"path": path})
+    return path
+
+
 def shrink_producers(job: PairJob, kept: np.ndarray) -> None:
     """Removes the dropped channels from the producer side: a pair's producer and ``between`` modules,
     or a unit's producer slices and head counts."""
