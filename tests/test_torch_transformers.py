@@ -231,3 +231,38 @@ def test_budget_across_heads_and_neurons(kind):
     assert all(r.predicted_error is not None for r in rep.pairs)
     assert _rel(ref, _out(g, held)) < _rel(ref, _out(u, held))
     assert rep.forward_passes <= 3.5  # the allocation's pass on the original stream, then the pruning passes
+
+
+def test_find_pairs_lists_units_and_the_residual_stream():
+    model, _ = _llama()
+    search = lt.find_pairs(model, _tokens(1)[0])
+    assert [p.producer for p in search.pairs][:2] == ["model.layers.0.self_attn", "model.layers.0.mlp"]
+    assert [p.via for p in search.pairs][:2] == [("heads",), ("mlp",)]
+    assert any("residual stream" in s.reason and s.producer == "model.layers.0.mlp.down_proj" for s in search.skipped)
+    assert len(lt.find_pairs(model, _tokens(1)[0], units="heads")) == 3
+
+
+@pytest.mark.parametrize("method", ["wanda_sp", "flap"])
+def test_statistics_baselines_pick_their_top_channels(method):
+    import lsprune
+    from lsprune.torch.baselines import flap_order, wanda_sp_order
+
+    model, _ = _llama()
+    calib = _tokens(n=4)
+    stats = lsprune.Statistics(96)
+    down = model.model.layers[0].mlp.down_proj
+    h = down.register_forward_pre_hook(lambda m, a: [stats.update(a[0].reshape(-1, 96).double().numpy())] and None)
+    with torch.no_grad():
+        for b in calib:
+            model(**b)
+    h.remove()
+    W = down.weight.detach().double().numpy()
+    order = wanda_sp_order(stats, W, 1, norm="l1") if method == "wanda_sp" else flap_order(stats, W, 1)
+    pruned, rep = lt.prune(model, calib, ratio=0.5, units="mlp", method=method, refit=False, progress=False)
+    assert rep.pairs[0].kept == sorted(order[:48].tolist())
+    new = pruned.model.layers[0].mlp.down_proj
+    assert rep.pairs[0].bias_added == (method == "flap") and (new.bias is not None) == (method == "flap")
+    if method == "flap":  # the bias keeps the removed neurons' mean contribution
+        removed = sorted(set(range(96)) - set(rep.pairs[0].kept))
+        mean = stats.sum_x / stats.count
+        assert torch.allclose(new.bias.double(), torch.as_tensor(W[:, removed] @ mean[removed]), atol=1e-6)

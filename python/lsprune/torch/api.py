@@ -18,7 +18,7 @@ import torch.nn as nn
 import lsprune
 from lsprune.budget import as_budget
 
-from .blockprune import TARGETS, normalize_units, prune_blocks
+from .blockprune import TARGETS, normalize_units, prune_blocks, unit_search
 from .blockwise import BlocksNotFoundError, find_blocks
 from .batches import (batch_size, capture_call, default_forward, first_tensor_device, forward_error, make_mask,
                       materialize, to_device)
@@ -59,8 +59,14 @@ class _TrainState:
 
 
 # ---------------------------------------------------------------------------------------------- find_pairs
-def find_pairs(model: nn.Module, example_input, *, forward_fn: Optional[Callable] = None) -> PairSearch:
-    """Lists the prunable pairs of a model that torch.fx can trace, and why other layers are skipped.
+def find_pairs(model: nn.Module, example_input, *, forward_fn: Optional[Callable] = None, units=None,
+               blocks: Optional[str] = None) -> PairSearch:
+    """Lists what :func:`prune` would prune in a model, and why other layers are skipped.
+
+    A model with a list of transformer blocks (see ``prune(strategy="blocks")``) lists its units:
+    attention heads (or KV groups) and MLP neurons, one :class:`Pair` each (``producer`` = the unit's
+    module, ``via`` = its kind); the layers that write the residual stream are listed as skipped
+    (its width stays). Other models are traced with torch.fx.
 
     Parameters
     ----------
@@ -70,6 +76,8 @@ def find_pairs(model: nn.Module, example_input, *, forward_fn: Optional[Callable
         used for shape propagation (e.g. the H*W group of a flatten before a Linear).
     forward_fn : callable, optional
         ``forward_fn(model, batch)``, see :func:`prune`.
+    units, blocks
+        As in :func:`prune` (transformers).
 
     Returns
     -------
@@ -85,6 +93,12 @@ def find_pairs(model: nn.Module, example_input, *, forward_fn: Optional[Callable
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if forward_fn is not None and not callable(forward_fn):
         raise TypeError("forward_fn must be callable: forward_fn(model, batch)")
+    kinds = normalize_units(units)
+    try:
+        return unit_search(model, blocks, kinds)
+    except BlocksNotFoundError:
+        if units is not None or blocks is not None:
+            raise
     state = _TrainState(model)
     try:
         model.eval()
@@ -150,9 +164,12 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
         float means FLOPs). Per-pair counts are chosen to fit it (see :class:`lsprune.Budget` and
         the README). Not together with ``ratio``. Raises ``ValueError`` with the reachable range
         when the budget cannot be met.
-    method : {"forward", "omp", "backward", "magnitude", "random", "thinet"}
+    method : {"forward", "omp", "backward", "magnitude", "random", "thinet", "wanda_sp", "flap"}
         How channels are chosen: the LS selection solvers (see :func:`lsprune.select`);
         ``"magnitude"``: largest producer filter norm (``norm``); ``"random"``: seeded by ``seed``;
+        ``"wanda_sp"``: largest ``Σ ‖x_c‖·‖W[:, c]‖`` over a channel's consumer columns (``norm`` of W);
+        ``"flap"``: largest input variance × ``‖W[:, c]‖²`` (FLAP's fluctuation; with ``refit=False`` the
+        consumer's bias absorbs the removed channels' mean, FLAP's bias compensation);
         ``"thinet"``: a naive greedy that re-solves the LS problem per candidate (same choices as
         ``"forward"``, much slower; for speed comparisons on small layers).
     refit : bool, default True
@@ -573,6 +590,7 @@ def _prune_blockwise(model, calibration, opts, *, forward_fn, mask_fn, inplace, 
             for r, u in zip(report.pairs, out["units"]):
                 r.kind = u.kind
             report.memory = out["memory"]
+            report.targets = opts["targets"]
             if opts["budget"] is not None:
                 _budget_record(report, out["plan"].budget, opts["budget"], out["paths"])
         state.restore(pruned)

@@ -145,3 +145,102 @@ def no_refit_path(stats: lsprune.Statistics, W: np.ndarray, order: Sequence[int]
     P = H[np.ix_(o, o)]
     suffix = P[::-1, ::-1].cumsum(0).cumsum(1)[::-1, ::-1]
     return np.maximum(np.concatenate([np.diag(suffix), [0.0]]), 0.0)
+
+
+# ---------------------------------------------------------------- LLM baselines: Wanda-sp and FLAP
+# Pure functions of a consumer's input statistics and its weight W (m, D), whose input columns are
+# grouped ``group_size`` per channel (channel j = columns j*g .. (j+1)*g - 1: an MLP neuron is one
+# column of down_proj, an attention head or KV group is head_dim (x group) columns of o_proj).
+
+
+def _consumer_weight(stats: lsprune.Statistics, W, group_size: int) -> Tuple[np.ndarray, int]:
+    """``W`` as float64 (m, D) checked against the statistics; returns it and the channel count C."""
+    if isinstance(W, torch.Tensor):
+        W = W.detach().to("cpu", torch.float64).numpy()
+    W = np.asarray(W, dtype=np.float64)
+    D, g = stats.n_features, int(group_size)
+    if W.ndim != 2 or W.shape[1] != D:
+        raise ValueError(f"W must have shape (m, {D}) to match the statistics; got {W.shape}")
+    if g < 1 or D % g:
+        raise ValueError(f"group_size={group_size} must be >= 1 and divide the {D} input columns")
+    if stats.count == 0:
+        raise ValueError("the statistics hold no samples yet: call update() first")
+    return W, D // g
+
+
+def _order(score: np.ndarray) -> np.ndarray:
+    """Channels by decreasing score, ties to the lowest index (stable sort)."""
+    return np.argsort(-score, kind="stable")
+
+
+def wanda_sp_scores(stats: lsprune.Statistics, W, group_size: int = 1, norm: str = "l2") -> np.ndarray:
+    """Wanda-sp channel scores, shape (C,): ``score_j = Σ_{c in j} ‖x_c‖₂ · ‖W[:, c]‖``.
+
+    ``‖x_c‖₂ = sqrt(Σ_rows x_c²) = sqrt(gram[c, c])``: the uncentred input norm over all calibration
+    rows, not divided by the row count (that division scales every score alike and leaves the order
+    unchanged). ``norm="l2"`` (default) uses ``‖W[:, c]‖₂``; ``norm="l1"`` uses ``Σ_i |W_ic|``, which is
+    what the reference implementation computes (the mean over output rows of the per-weight Wanda
+    score ``|W_ic| ‖x_c‖``, i.e. the L1 norm up to the constant 1/m).
+    """
+    W, C = _consumer_weight(stats, W, group_size)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}")
+    xnorm = np.sqrt(np.maximum(np.diag(stats.gram), 0.0))
+    wnorm = np.abs(W).sum(0) if norm == "l1" else np.sqrt((W * W).sum(0))
+    return (xnorm * wnorm).reshape(C, -1).sum(1)
+
+
+def wanda_sp_order(stats: lsprune.Statistics, W, group_size: int = 1, norm: str = "l2") -> np.ndarray:
+    """Channels by decreasing Wanda-sp score (:func:`wanda_sp_scores`), ties to the lowest index, shape (C,)."""
+    return _order(wanda_sp_scores(stats, W, group_size, norm))
+
+
+def flap_scores(stats: lsprune.Statistics, W, group_size: int = 1, power: int = 1) -> np.ndarray:
+    """FLAP fluctuation scores ("WIFV"), shape (C,): ``score_j = Σ_{c in j} (Var(x_c) · ‖W[:, c]‖₂²)^power``.
+
+    ``Var(x_c)`` is the variance of input column c over the calibration rows, the diagonal of
+    ``stats.cov_x`` (divides by N; the paper's sample variance divides by N - 1, a common factor that
+    does not change the order). It is computed from the diagonal only (``gram[c, c]/N - mean_c²``,
+    clipped at 0), never the full (D, D) covariance. ``power=1`` is the paper's metric, summed over a
+    channel's columns; the reference implementation squares the per-column metric of attention
+    heads before summing them (``power=2``) and uses ``power=1`` for MLP neurons. FLAP's adaptive
+    structure search (scores standardised across layers) is an allocation, not part of this order.
+    """
+    W, C = _consumer_weight(stats, W, group_size)
+    n = float(stats.count)
+    mean = np.asarray(stats.sum_x, dtype=np.float64) / n
+    var = np.maximum(np.diag(stats.gram) / n - mean * mean, 0.0)
+    col = var * (W * W).sum(0)
+    return (col ** int(power)).reshape(C, -1).sum(1)
+
+
+def flap_order(stats: lsprune.Statistics, W, group_size: int = 1, power: int = 1) -> np.ndarray:
+    """Channels by decreasing FLAP fluctuation score (:func:`flap_scores`), ties to the lowest index, shape (C,)."""
+    return _order(flap_scores(stats, W, group_size, power))
+
+
+def flap_bias(stats: lsprune.Statistics, W, b, kept: Sequence[int], group_size: int = 1) -> np.ndarray:
+    """FLAP's bias compensation, shape (m,): ``b' = b + W[:, R] @ mean_x[R]`` for the columns R of the
+    channels not in ``kept`` (``b=None``: zeros), so the consumer ``W[:, S] x_S + b'`` keeps the removed
+    channels' mean contribution and its output mean over the calibration rows is unchanged."""
+    W, C = _consumer_weight(stats, W, group_size)
+    kept = np.asarray(kept, dtype=np.int64).reshape(-1)
+    if kept.size and (kept.min() < 0 or kept.max() >= C):
+        raise ValueError(f"kept channels must lie in [0, {C}); got {kept.min()}..{kept.max()}")
+    removed = _columns(np.setdiff1d(np.arange(C), kept), int(group_size))
+    out = np.zeros(W.shape[0]) if b is None else np.array(b, dtype=np.float64).reshape(-1)
+    if out.shape != (W.shape[0],):
+        raise ValueError(f"b must have shape ({W.shape[0]},); got {np.shape(b)}")
+    mean = np.asarray(stats.sum_x, dtype=np.float64) / float(stats.count)
+    return out + W[:, removed] @ mean[removed]
+
+
+def compensated_error(stats: lsprune.Statistics, W, kept: Sequence[int], group_size: int = 1) -> float:
+    """``Σ‖W_R (x_R − x̄_R)‖²``: the error left when the removed channels R are replaced by their mean
+    contribution (FLAP's bias compensation) and the targets are the layer's own map ``W x + b``."""
+    W, C = _consumer_weight(stats, W, group_size)
+    R = _columns(np.setdiff1d(np.arange(C), np.asarray(kept, dtype=np.int64)), int(group_size))
+    sx = np.asarray(stats.sum_x, dtype=np.float64)[R]
+    Gc = np.asarray(stats.gram, dtype=np.float64)[np.ix_(R, R)] - np.outer(sx, sx) / float(stats.count)
+    WR = W[:, R]
+    return max(float(np.sum((WR @ Gc) * WR)), 0.0)

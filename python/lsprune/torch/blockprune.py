@@ -17,7 +17,8 @@ from .batches import batch_size, make_mask
 from .blockwise import block_units, capture_inputs, find_blocks, sweep_blocks
 from .layouts import UNIT_KINDS, Unit
 from .memory import MemoryLimitError, gib, resolve_limit, solver_bytes, statistics_bytes
-from .pairs import Pair
+from .blockwise import BlocksNotFoundError
+from .pairs import Pair, PairSearch, SkippedPair
 from . import budget as budgeting
 from .costs import UnitCosts
 from .pruning import PairJob, Timer, accumulate, error_path, finish, make_job, plan_channels
@@ -99,6 +100,22 @@ def check_memory(limit_option, calls, units: List[Unit], plan, modules, *, origi
 def unit_pair(u: Unit) -> Pair:
     """The :class:`Pair` record a unit is planned and reported under (keyed by the unit's name)."""
     return Pair(u.name, u.consumer, (), u.group_size, via=(u.kind,))
+
+
+def unit_search(model: nn.Module, blocks: Optional[str], kinds) -> PairSearch:
+    """``find_pairs`` for a model of transformer blocks: its units, and the residual-stream writers
+    (skipped: every block reads and adds to the stream, so its width stays)."""
+    name, mods = find_blocks(model, blocks, kinds)
+    search = PairSearch()
+    for i, us in block_units(mods, name, kinds):
+        for u in us:
+            search.pairs.append(unit_pair(u))
+            search.skipped.append(SkippedPair(u.consumer, "writes the residual stream, whose width stays (every "
+                                              "block reads it and adds to it); its inputs are pruned as unit "
+                                              f"{u.name}"))
+    if not search.pairs:
+        raise BlocksNotFoundError(f"the blocks {name!r} hold no units lsprune recognises")
+    return search
 
 
 def plan_budget(ref: nn.Module, units: List[Unit], per_block, calls, *, opts: dict, positions, b0: int, device,

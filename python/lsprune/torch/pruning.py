@@ -21,13 +21,15 @@ from lsprune.budget import Budget
 
 from . import budget as budgeting
 from .accumulate import Sums, iter_rows
-from .baselines import magnitude_order, naive_greedy, no_refit_error, random_order
+from .baselines import (compensated_error, flap_bias, flap_order, magnitude_order, naive_greedy, no_refit_error,
+                        random_order, wanda_sp_order)
 from .checkpoint import Checkpoint
 from .distributed import Dist
 from .pairs import Pair
 from .report import PairReport
 from .layouts import Unit, shrink_unit, unit_magnitude_order
-from .surgery import consumer_matrix, linear_like, set_consumer, shrink_channels, shrink_in, shrink_out, weight_rows
+from .surgery import (consumer_matrix, linear_like, set_bias, set_consumer, shrink_channels, shrink_in, shrink_out,
+                      weight_rows)
 
 logger = logging.getLogger("lsprune.torch")
 
@@ -124,7 +126,7 @@ def _log_engine_warnings(name: str):
 
 def _order_select(stats, n_keep, *, method, group_size, damping, weights_in=None, bias_in=None, job=None):
     """Keeps the first ``n_keep`` channels of a baseline's ranking and re-fits the consumer on them."""
-    order = job_order(job, method)
+    order = job_order(job, method, stats)
     sel = lsprune.refit(stats, np.sort(order[:n_keep]), group_size=group_size, damping=damping,
                         weights_in=weights_in, bias_in=bias_in)
     return dataclasses.replace(sel, method=method)
@@ -140,8 +142,16 @@ def _thinet_select(stats, n_keep, *, group_size, damping, weights_in=None, bias_
                                n_kept_path=np.arange(path.size, dtype=np.int64))
 
 
-def job_order(job: "PairJob", method: str) -> np.ndarray:
-    """The channel ranking of an order-based baseline for a pair (from the original producer)."""
+def job_order(job: "PairJob", method: str, stats: Optional[lsprune.Statistics] = None) -> np.ndarray:
+    """The channel ranking of an order-based baseline for a pair: from the original producer (magnitude),
+    seeded (random), or from the consumer's original weights and the input statistics (Wanda-sp, FLAP)."""
+    if method in STATS_ORDER_METHODS:
+        W, _ = consumer_matrix(job.ref_consumer)
+        if method == "wanda_sp":
+            return wanda_sp_order(stats, W, job.group_size, norm=job.norm)
+        # FLAP's reference implementation squares the per-column metric of attention heads
+        return flap_order(stats, W, job.group_size, power=2 if job.unit is not None and job.unit.kind == "heads"
+                          else 1)
     if method == "magnitude":
         if job.unit is not None:
             return unit_magnitude_order(job.extra["ref_modules"], job.unit, job.norm)
@@ -155,8 +165,12 @@ SELECTORS: Dict[str, Callable] = {m: functools.partial(_engine_select, method=m)
 SELECTORS["magnitude"] = functools.partial(_order_select, method="magnitude")
 SELECTORS["random"] = functools.partial(_order_select, method="random")
 SELECTORS["thinet"] = _thinet_select
+SELECTORS["wanda_sp"] = functools.partial(_order_select, method="wanda_sp")
+SELECTORS["flap"] = functools.partial(_order_select, method="flap")
+#: Rankings computed from the consumer's input statistics and original weights.
+STATS_ORDER_METHODS = ("wanda_sp", "flap")
 #: Methods whose choice is a fixed channel ranking (the budget's error path follows that ranking).
-ORDER_METHODS = ("magnitude", "random")
+ORDER_METHODS = ("magnitude", "random") + STATS_ORDER_METHODS
 
 
 #: Relative ridge used at least for a pair whose LS fit is (nearly) underdetermined (see effective_damping).
@@ -387,15 +401,14 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairRe
     if job.refit:
         plain = sel.plain_error
     else:  # the consumer keeps its original weights on the kept channels (and its original bias)
-        W, b = consumer_matrix(job.ref_consumer)
-        plain = no_refit_error(stats, W, b if job.ref_consumer.bias is not None else None, kept, job.group_size)
+        plain, new_bias = _kept_weights_error(job, stats, kept, method)
     with timer("surgery"):
         shrink_producers(job, kept)
         if job.refit:
             added = set_consumer(job.consumer, sel.weights, sel.bias, int(kept.size))
         else:
             shrink_in(job.consumer, kept, job.group_size)
-            added = False
+            added = set_bias(job.consumer, new_bias) if new_bias is not None else False
         if job.dist is not None:
             job.dist.sync_modules(job.modules, kept.tolist(), job.name)
     job.seconds += time.perf_counter() - t
@@ -432,7 +445,7 @@ def error_path(job, method: str, damping: float, lo: int, hi: int, keep: bool = 
         raise ValueError(f"pair {job.name}: no calibration rows reached the statistics")
     damping = effective_damping(job, stats.count, damping)
     W, b = consumer_matrix(job.ref_consumer)
-    order = job_order(job, method) if method in ORDER_METHODS else None
+    order = job_order(job, method, stats) if method in ORDER_METHODS else None
     with _log_engine_warnings(job.name):
         path = budgeting.pair_error_path(stats, method=method, refit=job.refit, n_channels=job.channels,
                                          group_size=job.group_size, lo=lo, hi=hi, damping=damping, weights_in=W,
@@ -440,6 +453,19 @@ def error_path(job, method: str, damping: float, lo: int, hi: int, keep: bool = 
     if job.ckpt is not None:
         job.ckpt.save_done(job.key, job.stem, stats if keep else None, {"path": path})
     return path
+
+
+def _kept_weights_error(job: PairJob, stats, kept: np.ndarray, method: str):
+    """``refit=False``: the error of the consumer's original weights on the kept channels, and the new bias
+    (FLAP's bias compensation keeps the removed channels' mean contribution; others keep the bias)."""
+    W, b = consumer_matrix(job.ref_consumer)
+    b0 = b if job.ref_consumer.bias is not None else None
+    if method != "flap":
+        return no_refit_error(stats, W, b0, kept, job.group_size), None
+    new_bias = flap_bias(stats, W, b0, kept, job.group_size)
+    if stats.n_targets == 0:  # targets = the layer's own map: what is left is the removed columns' fluctuation
+        return compensated_error(stats, W, kept, job.group_size), new_bias
+    return no_refit_error(stats, W, new_bias, kept, job.group_size), new_bias
 
 
 def shrink_producers(job: PairJob, kept: np.ndarray) -> None:

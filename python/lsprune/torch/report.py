@@ -99,7 +99,10 @@ class PruneReport:
     skipped : list of dict
         ``{"producer", "consumer", "reason"}`` for candidate producers left alone.
     mode, method, strategy : str
-        ``strategy`` is ``"graph"`` (torch.fx sweep) or ``"hooks"`` (explicit pairs on an untraceable model).
+        ``strategy`` is ``"graph"`` (torch.fx sweep), ``"hooks"`` (explicit pairs on an untraceable model)
+        or ``"blocks"`` (transformer units, block by block).
+    targets : str or None
+        Blocks strategy: ``"layer"`` or ``"original"`` (see ``prune(targets=)``).
     ratio : float or None
     refit : bool
         Consumers were re-fitted by LS (``prune(refit=)``).
@@ -168,6 +171,7 @@ class PruneReport:
     versions: Dict[str, str] = field(default_factory=dict)
     world_size: int = 1
     memory: Optional[dict] = None
+    targets: Optional[str] = None
 
     @property
     def params_ratio(self) -> float:
@@ -221,7 +225,9 @@ class PruneReport:
         return "\n".join(lines)
 
     def __str__(self):
-        out = (f"lsprune: {len(self.pairs)} pair(s), {self.mode}/{self.method}, {self.strategy} strategy; "
+        what = f"{len(self.pairs)} pair(s), {self.mode}" if self.targets is None else \
+            f"{len(self.pairs)} unit(s), targets={self.targets}"
+        out = (f"lsprune: {what}/{self.method}, {self.strategy} strategy; "
                f"params {_si(self.params_before)} -> {_si(self.params_after)} ({self.params_ratio:.1%}), "
                f"MACs/sample {_si(self.flops_before)} -> {_si(self.flops_after)} ({self.flops_ratio:.1%}); "
                f"{self.forward_passes:.2f} forward passes, {self.time_s:.2f}s")

@@ -149,15 +149,18 @@ def set_consumer(module: nn.Module, weights: np.ndarray, bias: Optional[np.ndarr
     else:
         module.in_features = new.shape[1]
     module.weight = _param(w, new)
-    added = False
-    if bias is not None:
-        if module.bias is None:
-            added = True
-            module.bias = _param(w.new_empty(0), torch.as_tensor(np.asarray(bias)))
-            module.bias.requires_grad_(w.requires_grad)
-        else:
-            module.bias = _param(module.bias, torch.as_tensor(np.asarray(bias)))
-    return added
+    return set_bias(module, bias) if bias is not None else False
+
+
+def set_bias(module: nn.Module, bias: np.ndarray) -> bool:
+    """Installs ``bias`` (out,) on a consumer; returns True if the module had no bias (one was added)."""
+    w = module.weight
+    if module.bias is None:
+        module.bias = _param(w.new_empty(0), torch.as_tensor(np.asarray(bias)))
+        module.bias.requires_grad_(w.requires_grad)
+        return True
+    module.bias = _param(module.bias, torch.as_tensor(np.asarray(bias)))
+    return False
 
 
 def shrink_in(module: nn.Module, idx, group: int = 1) -> None:
