@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 import lsprune
+from lsprune import _policy
 from lsprune.budget import as_budget
 
 from .batches import (batch_size, capture_call, default_forward, first_tensor_device, forward_error, make_mask,
@@ -117,7 +118,7 @@ def _graph_discovery(ref, batch0, run):
 # ---------------------------------------------------------------------------------------------- prune
 def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep: Optional[Dict[str, int]] = None,
           budget=None, method: str = "forward", refit: bool = True, norm: str = "l1", mode: str = "sequential",
-          damping: float = 1e-6, max_batches: Optional[int] = None,
+          damping: float = _policy.DEFAULT_DAMPING, max_batches: Optional[int] = None,
           device=None, progress: bool = True, pairs: Optional[Sequence] = None, forward_fn: Optional[Callable] = None,
           mask_fn: Optional[Callable] = None, inplace: bool = False,
           max_positions: Optional[int] = DEFAULT_MAX_POSITIONS, seed: int = 0,
