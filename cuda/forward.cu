@@ -1,7 +1,8 @@
 // Forward selection / OMP with the solver state on the GPU. The greedy loop,
 // validation and the final LS solve are the CPU engine's (run_forward); this file
 // provides the device state: the Cholesky/Schur factors C (K x Du), residual
-// cross R (Du x m), per-group residual blocks and gains (DESIGN.md §2).
+// cross R (Du x m), per-group residual blocks and gains (docs/design.md, "Forward
+// selection and OMP").
 //
 // Per step: gather A = C[:, J] and download it (for L), out = A^T C (one thread
 // per column, C streamed once), c = L_J^{-1}(Gd_{J,:} - out), z = L_J^{-1} R_J,

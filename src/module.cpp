@@ -1,6 +1,5 @@
 // lsprune._core: the thin pybind11 layer. Array conversion, GIL release and
 // exception translation only; every algorithm lives in cpp/.
-#include <omp.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -10,7 +9,9 @@
 #include "lsprune/accumulate.hpp"
 #include "lsprune/blas.hpp"
 #include "lsprune/factorize.hpp"
+#include "lsprune/policy.hpp"
 #include "lsprune/problem.hpp"
+#include "lsprune/threads.hpp"
 #include "lsprune_cuda.hpp"
 
 namespace py = pybind11;
@@ -82,17 +83,18 @@ py::dict to_dict(const lsp::SelectResult& r, Index m) {
   return d;
 }
 
+// The statistics arguments shared by select, refit and factorize.
 struct ProblemArgs {
   F64 gram;
   std::optional<F64> cross, weights_in, bias_in, sum_x, sum_y;
   double target_energy, count;
   bool fit_intercept;
   double damping;
-  std::vector<Index> offsets, columns;
 };
 
-lsp::ProblemInput make_input(const ProblemArgs& a, Index D, Index m) {
+lsp::ProblemInput make_input(const ProblemArgs& a, Index m) {
   lsp::ProblemInput in;
+  const Index D = a.gram.ndim() == 2 ? a.gram.shape(0) : 0;
   in.D = D;
   in.m = m;
   if (a.gram.ndim() != 2 || a.gram.shape(0) != D || a.gram.shape(1) != D)
@@ -114,21 +116,54 @@ lsp::Groups make_groups(std::vector<Index> offsets, std::vector<Index> columns) 
   lsp::Groups g;
   g.offsets = std::move(offsets);
   g.columns = std::move(columns);
-  if (g.offsets.empty() || g.offsets.front() != 0 || g.offsets.back() != Index(g.columns.size()))
-    throw std::invalid_argument("internal: malformed group offsets");
-  for (std::size_t i = 1; i < g.offsets.size(); ++i)
-    if (g.offsets[i] < g.offsets[i - 1]) throw std::invalid_argument("internal: malformed group offsets");
-  return g;
+  return g;  // validated by lsp::Problem
+}
+
+lsp::SelectOptions make_options(const std::string& method, Index n_keep, double tol, std::vector<Index> force,
+                                double rcond) {
+  lsp::SelectOptions opt;
+  if (method == "forward") opt.method = lsp::Method::Forward;
+  else if (method == "omp") opt.method = lsp::Method::Omp;
+  else if (method == "backward") opt.method = lsp::Method::Backward;
+  else throw std::invalid_argument("unknown method '" + method + "'");
+  opt.n_keep = n_keep;
+  opt.tol = tol;
+  opt.force = std::move(force);
+  opt.rcond = rcond;
+  return opt;
+}
+
+// Builds the problem and runs `solve(problem)` on it without the GIL.
+template <class Solve>
+auto solve_without_gil(const ProblemArgs& a, Index m, const lsp::Groups& groups, Solve&& solve) {
+  lsp::ProblemInput in = make_input(a, m);
+  py::gil_scoped_release nogil;
+  lsp::Problem prob(in, groups);
+  return solve(prob);
 }
 
 }  // namespace
+
+// The statistics arguments of select, refit and factorize, in ProblemArgs order.
+#define LSP_PROBLEM_PARAMS                                                                          \
+  F64 gram, std::optional<F64> cross, std::optional<F64> weights_in, std::optional<F64> bias_in,  \
+      std::optional<F64> sum_x, std::optional<F64> sum_y, double target_energy, double count,     \
+      bool fit_intercept, double damping
+#define LSP_PROBLEM_ARGS \
+  ProblemArgs { gram, cross, weights_in, bias_in, sum_x, sum_y, target_energy, count, fit_intercept, damping }
+#define LSP_PROBLEM_PYARGS                                                                          \
+  py::arg("gram"), py::arg("cross"), py::arg("weights_in"), py::arg("bias_in"), py::arg("sum_x"),  \
+      py::arg("sum_y"), py::arg("target_energy"), py::arg("count"), py::arg("fit_intercept"),      \
+      py::arg("damping")
 
 PYBIND11_MODULE(_core, mod) {
   mod.doc() = "lsprune compiled engine (internal; use the lsprune package)";
 #ifdef LSPRUNE_VERSION
   mod.attr("__version__") = LSPRUNE_VERSION;
 #endif
+  // Typed errors: the Python side decides on the class, never on the message.
   py::register_exception<lsp::NumericalError>(mod, "NumericalError", PyExc_ArithmeticError);
+  py::register_exception<lsp::NonFiniteInput>(mod, "NonFiniteInputError", PyExc_ValueError);
 
   py::class_<lsp::Accumulator>(mod, "Accumulator")
       .def(py::init<Index, Index>(), py::arg("n_features"), py::arg("n_targets"))
@@ -175,66 +210,48 @@ PYBIND11_MODULE(_core, mod) {
 
   mod.def(
       "select",
-      [](F64 gram, std::optional<F64> cross, std::optional<F64> weights_in, std::optional<F64> bias_in,
-         std::optional<F64> sum_x, std::optional<F64> sum_y, double target_energy, double count, bool fit_intercept,
-         double damping, std::vector<Index> offsets, std::vector<Index> columns, const std::string& method,
-         Index n_keep, double tol, std::vector<Index> force, double rcond, Index m, bool refit_only, int device) {
-        const Index D = gram.ndim() == 2 ? gram.shape(0) : 0;
-        ProblemArgs a{gram, cross, weights_in, bias_in, sum_x, sum_y, target_energy, count, fit_intercept, damping,
-                      {}, {}};
-        lsp::ProblemInput in = make_input(a, D, m);
-        lsp::Groups groups = make_groups(std::move(offsets), std::move(columns));
-        lsp::SelectOptions opt;
-        if (method == "forward") opt.method = lsp::Method::Forward;
-        else if (method == "omp") opt.method = lsp::Method::Omp;
-        else if (method == "backward") opt.method = lsp::Method::Backward;
-        else throw std::invalid_argument("unknown method '" + method + "'");
-        opt.n_keep = n_keep;
-        opt.tol = tol;
-        opt.force = std::move(force);
-        opt.rcond = rcond;
-        lsp::SelectResult r;
-        {
-          py::gil_scoped_release nogil;
-          lsp::Problem prob(in, groups);
-          if (refit_only) {
-            lsp::SelectOptions chk;
-            chk.n_keep = 0;
-            lsp::validate(groups, D, chk);
-            r = lsp::refit(prob, opt.force);
-          } else if (device >= 0) {
-#ifdef LSPRUNE_HAVE_CUDA
-            r = lsp::cuda::select(prob, opt, device);
-#else
-            throw std::invalid_argument("this lsprune was built without CUDA support: use device='cpu'");
-#endif
-          } else {
-            r = lsp::select(prob, opt);
-          }
-        }
-        return to_dict(r, m);
+      [](LSP_PROBLEM_PARAMS, std::vector<Index> offsets, std::vector<Index> columns, const std::string& method,
+         Index n_keep, double tol, std::vector<Index> force, double rcond, Index m) {
+        const lsp::SelectOptions opt = make_options(method, n_keep, tol, std::move(force), rcond);
+        const lsp::Groups groups = make_groups(std::move(offsets), std::move(columns));
+        return to_dict(solve_without_gil(LSP_PROBLEM_ARGS, m, groups,
+                                         [&](lsp::Problem& prob) { return lsp::select(prob, opt); }),
+                       m);
       },
-      py::arg("gram"), py::arg("cross"), py::arg("weights_in"), py::arg("bias_in"), py::arg("sum_x"),
-      py::arg("sum_y"), py::arg("target_energy"), py::arg("count"), py::arg("fit_intercept"), py::arg("damping"),
-      py::arg("offsets"), py::arg("columns"), py::arg("method"), py::arg("n_keep"), py::arg("tol"),
-      py::arg("force"), py::arg("rcond"), py::arg("n_targets"), py::arg("refit_only") = false,
-      py::arg("device") = -1);
+      LSP_PROBLEM_PYARGS, py::arg("offsets"), py::arg("columns"), py::arg("method"), py::arg("n_keep"),
+      py::arg("tol"), py::arg("force"), py::arg("rcond"), py::arg("n_targets"));
+#ifdef LSPRUNE_HAVE_CUDA
+  mod.def(
+      "select_cuda",
+      [](LSP_PROBLEM_PARAMS, std::vector<Index> offsets, std::vector<Index> columns, const std::string& method,
+         Index n_keep, double tol, std::vector<Index> force, double rcond, Index m, int device) {
+        const lsp::SelectOptions opt = make_options(method, n_keep, tol, std::move(force), rcond);
+        const lsp::Groups groups = make_groups(std::move(offsets), std::move(columns));
+        return to_dict(solve_without_gil(LSP_PROBLEM_ARGS, m, groups,
+                                         [&](lsp::Problem& prob) { return lsp::cuda::select(prob, opt, device); }),
+                       m);
+      },
+      LSP_PROBLEM_PYARGS, py::arg("offsets"), py::arg("columns"), py::arg("method"), py::arg("n_keep"),
+      py::arg("tol"), py::arg("force"), py::arg("rcond"), py::arg("n_targets"), py::arg("device"));
+#endif
+  mod.def(
+      "refit",
+      [](LSP_PROBLEM_PARAMS, std::vector<Index> offsets, std::vector<Index> columns, std::vector<Index> keep,
+         Index m) {
+        const lsp::Groups groups = make_groups(std::move(offsets), std::move(columns));
+        return to_dict(solve_without_gil(LSP_PROBLEM_ARGS, m, groups,
+                                         [&](lsp::Problem& prob) { return lsp::refit(prob, keep); }),
+                       m);
+      },
+      LSP_PROBLEM_PYARGS, py::arg("offsets"), py::arg("columns"), py::arg("keep"), py::arg("n_targets"));
 
   mod.def(
       "factorize",
-      [](F64 gram, std::optional<F64> cross, std::optional<F64> weights_in, std::optional<F64> bias_in,
-         std::optional<F64> sum_x, std::optional<F64> sum_y, double target_energy, double count, bool fit_intercept,
-         double damping, Index rank, double tol, Index m) {
+      [](LSP_PROBLEM_PARAMS, Index rank, double tol, Index m) {
         const Index D = gram.ndim() == 2 ? gram.shape(0) : 0;
-        ProblemArgs a{gram, cross, weights_in, bias_in, sum_x, sum_y, target_energy, count, fit_intercept, damping,
-                      {}, {}};
-        lsp::ProblemInput in = make_input(a, D, m);
-        lsp::FactorizeResult r;
-        {
-          py::gil_scoped_release nogil;
-          lsp::Problem prob(in, lsp::Groups::consecutive(D, 1));
-          r = lsp::factorize(prob, rank, tol);
-        }
+        const lsp::FactorizeResult r =
+            solve_without_gil(LSP_PROBLEM_ARGS, m, lsp::Groups::consecutive(D, 1),
+                              [&](lsp::Problem& prob) { return lsp::factorize(prob, rank, tol); });
         py::dict d;
         py::array_t<double> U({m, r.rank}), V({r.rank, D});
         std::copy(r.U.begin(), r.U.end(), U.mutable_data());
@@ -248,9 +265,7 @@ PYBIND11_MODULE(_core, mod) {
         d["lambda"] = r.lambda;
         return d;
       },
-      py::arg("gram"), py::arg("cross"), py::arg("weights_in"), py::arg("bias_in"), py::arg("sum_x"),
-      py::arg("sum_y"), py::arg("target_energy"), py::arg("count"), py::arg("fit_intercept"), py::arg("damping"),
-      py::arg("rank"), py::arg("tol"), py::arg("n_targets"));
+      LSP_PROBLEM_PYARGS, py::arg("rank"), py::arg("tol"), py::arg("n_targets"));
   mod.def(
       "mirror_upper",
       [](F64 a) {
@@ -275,15 +290,8 @@ PYBIND11_MODULE(_core, mod) {
         return py::make_tuple(asym, mx);
       },
       py::arg("a"));
-  mod.def(
-      "set_num_threads",
-      [](int n) {
-        if (n < 1) throw std::invalid_argument("the number of threads must be >= 1");
-        omp_set_num_threads(n);
-        lsp::blas::set_num_threads(n);
-      },
-      py::arg("n"));
-  mod.def("get_num_threads", []() { return omp_get_max_threads(); });
+  mod.def("set_num_threads", &lsp::set_num_threads, py::arg("n"));
+  mod.def("get_num_threads", &lsp::num_threads);
   mod.def("blas_num_threads", []() { return lsp::blas::num_threads(); });
 #ifdef LSPRUNE_HAVE_CUDA
   mod.def("cuda_device_count", []() { return lsp::cuda::device_count(); });
@@ -332,6 +340,13 @@ PYBIND11_MODULE(_core, mod) {
 #else
   mod.def("cuda_device_count", []() { return 0; });
 #endif
+  mod.def("damping_policy", []() {
+    py::dict d;
+    d["escalation_start"] = lsp::policy::kEscalationStart;
+    d["escalation_factor"] = lsp::policy::kEscalationFactor;
+    d["max_damping"] = lsp::policy::kMaxDamping;
+    return d;
+  });
   mod.def("build_info", []() {
     py::dict d;
     d["openmp"] = _OPENMP;

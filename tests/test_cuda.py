@@ -87,14 +87,17 @@ def test_gpu_selection_groups_force_tol_and_degenerate(rng):
 @pytest.mark.parametrize("dtype,sums", sorted(STATS_RTOL))
 def test_gpu_statistics_equal_float64_reference(rng, dtype, sums):
     torch = pytest.importorskip("torch")
+    from lsprune.torch._tensors import device_matrix
     X = torch.from_numpy(rng.normal(size=(3000, 70)) + 0.5).to(getattr(torch, dtype))
     Y = torch.from_numpy(rng.normal(size=(3000, 5))).to(getattr(torch, dtype))
     st = lsprune.Statistics(70, 5, device="cuda", sums_dtype=sums)
     for i in range(0, 3000, 700):  # several batches, one of them transposed in memory
-        xb = X[i:i + 700].cuda()
+        xb, yb = X[i:i + 700].cuda(), Y[i:i + 700].cuda()
         if i == 700:
             xb = xb.t().contiguous().t()
-        st.update(xb, Y[i:i + 700].cuda())
+        if dtype == "bfloat16":  # __cuda_array_interface__ cannot name bfloat16: the torch front-end's descriptor
+            xb, yb = device_matrix(xb, "x"), device_matrix(yb, "y")
+        st.update(xb, yb)
     Xd, Yd = X.double().numpy(), Y.double().numpy()
     G, B = Xd.T @ Xd, Xd.T @ Yd
     tol = STATS_RTOL[(dtype, sums)]

@@ -68,7 +68,7 @@ def test_ranks_agree_and_equal_one_process_on_all_data(results, name):
 
 def test_a_failing_rank_stops_every_rank_and_changes_nothing(results):
     msgs = [open(os.path.join(results, f"failure-{r}.txt")).read() for r in range(WORLD)]
-    assert msgs[1].startswith("ValueError") and "NaN" in msgs[1]
+    assert msgs[1].startswith("NonFiniteInputError") and "NaN" in msgs[1]
     assert msgs[0].startswith("DistributedError") and "rank 1" in msgs[0] and "NaN" in msgs[0]
 
 

@@ -203,11 +203,11 @@ void Accumulator::update(const MatrixView& x, const MatrixView* y, const Sums& s
   std::vector<double> sx(D), sxx(D), sy(m), syy(m);
   column_sums(x, sx.data(), sxx.data());
   if (!all_finite(sx.data(), D) || !all_finite(sxx.data(), D))
-    throw std::invalid_argument("x contains NaN or Inf (or overflows float64); the batch was not added");
+    throw NonFiniteInput("x contains NaN or Inf (or overflows float64); the batch was not added");
   if (y) {
     column_sums(*y, sy.data(), syy.data());
     if (!all_finite(sy.data(), m) || !all_finite(syy.data(), m))
-      throw std::invalid_argument("y contains NaN or Inf (or overflows float64); the batch was not added");
+      throw NonFiniteInput("y contains NaN or Inf (or overflows float64); the batch was not added");
   }
   // float32 products are used when all inputs are float16/float32 and the
   // pending float32 sums cannot overflow.

@@ -28,8 +28,8 @@ class Accumulator {
  public:
   Accumulator(Index D, Index m);
   // Adds x (N x D) and y (N x m, or null when m == 0). Validates shapes; if the
-  // batch holds NaN/Inf (or float32 products overflow) it throws
-  // std::invalid_argument and the sums are exactly as before.
+  // batch holds NaN/Inf (or float32 products overflow) it throws NonFiniteInput
+  // (a std::invalid_argument) and the sums are exactly as before.
   void update(const MatrixView& x, const MatrixView* y, const Sums& sums);
   // Adds the pending float32 products into the sums (call before reading them).
   void flush(const Sums& sums);

@@ -1,6 +1,7 @@
 // Backward elimination (OBS-style): start from all candidates with
 // H = Gd^{-1}, W = H Bc; removing group J costs tr(W_J^T H_JJ^{-1} W_J) and
-// downdates W -= H_:J H_JJ^{-1} W_J, H -= H_:J H_JJ^{-1} H_J: (DESIGN.md §2).
+// downdates W -= H_:J H_JJ^{-1} W_J, H -= H_:J H_JJ^{-1} H_J: (docs/design.md,
+// "Backward elimination").
 // H is kept in its upper triangle only (rank-g SYRK downdates); removed groups
 // are compacted away lazily.
 #include <omp.h>

@@ -11,7 +11,13 @@ namespace lsp {
 using Index = std::int64_t;
 
 // User errors (bad shapes, bad options) -> Python ValueError (std::invalid_argument).
+// NaN/Inf in streamed data -> lsprune.NonFiniteInputError (a ValueError): callers
+// decide on the type, never on the message.
 // Numerical breakdown that cannot be recovered from -> lsprune.NumericalError.
+struct NonFiniteInput : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
 struct NumericalError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };

@@ -1,5 +1,6 @@
 // Greedy forward selection (exact LS gain) and group simultaneous OMP, both with
-// the Cholesky/Schur state of DESIGN.md §2 and no refactorization per step.
+// the Cholesky/Schur state of docs/design.md, "Forward selection and OMP", and no
+// refactorization per step.
 //
 // State after selecting columns S (working positions of the candidates):
 //   L L^T = Gd_SS,  C = L^{-1} Gd_{S,:}  (K x Dact),  Z = L^{-1} Bc_S,

@@ -29,7 +29,12 @@ Groups Groups::consecutive(Index D, Index group_size) {
   return g;
 }
 
-void validate(const Groups& groups, Index D, const SelectOptions& opt) {
+void validate_groups(const Groups& groups, Index D) {
+  const auto& off = groups.offsets;
+  if (off.empty() || off.front() != 0 || off.back() != Index(groups.columns.size()))
+    throw std::invalid_argument("internal: malformed group offsets");
+  for (std::size_t i = 1; i < off.size(); ++i)
+    if (off[i] < off[i - 1]) throw std::invalid_argument("internal: malformed group offsets");
   const Index G = groups.size();
   if (G <= 0) throw std::invalid_argument("there are no candidate groups");
   std::vector<char> seen(D, 0);
@@ -44,6 +49,11 @@ void validate(const Groups& groups, Index D, const SelectOptions& opt) {
       seen[c] = 1;
     }
   }
+}
+
+void validate(const Groups& groups, Index D, const SelectOptions& opt) {
+  validate_groups(groups, D);
+  const Index G = groups.size();
   const bool has_n = opt.n_keep >= 0, has_tol = opt.tol >= 0;
   if (has_n == has_tol) throw std::invalid_argument("give exactly one of n_keep and tol");
   if (has_n && opt.n_keep > G)
@@ -116,6 +126,7 @@ Problem::Problem(const ProblemInput& in, const Groups& groups) : in_(in), groups
     energy_ = std::max(e, 0.0);
   }
 
+  validate_groups(groups_, D_);  // before the candidate columns are read
   // Damping scale: mean centred variance over the candidate columns.
   double s = 0;
   for (Index c : groups_.columns) s += in.gram[std::size_t(c) * D_ + c] - n * mx_[c] * mx_[c];
@@ -125,9 +136,7 @@ Problem::Problem(const ProblemInput& in, const Groups& groups) : in_(in), groups
 
 void Problem::set_damping(double rel) {
   damping_ = rel;
-  lambda_ = rel * mean_diag_;
-  // A problem whose columns are all dead still needs a positive ridge to stay finite.
-  if (rel > 0 && lambda_ <= 0) lambda_ = rel;
+  lambda_ = policy::ridge(rel, mean_diag_);
 }
 
 void Problem::gram_row(Index j, const Index* cols, Index n, double* out) const {

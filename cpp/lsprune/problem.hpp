@@ -1,7 +1,7 @@
 // The centred, damped least-squares problem of one layer, built from streamed
 // sums (or raw matrices), and the options/results shared by all solvers.
 //
-// Notation (DESIGN.md §1): G = sum x x^T (D x D), B = sum x y^T (D x m).
+// Notation (docs/design.md, "Streamed statistics"): G = sum x x^T (D x D), B = sum x y^T (D x m).
 // With an intercept everything is centred: Gc = G - sx sx^T / n,
 // Bc = B - sx sy^T / n, energy = sum ||y||^2 - ||sy||^2 / n. Damping adds
 // lambda = damping * mean(diag Gc over the candidate columns) to the diagonal;
@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common.hpp"
+#include "policy.hpp"
 
 namespace lsp {
 
@@ -110,23 +111,28 @@ class Problem {
 };
 
 // Calls try_factor() (which rebuilds the damped matrix from `prob` and returns a
-// LAPACK info) until it succeeds, raising the relative damping 0 -> 1e-8 -> x100
-// ... up to 0.1 on a singular system; the damping used is reported to the user.
+// LAPACK info) until it succeeds, raising the relative damping by policy::escalate
+// (0 -> 1e-8 -> x100 ... up to 0.1) on a singular system; the damping used is
+// reported to the user.
 template <class F>
 void factor_or_raise_damping(Problem& prob, F&& try_factor, const char* what) {
   double rel = prob.damping();
   while (try_factor() != 0) {
-    rel = rel > 0 ? rel * 100 : 1e-8;
-    if (rel > 1e-1) throw NumericalError(std::string(what) + " stays singular even with damping 0.1");
+    rel = policy::escalate(rel);
+    if (rel > policy::kMaxDamping) throw NumericalError(std::string(what) + " stays singular even with damping 0.1");
     prob.set_damping(rel);
   }
 }
 
-// Validates groups/options against the problem (throws std::invalid_argument).
+// Validates the groups: well-formed offsets, non-empty, disjoint, columns in
+// [0, D) (throws std::invalid_argument). Problem's constructor calls it.
+void validate_groups(const Groups& groups, Index D);
+// Validates groups and options against the problem (throws std::invalid_argument).
 void validate(const Groups& groups, Index D, const SelectOptions& opt);
 
-// LS re-fit on the given groups (any order; result ascending). Recovers from a
-// singular system by raising the damping (reported in res.damping).
+// LS re-fit on the given groups (any order; result ascending; the groups were
+// validated by Problem). Recovers from a singular system by raising the damping
+// (reported in res.damping).
 SelectResult refit(Problem& prob, const std::vector<Index>& keep_groups);
 
 SelectResult select_forward(Problem& prob, const SelectOptions& opt);   // forward and omp

@@ -9,10 +9,15 @@ The NumPy-level API (no torch needed):
 * :class:`Budget` — a target fraction of a whole model's FLOPs or parameters (for :mod:`lsprune.torch`).
 * :func:`factorize` — LS factorization (reduced-rank regression) ``W ≈ U V``.
 
-The PyTorch front-end lives in :mod:`lsprune.torch` (imported on demand).
+Errors and warnings: :class:`NonFiniteInputError` (a ``ValueError``: NaN/Inf data),
+:class:`NumericalError` (an ``ArithmeticError``), :class:`CUDAUnavailableError`,
+:class:`DegenerateGroupWarning` and :class:`DampingRaisedWarning` (``RuntimeWarning`` subclasses).
+
+The PyTorch front-end lives in :mod:`lsprune.torch` (imported on demand); this package never imports torch.
 """
 from ._device import CUDAUnavailableError, cuda_available, cuda_device_count
-from ._native import NumericalError, _core
+from ._errors import DampingRaisedWarning, DegenerateGroupWarning, NonFiniteInputError, NumericalError
+from ._native import _core
 from .allocation import Allocation, allocate
 from .budget import Budget
 from .factorization import Factorization, factorize
@@ -32,5 +37,7 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
-__all__ = ["CUDAUnavailableError", "cuda_available", "cuda_device_count", "Statistics", "select", "refit", "Selection", "factorize", "Factorization", "allocate", "Allocation", "Budget", "NumericalError", "METHODS", "set_num_threads",
-           "get_num_threads", "__version__"]
+__all__ = ["CUDAUnavailableError", "cuda_available", "cuda_device_count", "Statistics", "select", "refit", "Selection",
+           "factorize", "Factorization", "allocate", "Allocation", "Budget", "NumericalError", "NonFiniteInputError",
+           "DegenerateGroupWarning", "DampingRaisedWarning", "METHODS", "set_num_threads", "get_num_threads",
+           "__version__"]

@@ -1,25 +1,48 @@
-"""Conversion of user inputs (NumPy arrays, CPU torch tensors, DLPack/array-likes)
-into arrays the engine can read without copying when possible."""
+"""Conversion of user inputs into arrays the engine can read without copying when possible.
+
+Generic protocols only (this module never imports torch): NumPy arrays and objects with
+``__dlpack__``/``__array__`` in host memory; for CUDA statistics, objects with
+``__cuda_array_interface__`` and :class:`DeviceMatrix` descriptors (the torch front-end
+describes its tensors with :mod:`lsprune.torch._tensors`).
+"""
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from ._errors import NonFiniteInputError
+
 _FLOAT_ITEMSIZES = (2, 4, 8)
+_DL_HOST = (1, 3)  # DLPack device types in host memory: kDLCPU, kDLCUDAHost
 
 
-def _tensor_to_numpy(a, name):
-    # torch tensors (and other DLPack producers): zero-copy, strides preserved.
-    if hasattr(a, "detach") and callable(a.detach):
-        a = a.detach()
-    if getattr(a, "is_cuda", False) or str(getattr(a, "device", "cpu")).startswith("cuda"):
+def _dlpack_device(a) -> Optional[Tuple[int, int]]:
+    """DLPack ``(device type, index)`` of ``a``, or None when it does not implement the protocol."""
+    f = getattr(a, "__dlpack_device__", None)
+    if not callable(f):
+        return None
+    kind, index = f()
+    return int(kind), int(index)
+
+
+def _detached(a):
+    # autograd tensors (torch) export their data only once detached from the graph
+    detach = getattr(a, "detach", None)
+    return detach() if callable(detach) else a
+
+
+def _host_array(a, name):
+    """``a`` (a DLPack producer or array-like in host memory) as a NumPy array; zero-copy, strides preserved."""
+    a = _detached(a)
+    dev = _dlpack_device(a)
+    if dev is not None and dev[0] not in _DL_HOST:
         raise TypeError(
-            f"{name} is a CUDA tensor; the CPU statistics need host memory: pass {name}.cpu() "
+            f"{name} is a CUDA tensor (device memory); the CPU statistics need host memory: pass {name}.cpu() "
             "(or use the torch front-end, which streams from the model's device)"
         )
-    dt = str(getattr(a, "dtype", ""))
-    if "bfloat16" in dt:
+    if "bfloat16" in str(getattr(a, "dtype", "")):
         raise TypeError(f"{name} has dtype bfloat16, which NumPy cannot hold: pass {name}.float()")
     if hasattr(a, "__dlpack__"):
         try:
@@ -37,7 +60,7 @@ def as_float_matrix(a, name: str, n_cols: int | None = None) -> np.ndarray:
     """
     if a is None:
         raise TypeError(f"{name} must be an array, not None")
-    arr = a if isinstance(a, np.ndarray) else _tensor_to_numpy(a, name)
+    arr = a if isinstance(a, np.ndarray) else _host_array(a, name)
     if not isinstance(arr, np.ndarray):
         raise TypeError(f"{name} must be array-like, got {type(a).__name__}")
     if arr.dtype.kind != "f" or arr.dtype.itemsize not in _FLOAT_ITEMSIZES:
@@ -62,7 +85,7 @@ def as_f64(a, name: str, shape: tuple) -> np.ndarray:
     """A C-contiguous float64 copy/view of a finite array of exactly ``shape``."""
     if a is None:
         raise TypeError(f"{name} is required")
-    arr = a if isinstance(a, np.ndarray) else _tensor_to_numpy(a, name)
+    arr = a if isinstance(a, np.ndarray) else _host_array(a, name)
     arr = np.asarray(arr)
     if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
         raise TypeError(f"{name} must be numeric (float), got dtype {arr.dtype}")
@@ -70,7 +93,7 @@ def as_f64(a, name: str, shape: tuple) -> np.ndarray:
         raise ValueError(f"{name} has shape {arr.shape}; expected {tuple(shape)}")
     arr = np.ascontiguousarray(arr, dtype=np.float64)
     if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or Inf")
+        raise NonFiniteInputError(f"{name} contains NaN or Inf")
     return arr
 
 
@@ -94,44 +117,63 @@ def check_float(v, name: str, lo: float | None = None, hi: float | None = None) 
     return v
 
 
+class DeviceMatrix(NamedTuple):
+    """A 2-D matrix in CUDA memory as the CUDA statistics read it.
+
+    ``dtype``: 0 float16, 1 float32, 2 float64, 3 bfloat16; strides in elements (any
+    non-negative values); ``stream``: the CUDA stream handle the data is ready on (the
+    statistics' kernels are enqueued on it); ``owner`` keeps the memory's owner referenced.
+    """
+
+    data: int
+    dtype: int
+    rows: int
+    cols: int
+    row_stride: int
+    col_stride: int
+    device: int
+    stream: int = 0
+    owner: object = None
+
+
 _CAI_DTYPES = {"<f2": 0, "<f4": 1, "<f8": 2}
 
 
-def device_matrix(a, name: str, n_cols: int, device: int):
-    """Describes a 2-D CUDA array for the device statistics: returns
-    ``((ptr, dtype code, rows, cols, row stride, col stride), stream, owner)``, strides
-    in elements; dtype codes 0 float16, 1 float32, 2 float64, 3 bfloat16. Accepts torch
-    CUDA tensors (run on torch's current stream) and objects with
-    ``__cuda_array_interface__``."""
-    expect = f"(N, {n_cols})"
-    if hasattr(a, "data_ptr") and hasattr(a, "is_cuda"):  # torch
-        import torch
-
-        if not a.is_cuda:
-            raise TypeError(f"{name} is a CPU tensor but these statistics live on cuda:{device}: pass a CUDA tensor "
-                            "(or use CPU statistics)")
-        if a.device.index != device:
-            raise ValueError(f"{name} is on {a.device} but these statistics live on cuda:{device}")
-        a = a.detach()
-        codes = {torch.float16: 0, torch.float32: 1, torch.float64: 2, torch.bfloat16: 3}
-        if a.dtype not in codes:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {a.dtype}")
-        if a.dim() != 2 or a.shape[1] != n_cols:
-            raise ValueError(f"{name} has shape {tuple(a.shape)}; expected {expect}")
-        rs, cs = a.stride()
-        return ((a.data_ptr(), codes[a.dtype], a.shape[0], a.shape[1], rs, cs),
-                torch.cuda.current_stream(a.device).cuda_stream, a)
-    iface = getattr(a, "__cuda_array_interface__", None)
+def _from_cuda_array_interface(a, name: str, n_cols: int, device: int) -> DeviceMatrix:
+    """Describes an object with ``__cuda_array_interface__`` (on the interface's stream, else the default one)."""
+    a = _detached(a)
+    dev = _dlpack_device(a)
+    if dev is not None and dev[0] in _DL_HOST:
+        raise TypeError(f"{name} is a CPU tensor but these statistics live on cuda:{device}: pass a CUDA tensor "
+                        "(or use CPU statistics)")
+    try:
+        iface = getattr(a, "__cuda_array_interface__", None)
+    except (TypeError, RuntimeError) as e:  # e.g. a dtype the interface cannot name (bfloat16)
+        raise TypeError(f"{name} cannot be read through __cuda_array_interface__ ({e}): pass float16, float32 or "
+                        "float64 data (the torch front-end also streams bfloat16)") from None
     if iface is None:
         raise TypeError(f"{name} must be a CUDA array (a torch CUDA tensor or an object with "
                         f"__cuda_array_interface__) for CUDA statistics, got {type(a).__name__}")
     shape, typestr = tuple(iface["shape"]), iface["typestr"]
     if typestr not in _CAI_DTYPES:
         raise TypeError(f"{name} must be float16, float32 or float64, got typestr {typestr!r}")
-    if len(shape) != 2 or shape[1] != n_cols:
-        raise ValueError(f"{name} has shape {shape}; expected {expect}")
+    if len(shape) != 2:
+        raise ValueError(f"{name} has shape {shape}; expected (N, {n_cols})")
     item = int(typestr[2:])
     strides = iface.get("strides")
     rs, cs = (shape[1], 1) if strides is None else (strides[0] // item, strides[1] // item)
-    stream = iface.get("stream") or 0
-    return (int(iface["data"][0]), _CAI_DTYPES[typestr], shape[0], shape[1], rs, cs), int(stream), a
+    return DeviceMatrix(int(iface["data"][0]), _CAI_DTYPES[typestr], shape[0], shape[1], rs, cs,
+                        device if dev is None else dev[1], int(iface.get("stream") or 0), a)
+
+
+def device_matrix(a, name: str, n_cols: int, device: int):
+    """Describes a 2-D CUDA array for the device statistics: returns
+    ``((ptr, dtype code, rows, cols, row stride, col stride), stream, owner)``, strides in
+    elements (dtype codes as in :class:`DeviceMatrix`). Accepts a :class:`DeviceMatrix` or an
+    object with ``__cuda_array_interface__``."""
+    d = a if isinstance(a, DeviceMatrix) else _from_cuda_array_interface(a, name, n_cols, device)
+    if d.device != device:
+        raise ValueError(f"{name} is on cuda:{d.device} but these statistics live on cuda:{device}")
+    if d.cols != n_cols:
+        raise ValueError(f"{name} has shape {(d.rows, d.cols)}; expected (N, {n_cols})")
+    return (d.data, d.dtype, d.rows, d.cols, d.row_stride, d.col_stride), d.stream, d.owner

@@ -10,7 +10,8 @@ engine alternates between its own OpenMP loops and BLAS calls. Measured on a
 * ``OPENBLAS_THREAD_TIMEOUT=4``: idle OpenBLAS threads sleep almost at once.
 
 The OpenBLAS of the scipy-openblas32 wheel is imported first so the extension
-finds the already-loaded library.
+finds the already-loaded library. The engine's exception classes are set up in
+:mod:`lsprune._errors`.
 """
 import os
 
@@ -20,10 +21,3 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 import scipy_openblas32  # noqa: E402,F401  (loads libscipy_openblas)
 
 from . import _core  # noqa: E402
-
-NumericalError = _core.NumericalError
-NumericalError.__doc__ = (
-    "Numerical breakdown the engine could not recover from (e.g. a Gram matrix that stays "
-    "singular even with strong damping). Subclass of ArithmeticError."
-)
-NumericalError.__module__ = "lsprune"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _arrays
+from ._errors import NonFiniteInputError
 from ._native import _core
 from .statistics import Statistics
 
@@ -69,7 +70,7 @@ def problem_args(stats, *, gram, cross, target_energy, mean_x, mean_y, count, we
         G = np.ascontiguousarray(garr, dtype=np.float64)
         asym, scale = _core.symmetry_check(G)
         if not np.isfinite(asym):
-            raise ValueError("gram contains NaN or Inf")
+            raise NonFiniteInputError("gram contains NaN or Inf")
         if asym > 1e-6 * scale:
             raise ValueError(f"gram is not symmetric (max |G - Gᵀ| = {asym:.3g}, max |G| = {scale:.3g})")
         m_stats = 0

@@ -8,7 +8,8 @@ from typing import Optional
 
 import numpy as np
 
-from . import _arrays
+from . import _arrays, _policy
+from ._errors import DampingRaisedWarning
 from ._native import _core
 from ._problem import problem_args
 from .statistics import Statistics
@@ -56,8 +57,8 @@ class Factorization:
 
 
 def factorize(stats: Optional[Statistics] = None, rank: Optional[int] = None, *, tol: Optional[float] = None,
-              damping: float = 1e-6, fit_intercept: bool = True, weights_in=None, bias_in=None, gram=None,
-              cross=None, target_energy=None, mean_x=None, mean_y=None, count=None) -> Factorization:
+              damping: float = _policy.DEFAULT_DAMPING, fit_intercept: bool = True, weights_in=None, bias_in=None,
+              gram=None, cross=None, target_energy=None, mean_x=None, mean_y=None, count=None) -> Factorization:
     """Data-aware low-rank approximation ``W ≈ U V`` of a layer from its statistics.
 
     Minimises ``‖Y − X Vᵀ Uᵀ − b‖² + λ‖UV‖²`` over rank-``rank`` products
@@ -88,7 +89,7 @@ def factorize(stats: Optional[Statistics] = None, rank: Optional[int] = None, *,
     r = _core.factorize(**kw, rank=rk, tol=tl, n_targets=m)
     if r["damping"] != kw["damping"]:
         warnings.warn(f"the Gram matrix was singular at damping={kw['damping']:g}; it was raised to "
-                      f"damping={r['damping']:g}", RuntimeWarning, stacklevel=2)
+                      f"damping={r['damping']:g}", DampingRaisedWarning, stacklevel=2)
     energy = float(r["energy"])
     path = np.asarray(r["error_path"])
     rel = path / energy if energy > 0 else np.zeros_like(path)

@@ -7,9 +7,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import _arrays
-from ._native import _core
+from . import _arrays, _policy
 from ._device import parse_device
+from ._errors import DampingRaisedWarning, DegenerateGroupWarning
+from ._native import _core
 from ._problem import groups_spec, problem_args
 from .statistics import Statistics
 
@@ -112,7 +113,7 @@ def _result(method, r, out_dtype, return_path, requested_damping, n_groups, colu
             f"{skipped.size} group(s) were never selectable: their variance left after the selected groups is "
             f"below rcond times their own variance (constant, dead or duplicated channels; damping="
             f"{requested_damping:g}): {skipped[:20].tolist()}{' ...' if skipped.size > 20 else ''}",
-            RuntimeWarning, stacklevel=3)
+            DegenerateGroupWarning, stacklevel=3)
     if r["stopped_early"]:
         if method == "backward":
             msg = (f"backward elimination stopped with {selected.size} group(s) kept: the remaining ones are "
@@ -124,7 +125,7 @@ def _result(method, r, out_dtype, return_path, requested_damping, n_groups, colu
     if r["damping"] != requested_damping:
         warnings.warn(
             f"the Gram matrix was singular at damping={requested_damping:g}; it was raised to "
-            f"damping={r['damping']:g}", RuntimeWarning, stacklevel=3)
+            f"damping={r['damping']:g}", DampingRaisedWarning, stacklevel=3)
     path = np.asarray(r["error_path"]) if return_path else None
     return Selection(
         method=method,
@@ -149,8 +150,9 @@ def _result(method, r, out_dtype, return_path, requested_damping, n_groups, colu
 
 
 def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, tol: Optional[float] = None,
-           group_size: int = 1, groups: Optional[Sequence] = None, method: str = "forward", damping: float = 1e-6,
-           fit_intercept: bool = True, force: Optional[Sequence[int]] = None, return_path: bool = True,
+           group_size: int = 1, groups: Optional[Sequence] = None, method: str = "forward",
+           damping: float = _policy.DEFAULT_DAMPING, fit_intercept: bool = True,
+           force: Optional[Sequence[int]] = None, return_path: bool = True,
            weights_in=None, bias_in=None, gram=None, cross=None, target_energy=None, mean_x=None, mean_y=None,
            count=None, rcond: float = 1e-10, device="cpu") -> Selection:
     """Chooses the input groups (channels) of a layer that best reproduce its targets,
@@ -179,7 +181,9 @@ def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, 
     damping : float, default 1e-6
         Ridge ``λ = damping · mean(diag(centred Gram))`` added to the diagonal. It
         keeps dead/duplicated channels finite; reported errors include ``λ‖W‖²``.
-        With 0, degenerate groups are skipped with a ``RuntimeWarning``.
+        With 0, degenerate groups are skipped with a :class:`lsprune.DegenerateGroupWarning`;
+        a singular system raises it with a :class:`lsprune.DampingRaisedWarning` (see
+        :mod:`lsprune._policy`).
     fit_intercept : bool, default True
         Fit a bias (statistics are centred).
     force : sequence of int, optional
@@ -221,20 +225,22 @@ def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, 
         raise ValueError(f"force names {len(fl)} groups but n_keep is {nk}")
     rc = _arrays.check_float(rcond, "rcond", lo=0.0)
     dev = parse_device(device)
-    r = _core.select(**kw, offsets=offsets, columns=columns, method=method, n_keep=nk, tol=tl, force=fl, rcond=rc,
-                     n_targets=m, device=dev)
+    args = dict(kw, offsets=offsets, columns=columns, method=method, n_keep=nk, tol=tl, force=fl, rcond=rc, n_targets=m)
+    # parse_device has refused CUDA where this build or machine has none
+    r = _core.select(**args) if dev < 0 else _core.select_cuda(**args, device=dev)
     return _result(method, r, out_dtype, bool(return_path), kw["damping"], n_groups, None)
 
 
 def refit(stats: Optional[Statistics] = None, keep: Sequence[int] = (), *, group_size: int = 1,
-          groups: Optional[Sequence] = None, damping: float = 1e-6, fit_intercept: bool = True, weights_in=None,
+          groups: Optional[Sequence] = None, damping: float = _policy.DEFAULT_DAMPING, fit_intercept: bool = True,
+          weights_in=None,
           bias_in=None, gram=None, cross=None, target_energy=None, mean_x=None, mean_y=None,
           count=None) -> Selection:
     """Least-squares re-fit of a layer on a given set of kept groups (e.g. chosen by
     magnitude), with the same statistics arguments as :func:`select`.
 
     Returns a :class:`Selection` with ``method="refit"``; a singular kept set raises
-    the damping with a ``RuntimeWarning`` instead of returning NaN.
+    the damping with a :class:`lsprune.DampingRaisedWarning` instead of returning NaN.
     """
     kw, D, m, out_dtype = problem_args(stats, gram=gram, cross=cross, target_energy=target_energy, mean_x=mean_x,
                                    mean_y=mean_y, count=count, weights_in=weights_in, bias_in=bias_in,
@@ -243,6 +249,5 @@ def refit(stats: Optional[Statistics] = None, keep: Sequence[int] = (), *, group
     kl = [_arrays.check_int(k, "keep entry", lo=0, hi=n_groups - 1) for k in np.asarray(keep).reshape(-1).tolist()]
     if len(set(kl)) != len(kl):
         raise ValueError("keep lists a group twice")
-    r = _core.select(**kw, offsets=offsets, columns=columns, method="forward", n_keep=0, tol=-1.0, force=kl,
-                     rcond=1e-10, n_targets=m, refit_only=True)
+    r = _core.refit(**kw, offsets=offsets, columns=columns, keep=kl, n_targets=m)
     return _result("refit", r, out_dtype, True, kw["damping"], n_groups, None)

@@ -42,9 +42,11 @@ class Statistics:
         m, the number of target columns; 0 when only the Gram matrix is needed
         (independent layers, see ``select(weights_in=...)``).
     device : {"cpu", "cuda", "cuda:N", "auto"}, default "cpu"
-        Where the sums live. CUDA statistics take CUDA tensors (torch, or anything
-        with ``__cuda_array_interface__``; float16/bfloat16/float32/float64, any
-        strides) and run on the tensor's current stream without host
+        Where the sums live. CUDA statistics take objects with
+        ``__cuda_array_interface__`` (e.g. torch CUDA tensors; float16/float32/float64,
+        any strides), run on the interface's stream (the default stream when it names
+        none), or ``lsprune._arrays.DeviceMatrix`` descriptors (the torch front-end's,
+        which add bfloat16 and torch's current stream), without host
         synchronisation; a batch with NaN/Inf is not added and reported (as a
         ``RuntimeWarning``) when the sums are next read. Reading a property copies
         the sums to the host. ``merge`` needs CPU statistics (``to_cpu()``).
@@ -89,8 +91,8 @@ class Statistics:
         y : array-like, shape (N, n_targets), optional
             Required iff ``n_targets > 0``.
 
-        Returns ``self``. A batch holding NaN/Inf raises ``ValueError`` and the
-        statistics stay exactly as they were.
+        Returns ``self``. A batch holding NaN/Inf raises :class:`lsprune.NonFiniteInputError`
+        (a ``ValueError``) and the statistics stay exactly as they were.
         """
         if self._dev is not None:
             return self._update_device(x, y)

@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import List, Optional
 
+from .._policy import DEFAULT_DAMPING
 from .errors import EXIT_ERROR, EXIT_FAILURE, EXIT_INTERRUPTED, CLIError
 
 METHODS = ("forward", "omp", "backward", "magnitude", "random")
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--method", choices=METHODS, default="forward")
     r.add_argument("--no-refit", action="store_true", help="magnitude/random: keep the original consumer weights")
     r.add_argument("--mode", choices=("sequential", "independent"), default="sequential")
-    r.add_argument("--damping", type=float, default=1e-6)
+    r.add_argument("--damping", type=float, default=DEFAULT_DAMPING)
     r.add_argument("--batch-size", type=int, default=64, help="calibration batch size (default 64)")
     r.add_argument("--max-batches", type=int, default=None)
     r.add_argument("--device", default=None, help="e.g. cpu or cuda (default: the model's device)")

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 import lsprune
 
+from ._tensors import device_matrix
+
 # Bytes of unfolded patches materialized at once: memory stays O(D^2 + chunk), not O(batch * D * L).
 CHUNK_BYTES = 64 << 20
 
@@ -215,7 +217,7 @@ class Sums:
                 y = torch.where(k, y, torch.zeros((), dtype=y.dtype, device=y.device)) if y is not None else None
                 d = (~keep).sum()
                 self._dropped = d if self._dropped is None else self._dropped + d
-            self.stats.update(x.detach(), y.detach() if y is not None else None)
+            self.stats.update(device_matrix(x, "x"), device_matrix(y, "y") if y is not None else None)
             return
         if not self.use_torch:
             if keep is not None:
@@ -317,7 +319,7 @@ class Sums:
         if dist is not None:
             dist.sum_([t[k] for k in ("gram", "cross", "sum_x", "sum_y", "sum_yy", "count")])
         if not bool(torch.isfinite(t["gram"]).all()) or not bool(torch.isfinite(t["cross"]).all()):
-            raise ValueError("x or y contains NaN or Inf")
+            raise lsprune.NonFiniteInputError("x or y contains NaN or Inf")
         self._result = lsprune.Statistics.from_sums(t["gram"].cpu().numpy(), t["cross"].cpu().numpy(),
                                                     t["sum_x"].cpu().numpy(), t["sum_y"].cpu().numpy(),
                                                     t["sum_yy"].cpu().numpy(), int(t["count"].item()))

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 import lsprune
+from lsprune import _policy
 from lsprune.budget import as_budget
 
 from .blockprune import TARGETS, normalize_units, prune_blocks, unit_search
@@ -132,7 +133,7 @@ def _graph_discovery(ref, batch0, run):
 # ---------------------------------------------------------------------------------------------- prune
 def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep: Optional[Dict[str, int]] = None,
           budget=None, method: str = "forward", refit: bool = True, norm: str = "l1", mode: str = "sequential",
-          damping: float = 1e-6, max_batches: Optional[int] = None,
+          damping: float = _policy.DEFAULT_DAMPING, max_batches: Optional[int] = None,
           device=None, progress: bool = True, pairs: Optional[Sequence] = None, forward_fn: Optional[Callable] = None,
           mask_fn: Optional[Callable] = None, inplace: bool = False,
           max_positions: Optional[int] = DEFAULT_MAX_POSITIONS, seed: int = 0,

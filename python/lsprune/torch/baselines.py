@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 import lsprune
+from lsprune import _policy
 
 NORMS = ("l1", "l2")
 
@@ -40,7 +41,7 @@ def random_order(n: int, seed: int, index: int) -> np.ndarray:
 def centred_problem(stats: lsprune.Statistics, weights_in=None, damping: float = 0.0
                     ) -> Tuple[np.ndarray, np.ndarray, float, float]:
     """Centred Gram ``Gc`` (D, D), cross ``Bc`` (D, m), target energy and the absolute ridge
-    ``λ = damping · mean(diag Gc)``, as the engine forms them (intercept fitted)."""
+    ``λ = damping · mean(diag Gc)`` (:func:`lsprune._policy.ridge`), as the engine forms them (intercept fitted)."""
     n = float(stats.count)
     sx = np.asarray(stats.sum_x, dtype=np.float64)
     Gc = np.asarray(stats.gram, dtype=np.float64) - np.outer(sx, sx) / n
@@ -52,13 +53,11 @@ def centred_problem(stats: lsprune.Statistics, weights_in=None, damping: float =
         sy = np.asarray(stats.sum_y, dtype=np.float64)
         Bc = np.asarray(stats.cross, dtype=np.float64) - np.outer(sx, sy) / n
         energy = float(np.sum(stats.sum_y_sq) - sy @ sy / n)
-    lam = damping * max(float(np.mean(np.diag(Gc))), 0.0)
-    if damping > 0 and lam <= 0:
-        lam = damping
-    return Gc, Bc, energy, lam
+    return Gc, Bc, energy, _policy.ridge(damping, float(np.mean(np.diag(Gc))))
 
 
-def naive_greedy(stats: lsprune.Statistics, n_keep: int, *, group_size: int = 1, damping: float = 1e-6,
+def naive_greedy(stats: lsprune.Statistics, n_keep: int, *, group_size: int = 1,
+                 damping: float = _policy.DEFAULT_DAMPING,
                  weights_in=None) -> Tuple[np.ndarray, np.ndarray]:
     """Greedy forward selection that re-solves the LS problem for every candidate.
 

@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import lsprune
+from lsprune import _policy
 from lsprune.budget import as_budget
 
 from . import budget as budgeting
@@ -36,7 +37,7 @@ from .factor_report import FactorizeReport, LayerFactorReport
 from .flops import macs_from_positions, own_params, total_params
 from .graph import NotTraceableError, bind_placeholders
 from .pairs import Pair
-from .pruning import MIN_ROWS_PER_COLUMN, UNDERDETERMINED_DAMPING, PairJob, Timer, _log_engine_warnings, make_job
+from .pruning import PairJob, Timer, _log_engine_warnings, make_job
 from .surgery import consumer_matrix, factorized_module, replace_module, set_factors
 from .sweep import sweep
 
@@ -45,8 +46,8 @@ logger = logging.getLogger("lsprune.torch")
 
 def factorize(model: nn.Module, calibration, *, budget=None, rank: Optional[int] = None,
               ratio: Optional[float] = None, layers: Optional[Sequence[str]] = None, mode: str = "sequential",
-              damping: float = 1e-6, max_batches: Optional[int] = None, device=None, progress: bool = True,
-              forward_fn: Optional[Callable] = None, mask_fn: Optional[Callable] = None,
+              damping: float = _policy.DEFAULT_DAMPING, max_batches: Optional[int] = None, device=None,
+              progress: bool = True, forward_fn: Optional[Callable] = None, mask_fn: Optional[Callable] = None,
               max_positions: Optional[int] = DEFAULT_MAX_POSITIONS, seed: int = 0
               ) -> Tuple[nn.Module, FactorizeReport]:
     """Replaces Linear / Conv2d layers by LS-fitted low-rank factorizations (no labels, no fine-tuning).
@@ -284,14 +285,14 @@ def _weights(budget, cands, modules, positions) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- one layer
 def _layer_damping(job: PairJob, n_rows: int, damping: float) -> float:
-    """The reduced-rank regression fits all D inputs: fewer rows than 2·D raise the damping (see
-    :func:`.pruning.effective_damping`)."""
+    """The reduced-rank regression fits all D inputs: :func:`lsprune._policy.underdetermined_damping`
+    of D columns, logged when raised."""
     D = job.sums.D
-    if n_rows < MIN_ROWS_PER_COLUMN * D and damping < UNDERDETERMINED_DAMPING:
+    used = _policy.underdetermined_damping(n_rows, D, damping)
+    if used != damping:
         logger.warning("layer %s: %d calibration rows for %d inputs: the LS fit is underdetermined; damping raised "
-                       "from %g to %g", job.pair.consumer, n_rows, D, damping, UNDERDETERMINED_DAMPING)
-        return UNDERDETERMINED_DAMPING
-    return damping
+                       "from %g to %g", job.pair.consumer, n_rows, D, damping, used)
+    return used
 
 
 def _factorization(job: PairJob, damping: float, rank: int) -> Tuple[lsprune.Factorization, int]:

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+import lsprune
+
 from .batches import forward_error, make_mask, to_device
 from .flops import record_positions
 from .pairs import Pair, is_depthwise, producer_channels
@@ -48,8 +50,8 @@ class Probe:
     x0: torch.Tensor  # consumer input on the first batch (reference for the perturbation check)
 
 
-def _refuse(pair: Pair, msg: str) -> ValueError:
-    return ValueError(f"pair {pair.producer} -> {pair.consumer}: {msg}")
+def _refuse(pair: Pair, msg: str, error=ValueError) -> ValueError:
+    return error(f"pair {pair.producer} -> {pair.consumer}: {msg}")
 
 
 def probe(ref: nn.Module, pairs: List[Pair], batch, run: Callable, positions: Dict[str, float]) -> List[Probe]:
@@ -201,7 +203,7 @@ def check_mapping(ref: nn.Module, q: Probe, batch, run: Callable, seed: int) -> 
     x0 = q.x0
     if not bool(torch.isfinite(x0).all()):  # NaN would look like a changed channel: say what is wrong instead
         raise _refuse(p, "the calibration activations contain NaN or Inf (batch 0, at the consumer's input); "
-                         "check the calibration data and the model's weights")
+                         "check the calibration data and the model's weights", lsprune.NonFiniteInputError)
     tol = 1e-6 * (float(x0.abs().max()) + 1.0)
     diff = ~((x1 - x0).abs() <= tol)  # NaN counts as changed
     if isinstance(cons, nn.Conv2d):

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 
 import lsprune
+from lsprune import _policy
+from lsprune._policy import MIN_ROWS_PER_COLUMN, UNDERDETERMINED_DAMPING  # noqa: F401  (re-exported)
 from lsprune.budget import Budget
 
 from . import budget as budgeting
@@ -118,7 +120,7 @@ def _log_engine_warnings(name: str):
     for w in caught:
         if issubclass(w.category, RuntimeWarning):
             # dead channels (never selectable) are normal after ReLUs; a partial result or raised damping is not
-            level = logging.INFO if "never selectable" in str(w.message) else logging.WARNING
+            level = logging.INFO if issubclass(w.category, lsprune.DegenerateGroupWarning) else logging.WARNING
             logger.log(level, "pair %s: %s", name, w.message)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -173,29 +175,16 @@ STATS_ORDER_METHODS = ("wanda_sp", "flap")
 ORDER_METHODS = ("magnitude", "random") + STATS_ORDER_METHODS
 
 
-#: Relative ridge used at least for a pair whose LS fit is (nearly) underdetermined (see effective_damping).
-UNDERDETERMINED_DAMPING = 1e-2
-#: A fit with fewer calibration rows than this many times its kept input columns counts as underdetermined.
-MIN_ROWS_PER_COLUMN = 2
-
-
 def effective_damping(job: "PairJob", n_rows: int, damping: float) -> float:
-    """The damping used for a pair.
-
-    With fewer calibration rows than ``MIN_ROWS_PER_COLUMN`` times the kept input columns
-    (``n_keep * group_size``), the least-squares fit (nearly) interpolates the calibration
-    data and a tiny ridge lets the weights explode on new data (measured: 1e12 relative
-    output error on held-out images for ResNet-18's last stage with 512 calibration images
-    at 64x64 and damping 1e-6). Such a pair gets at least ``UNDERDETERMINED_DAMPING``, with
-    a warning; the report records each pair's damping.
-    """
+    """The damping used for a pair: :func:`lsprune._policy.underdetermined_damping` of its kept
+    input columns (``n_keep * group_size``), logged when raised; the report records each pair's damping."""
     cols = job.n_keep * job.group_size
-    if n_rows < MIN_ROWS_PER_COLUMN * cols and damping < UNDERDETERMINED_DAMPING:
+    used = _policy.underdetermined_damping(n_rows, cols, damping)
+    if used != damping:
         logger.warning("pair %s: %d calibration rows for %d kept input columns: the LS fit is underdetermined; "
                        "damping raised from %g to %g for this pair (more calibration data avoids this)", job.name,
-                       n_rows, cols, damping, UNDERDETERMINED_DAMPING)
-        return UNDERDETERMINED_DAMPING
-    return damping
+                       n_rows, cols, damping, used)
+    return used
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -348,18 +337,16 @@ def accumulate(job: PairJob, x: torch.Tensor, y: Optional[torch.Tensor], mask, t
             for xr, yr, wr in iter_rows(job.ref_consumer, job.pair.consumer, x, None if job.independent else y,
                                         mask=mask, max_positions=job.max_positions, generator=job.generator):
                 job.sums.add(xr, yr, wr)
-        except ValueError as e:
-            if "NaN" in str(e) or "Inf" in str(e):
-                raise _nan_error(job, e) from None
-            raise
+        except lsprune.NonFiniteInputError as e:
+            raise _nan_error(job, e) from None
         if job.ckpt is not None and job.ckpt.want_partial(job.key, job.sums.pending_rows):
             job.ckpt.save_partial(job.key, job.stem, job.sums.snapshot(), batch + 1, job.generator)
     job.seconds += time.perf_counter() - t
 
 
-def _nan_error(job: PairJob, e: Exception) -> ValueError:
-    return ValueError(f"pair {job.name}: the calibration activations contain NaN or Inf ({e}); check the "
-                      "calibration data and the model's weights")
+def _nan_error(job: PairJob, e: Exception) -> lsprune.NonFiniteInputError:
+    return lsprune.NonFiniteInputError(f"pair {job.name}: the calibration activations contain NaN or Inf ({e}); "
+                                       "check the calibration data and the model's weights")
 
 
 def job_statistics(job: PairJob) -> lsprune.Statistics:
@@ -367,10 +354,8 @@ def job_statistics(job: PairJob) -> lsprune.Statistics:
     _resume(job)
     try:
         return job.sums.statistics()
-    except ValueError as e:  # the device sums find NaN/Inf only here
-        if "NaN" in str(e) or "Inf" in str(e):
-            raise _nan_error(job, e) from None
-        raise
+    except lsprune.NonFiniteInputError as e:  # the torch device sums find NaN/Inf only here
+        raise _nan_error(job, e) from None
 
 
 def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairReport:
@@ -511,7 +496,7 @@ def _fill_up(stats, sel, job: PairJob, damping: float):
     if job.independent:
         W, b = consumer_matrix(job.ref_consumer)
         kw.update(weights_in=W, bias_in=b)
-    return lsprune.refit(stats, keep, group_size=g, damping=max(damping, 1e-12), **kw)
+    return lsprune.refit(stats, keep, group_size=g, damping=_policy.fill_up_damping(damping), **kw)
 
 
 def unchanged_report(pair: Pair, channels: int, group_size: int) -> PairReport:
