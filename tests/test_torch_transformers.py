@@ -266,3 +266,13 @@ def test_statistics_baselines_pick_their_top_channels(method):
         removed = sorted(set(range(96)) - set(rep.pairs[0].kept))
         mean = stats.sum_x / stats.count
         assert torch.allclose(new.bias.double(), torch.as_tensor(W[:, removed] @ mean[removed]), atol=1e-6)
+
+
+def test_memory_guard_refuses_before_allocating():
+    model, _ = _llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lt.MemoryLimitError, match="block-wise"):
+        lt.prune(model, _tokens(), ratio=0.5, memory_limit=10_000, inplace=True, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    _, rep = lt.prune(model, _tokens(), ratio=0.5, progress=False)
+    assert rep.memory["estimate"] > rep.memory["model_copy"] > 0

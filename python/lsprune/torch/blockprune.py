@@ -69,10 +69,10 @@ def default_mask(batch, device) -> Optional[torch.Tensor]:
 
 
 def check_memory(limit_option, calls, units: List[Unit], plan, modules, *, original: bool, method: str,
-                 refit: bool) -> dict:
-    """The memory guard for the block sweep: cached hidden states (two streams with ``original`` targets)
-    plus the largest block's statistics and one solver; raises MemoryLimitError before anything is
-    allocated. Returns the estimate for the report."""
+                 refit: bool, model_copy: int) -> dict:
+    """The memory guard for the block sweep: the model copy being pruned, the cached hidden states (two
+    streams with ``original`` targets), the largest block's statistics and one solver; raises
+    MemoryLimitError before any statistics are allocated. Returns the estimate for the report."""
     cache = sum(c.nbytes() for c in calls) * (2 if original else 1)
     per_block: Dict[str, int] = {}
     solver = 0
@@ -84,7 +84,7 @@ def check_memory(limit_option, calls, units: List[Unit], plan, modules, *, origi
         per_block[block] = per_block.get(block, 0) + st
         solver = max(solver, solver_bytes(D, m, plan[u.name] * u.group_size, method=method, refit=refit,
                                           independent=not original))
-    est = cache + max(per_block.values(), default=0) + solver
+    est = model_copy + cache + max(per_block.values(), default=0) + solver
     limit = resolve_limit(limit_option)
     if limit.bytes is not None and est > limit.bytes:
         raise MemoryLimitError(f"the block-wise prune needs about {gib(est)} (cached hidden states {gib(cache)}, "
@@ -92,7 +92,7 @@ def check_memory(limit_option, calls, units: List[Unit], plan, modules, *, origi
                                f"({limit.source}); use fewer calibration batches, targets='layer' or "
                                "memory_limit=None")
     return {"limit": limit.bytes, "limit_source": limit.source, "available": limit.available, "estimate": int(est),
-            "device_estimate": 0, "model_copy": 0,
+            "device_estimate": 0, "model_copy": int(model_copy),
             "passes": [{"pass": "the block sweep", "estimate": int(est), "device_estimate": 0, "waves": 1,
                         "largest_pair": None}]}
 
@@ -172,6 +172,10 @@ def _independent_paths(ref, units, per_block, calls, *, lo, hi, opts, device, ti
     return paths
 
 
+def _model_bytes(model: nn.Module) -> int:
+    return sum(t.nelement() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def unit_job(index: int, unit: Unit, n_keep: int, ref_mods, pr_mods, *, targets: str, device, seed: int,
              n_samples: int, refit: bool, norm: str) -> PairJob:
     job = make_job(index, unit_pair(unit), unit.channels, n_keep, ref_mods, pr_mods, device=device,
@@ -206,7 +210,7 @@ def prune_blocks(ref: nn.Module, pruned: nn.Module, batches: list, run, *, opts:
     least = plan_units(units, ratio=opts["ratio"], keep=keep) if opts["budget"] is None else \
         {u.name: keep.get(u.name, 1) for u in units}
     memory = check_memory(opts["memory_limit"], calls, units, least, ref_mods, original=original,
-                          method=opts["method"], refit=opts["refit"])
+                          method=opts["method"], refit=opts["refit"], model_copy=_model_bytes(pruned))
     paths, passes = None, 0.0
     if opts["budget"] is None:
         plan = least
