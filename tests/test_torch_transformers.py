@@ -35,6 +35,14 @@ def _gpt2():
     return transformers.GPT2LMHeadModel(cfg).eval(), cfg
 
 
+def _opt():
+    cfg = transformers.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
+                                 bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(cfg).eval(), cfg
+
+
 def _vit():
     cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=48, num_hidden_layers=2,
                                  num_attention_heads=4, intermediate_size=96)
@@ -64,7 +72,8 @@ def _rel(a, b):
 
 ARCHS = {"llama_gqa": (_llama, _tokens, 3, ("gated_mlp", "qkvo")), "bert": (_bert, _tokens, 2,
                                                                           ("bert_mlp", "bert_attention")),
-         "gpt2": (_gpt2, _tokens, 2, ("mlp", "fused_qkv")), "vit": (_vit, _images, 2, ("mlp", "qkvo"))}
+         "gpt2": (_gpt2, _tokens, 2, ("mlp", "fused_qkv")), "vit": (_vit, _images, 2, ("mlp", "qkvo")),
+         "opt": (_opt, _tokens, 2, ("mlp", "qkvo"))}
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -113,6 +122,17 @@ def test_gqa_removes_whole_kv_groups_and_generates():
         # with a KV cache and without it, greedy decoding gives the same tokens
         nocache = pruned.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=6, do_sample=False, use_cache=False)
         assert out.shape == (1, 9) and torch.equal(out, nocache)
+
+
+def test_opt_heads_and_generate():
+    model, _ = _opt()
+    pruned, rep = lt.prune(model, _tokens(n=8), ratio=0.5, progress=False)
+    layer = pruned.model.decoder.layers[0]
+    assert layer.self_attn.num_heads == 2 and layer.self_attn.out_proj.in_features == 32
+    assert layer.fc1.out_features == 64 and layer.fc2.in_features == 64
+    out = pruned.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    nocache = pruned.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(out, nocache)
 
 
 def test_gpt2_fused_qkv_heads_and_generate():

@@ -284,18 +284,19 @@ register(Layout("fused_qkv", "heads", _fused_qkv, _set_heads))
 def find_units(module: nn.Module, prefix: str = "", kinds: Sequence[str] = UNIT_KINDS) -> List[Unit]:
     """The units inside ``module`` (one transformer block), in module order; names are prefixed with ``prefix``.
 
-    A module that matches a layout is not searched further (its children belong to the unit)."""
+    A module gives at most one unit of each kind (the first layout that matches). The search goes on
+    below a matched module: an OPT or BERT layer holds its MLP's linears and its attention module side
+    by side."""
     out: List[Unit] = []
 
     def visit(m: nn.Module, name: str) -> None:
+        found = set()
         for lay in LAYOUTS.values():
-            u = lay.match(m, name)
-            if u is None:
-                continue
-            if lay.kind in kinds:
-                out.append(u)
-            if lay.name != "bert_mlp":  # a BERT/ViT layer also holds its attention: search on
-                return
+            if lay.kind in kinds and lay.kind not in found:
+                u = lay.match(m, name)
+                if u is not None:
+                    out.append(u)
+                    found.add(lay.kind)
         for n, c in m.named_children():
             visit(c, _join(name, n))
 
