@@ -156,80 +156,95 @@ def engine_device(device: torch.device) -> Optional[str]:
     return f"cuda:{idx}" if lsprune.cuda_device_count() > idx else None
 
 
-class Sums:
-    """Float64 sums of one consumer's rows, turned into :class:`lsprune.Statistics` at the end.
+class _EngineSums:
+    """The engine's CPU statistics: multithreaded float32 products added into float64 sums."""
 
-    On CPU the engine accumulates (multithreaded fp32 products added into fp64 sums).
-    On a CUDA device the engine's CUDA statistics accumulate (``Statistics(device="cuda:N")``,
-    no host sync per batch; masked rows are zeroed on the device and subtracted from the
-    count at the end); without the CUDA engine, or on other devices, the sums stay on the
-    device as float64 torch tensors. Either way they are converted once. Nothing
-    is allocated before the first rows arrive (the memory guard counts pairs whose sums
-    are alive at once), and :meth:`release` frees the sums once the pair is done.
+    def __init__(self, D: int, m: int, stats: Optional[lsprune.Statistics] = None):
+        self.stats = stats if stats is not None else lsprune.Statistics(D, m)
 
-    Parameters
-    ----------
-    n_features, n_targets : int
-        D and m (m = 0: Gram-only statistics).
-    device : torch.device
-    use_torch : bool, optional
-        Force the torch path (the default is torch on non-CPU devices).
-    dist : distributed.Dist, optional
-        When active, :meth:`statistics` sums the ranks' sums (once) before returning them.
-    """
+    def add(self, x, y, keep) -> None:
+        if keep is not None:
+            x = x[keep]
+            y = y[keep] if y is not None else None
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        if y is not None and y.dtype == torch.bfloat16:
+            y = y.float()
+        self.stats.update(x.detach(), y.detach() if y is not None else None)
 
-    def __init__(self, n_features: int, n_targets: int, device: torch.device, use_torch: Optional[bool] = None,
-                 dist=None):
-        self.D, self.m = int(n_features), int(n_targets)
-        self.device = device
-        self.use_torch = (device.type != "cpu") if use_torch is None else bool(use_torch)
-        # the CUDA engine takes over the device sums unless the torch path was forced
-        self.engine_dev = engine_device(device) if use_torch is None else None
-        if self.engine_dev is not None:
-            self.use_torch = False
-        self._dropped = None  # CUDA engine: masked rows (a device counter, read once at the end)
-        self.dist = dist
-        self.stats: Optional[lsprune.Statistics] = None  # CPU engine sums
-        self._t: Optional[dict] = None  # torch sums
-        self._result: Optional[lsprune.Statistics] = None  # after statistics(): the (reduced) statistics
-        self._local_rows: Optional[int] = None  # rows of this process, frozen by statistics()
+    def rows(self) -> int:
+        return self.stats.count
 
-    def _alloc(self) -> None:
-        if self._result is not None:
-            raise RuntimeError("rows added to the sums of a pair whose statistics were already read")
-        if self.use_torch:
-            if self._t is None:
-                f64 = dict(dtype=torch.float64, device=self.device)
-                self._t = dict(gram=torch.zeros(self.D, self.D, **f64), cross=torch.zeros(self.D, self.m, **f64),
-                               sum_x=torch.zeros(self.D, **f64), sum_y=torch.zeros(self.m, **f64),
-                               sum_yy=torch.zeros(self.m, **f64),
-                               count=torch.zeros((), dtype=torch.int64, device=self.device))
-        elif self.stats is None:
-            self.stats = lsprune.Statistics(self.D, self.m, device=self.engine_dev or "cpu")
+    @property
+    def pending_rows(self) -> int:
+        return self.stats.pending_rows
 
-    def add(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None) -> None:
-        """Adds rows ``x`` (n, D) and targets ``y`` (n, m); rows where ``keep`` is False are left out."""
-        self._alloc()
-        if self.engine_dev is not None:
-            if keep is not None:  # zeroed rows add nothing; boolean indexing would sync the host
-                k = keep[:, None]
-                x = torch.where(k, x, torch.zeros((), dtype=x.dtype, device=x.device))
-                y = torch.where(k, y, torch.zeros((), dtype=y.dtype, device=y.device)) if y is not None else None
-                d = (~keep).sum()
-                self._dropped = d if self._dropped is None else self._dropped + d
-            self.stats.update(device_matrix(x, "x"), device_matrix(y, "y") if y is not None else None)
-            return
-        if not self.use_torch:
-            if keep is not None:
-                x = x[keep]
-                y = y[keep] if y is not None else None
-            if x.dtype == torch.bfloat16:
-                x = x.float()
-            if y is not None and y.dtype == torch.bfloat16:
-                y = y.float()
-            self.stats.update(x.detach(), y.detach() if y is not None else None)
-            return
-        t = self._t
+    def snapshot(self) -> lsprune.Statistics:
+        return self.stats
+
+    def reduced(self, dist) -> lsprune.Statistics:
+        if dist is not None:
+            self.stats.all_reduce(dist.sum_arrays)
+        return self.stats
+
+
+class _CudaEngineSums(_EngineSums):
+    """The engine's CUDA statistics: no host sync per batch; masked rows are zeroed on the device and
+    subtracted from the count when read."""
+
+    def __init__(self, D: int, m: int, engine_dev: str):
+        super().__init__(D, m, lsprune.Statistics(D, m, device=engine_dev))
+        self.dropped = None  # masked rows: a device counter, read once at the end
+
+    def add(self, x, y, keep) -> None:
+        if keep is not None:  # zeroed rows add nothing; boolean indexing would sync the host
+            k = keep[:, None]
+            x = torch.where(k, x, torch.zeros((), dtype=x.dtype, device=x.device))
+            y = torch.where(k, y, torch.zeros((), dtype=y.dtype, device=y.device)) if y is not None else None
+            d = (~keep).sum()
+            self.dropped = d if self.dropped is None else self.dropped + d
+        self.stats.update(device_matrix(x, "x"), device_matrix(y, "y") if y is not None else None)
+
+    def _dropped_rows(self) -> int:
+        return int(self.dropped.item()) if self.dropped is not None else 0
+
+    def rows(self) -> int:
+        return self.stats.count - self._dropped_rows()
+
+    def snapshot(self) -> lsprune.Statistics:
+        """The device sums as CPU statistics, masked rows taken out of the count."""
+        s = self.stats
+        return lsprune.Statistics.from_sums(s.gram, s.cross, s.sum_x, s.sum_y, s.sum_y_sq,
+                                            s.count - self._dropped_rows())
+
+    def reduced(self, dist) -> lsprune.Statistics:
+        self.stats, self.dropped = self.snapshot(), None  # device sums -> host (one copy per pair)
+        return super().reduced(dist)
+
+
+_TORCH_SUMS = ("gram", "cross", "sum_x", "sum_y", "sum_yy", "count")
+
+
+class _TorchSums:
+    """Float64 torch tensors on the calibration device (no CUDA engine, or forced)."""
+
+    def __init__(self, D: int, m: int, device: torch.device):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.t = dict(gram=torch.zeros(D, D, **f64), cross=torch.zeros(D, m, **f64), sum_x=torch.zeros(D, **f64),
+                      sum_y=torch.zeros(m, **f64), sum_yy=torch.zeros(m, **f64),
+                      count=torch.zeros((), dtype=torch.int64, device=device))
+
+    @classmethod
+    def of(cls, stats: lsprune.Statistics, device: torch.device) -> "_TorchSums":
+        """Torch sums continuing from ``stats``."""
+        out = cls(stats.n_features, stats.n_targets, device)
+        for k, v in zip(_TORCH_SUMS, (stats.gram, stats.cross, stats.sum_x, stats.sum_y, stats.sum_y_sq)):
+            out.t[k].copy_(torch.from_numpy(np.array(v)))
+        out.t["count"].fill_(int(stats.count))
+        return out
+
+    def add(self, x, y, keep) -> None:
+        t = self.t
         x64 = x.detach().to(torch.float64)
         y64 = y.detach().to(torch.float64) if y is not None else None
         if keep is not None:  # zeroed rows add nothing to any sum; no boolean indexing, so no host sync
@@ -246,58 +261,108 @@ class Sums:
             t["sum_y"] += y64.sum(0)
             t["sum_yy"] += (y64 * y64).sum(0)
 
+    def rows(self) -> int:
+        return int(self.t["count"].item())
+
+    pending_rows = 0
+
+    def snapshot(self) -> lsprune.Statistics:
+        t = self.t
+        return lsprune.Statistics.from_sums(t["gram"].cpu().numpy(), t["cross"].cpu().numpy(),
+                                            t["sum_x"].cpu().numpy(), t["sum_y"].cpu().numpy(),
+                                            t["sum_yy"].cpu().numpy(), int(t["count"].item()))
+
+    def reduced(self, dist) -> lsprune.Statistics:
+        t = self.t
+        if dist is not None:
+            dist.sum_([t[k] for k in _TORCH_SUMS])
+        if not bool(torch.isfinite(t["gram"]).all()) or not bool(torch.isfinite(t["cross"]).all()):
+            raise lsprune.NonFiniteInputError("x or y contains NaN or Inf")
+        out = self.snapshot()
+        self.t = None  # the device copy is no longer needed
+        return out
+
+
+class Sums:
+    """Float64 sums of one consumer's rows, turned into :class:`lsprune.Statistics` at the end.
+
+    One interface over three back-ends, chosen once from the device: on CPU the engine accumulates
+    (:class:`_EngineSums`); on a CUDA device the engine's CUDA statistics (:class:`_CudaEngineSums`);
+    without the CUDA engine, on other devices, or when forced, float64 torch tensors on the device
+    (:class:`_TorchSums`). Either way they are converted once. Nothing is allocated before the first rows
+    arrive (the memory guard counts pairs whose sums are alive at once), and :meth:`release` frees the
+    sums once the pair is done.
+
+    Parameters
+    ----------
+    n_features, n_targets : int
+        D and m (m = 0: Gram-only statistics).
+    device : torch.device
+    use_torch : bool, optional
+        Force the torch back-end (True) or the engine's (False); the default is torch on non-CPU devices
+        without the CUDA engine.
+    dist : distributed.Dist, optional
+        When active, :meth:`statistics` sums the ranks' sums (once) before returning them.
+    """
+
+    def __init__(self, n_features: int, n_targets: int, device: torch.device, use_torch: Optional[bool] = None,
+                 dist=None):
+        self.D, self.m = int(n_features), int(n_targets)
+        self.device = device
+        self.dist = dist
+        # the CUDA engine takes over the device sums unless a back-end was forced
+        self.engine_dev = engine_device(device) if use_torch is None else None
+        self.use_torch = self.engine_dev is None and ((device.type != "cpu") if use_torch is None else bool(use_torch))
+        self._b = None  # the back-end, allocated with the first rows
+        self._result: Optional[lsprune.Statistics] = None  # after statistics(): the (reduced) statistics
+        self._local_rows: Optional[int] = None  # rows of this process, frozen by statistics()
+
+    def _new_backend(self):
+        if self.engine_dev is not None:
+            return _CudaEngineSums(self.D, self.m, self.engine_dev)
+        return _TorchSums(self.D, self.m, self.device) if self.use_torch else _EngineSums(self.D, self.m)
+
+    def _alloc(self) -> None:
+        if self._result is not None:
+            raise RuntimeError("rows added to the sums of a pair whose statistics were already read")
+        if self._b is None:
+            self._b = self._new_backend()
+
+    def add(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None) -> None:
+        """Adds rows ``x`` (n, D) and targets ``y`` (n, m); rows where ``keep`` is False are left out."""
+        self._alloc()
+        self._b.add(x, y, keep)
+
     @property
     def n_rows(self) -> int:
         """Rows added on this process."""
         if self._local_rows is not None:
             return self._local_rows
-        if self.use_torch:
-            return int(self._t["count"].item()) if self._t is not None else 0
-        if self.stats is None:
-            return 0
-        return self.stats.count - (int(self._dropped.item()) if self._dropped is not None else 0)
+        return self._b.rows() if self._b is not None else 0
 
     @property
     def pending_rows(self) -> int:
         """Rows whose float32 products the engine has not yet added in float64 (see
         :attr:`lsprune.Statistics.pending_rows`); a snapshot is bit-exact only when 0."""
-        return self.stats.pending_rows if self.stats is not None else 0
+        return self._b.pending_rows if self._b is not None else 0
 
     def snapshot(self) -> lsprune.Statistics:
         """The local sums so far as statistics (for a checkpoint; the engine's are not copied)."""
-        if self.use_torch:
-            if self._t is None:
-                return lsprune.Statistics(self.D, self.m)
-            t = self._t
-            return lsprune.Statistics.from_sums(t["gram"].cpu().numpy(), t["cross"].cpu().numpy(),
-                                                t["sum_x"].cpu().numpy(), t["sum_y"].cpu().numpy(),
-                                                t["sum_yy"].cpu().numpy(), int(t["count"].item()))
-        if self.stats is None:
-            return lsprune.Statistics(self.D, self.m)
-        return self._host_copy() if self.engine_dev is not None else self.stats
-
-    def _host_copy(self) -> lsprune.Statistics:
-        """CUDA engine sums as CPU statistics, masked rows taken out of the count."""
-        s = self.stats
-        dropped = int(self._dropped.item()) if self._dropped is not None else 0
-        return lsprune.Statistics.from_sums(s.gram, s.cross, s.sum_x, s.sum_y, s.sum_y_sq, s.count - dropped)
+        return self._b.snapshot() if self._b is not None else lsprune.Statistics(self.D, self.m)
 
     def restore(self, stats: lsprune.Statistics) -> None:
         """Continues from ``stats`` (a snapshot loaded from a checkpoint)."""
         if (stats.n_features, stats.n_targets) != (self.D, self.m):
             raise ValueError(f"saved statistics have shape ({stats.n_features}, {stats.n_targets}), this pair "
                              f"({self.D}, {self.m})")
-        if self.engine_dev is not None:  # continue on the device with the torch float64 sums
-            self.engine_dev, self.use_torch, self._dropped = None, True, None
+        if self.engine_dev is not None:  # the CUDA engine cannot load sums: continue with the torch back-end
+            self.engine_dev, self.use_torch = None, True
         if self.use_torch:
-            self._t = None
-            self._alloc()
-            for k, v in (("gram", stats.gram), ("cross", stats.cross), ("sum_x", stats.sum_x),
-                         ("sum_y", stats.sum_y), ("sum_yy", stats.sum_y_sq)):
-                self._t[k].copy_(torch.from_numpy(np.array(v)))
-            self._t["count"].fill_(int(stats.count))
+            if self._result is not None:
+                raise RuntimeError("rows added to the sums of a pair whose statistics were already read")
+            self._b = _TorchSums.of(stats, self.device)
         else:
-            self.stats = stats
+            self._b = _EngineSums(self.D, self.m, stats)
 
     def statistics(self) -> lsprune.Statistics:
         """The statistics of all rows (summed over the ranks when distributed; done once)."""
@@ -305,27 +370,11 @@ class Sums:
             return self._result
         self._local_rows = self.n_rows
         dist = self.dist if self.dist is not None and self.dist.active else None
-        if not self.use_torch:
-            if self.stats is None:  # no rows here (e.g. an empty shard): zeros still join the reduction
-                self.stats = lsprune.Statistics(self.D, self.m)
-            elif self.engine_dev is not None:  # device sums -> host (one copy per pair)
-                self.stats, self._dropped = self._host_copy(), None
-            if dist is not None:
-                self.stats.all_reduce(dist.sum_arrays)
-            self._result = self.stats
-            return self._result
-        self._alloc()
-        t = self._t
-        if dist is not None:
-            dist.sum_([t[k] for k in ("gram", "cross", "sum_x", "sum_y", "sum_yy", "count")])
-        if not bool(torch.isfinite(t["gram"]).all()) or not bool(torch.isfinite(t["cross"]).all()):
-            raise lsprune.NonFiniteInputError("x or y contains NaN or Inf")
-        self._result = lsprune.Statistics.from_sums(t["gram"].cpu().numpy(), t["cross"].cpu().numpy(),
-                                                    t["sum_x"].cpu().numpy(), t["sum_y"].cpu().numpy(),
-                                                    t["sum_yy"].cpu().numpy(), int(t["count"].item()))
-        self._t = None  # the device copy is no longer needed
+        if self._b is None:  # no rows here (e.g. an empty shard): zeros still join the reduction
+            self._b = _TorchSums(self.D, self.m, self.device) if self.use_torch else _EngineSums(self.D, self.m)
+        self._result = self._b.reduced(dist)
         return self._result
 
     def release(self) -> None:
         """Frees the sums (the pair is finished)."""
-        self.stats = self._t = self._result = None
+        self._b = self._result = None

@@ -6,58 +6,27 @@ Plan (counts per unit) -> jobs (statistics per unit) -> the block sweep (:func:`
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-from .batches import batch_size, make_mask
-from .blockwise import block_units, capture_inputs, find_blocks, sweep_blocks
-from .layouts import UNIT_KINDS, Unit
+from .batches import batch_size, forward_error, make_mask, to_device
+from .blockwise import BlocksNotFoundError, block_units, capture_inputs, find_blocks, sweep_blocks
+from .distributed import Dist
+from .flops import record_positions
+from .layouts import Unit
 from .memory import MemoryLimitError, gib, resolve_limit, solver_bytes, statistics_bytes
-from .blockwise import BlocksNotFoundError
 from .pairs import Pair, PairSearch, SkippedPair
 from . import budget as budgeting
 from .costs import UnitCosts
-from .pruning import PairJob, Timer, accumulate, error_path, finish, make_job, plan_channels
+from .plan import budget_bounds, plan_channels
+from .pruning import PairJob, Timer, accumulate, error_path, finish, make_job
+from .reporting import prune_report, record_budget
 from .surgery import weight_rows
 
 logger = logging.getLogger("lsprune.torch")
-
-TARGETS = ("layer", "original")
-
-
-def normalize_units(units) -> tuple:
-    """``prune(units=)``: None (every kind), a kind or a sequence of kinds from :data:`UNIT_KINDS`."""
-    if units is None:
-        return UNIT_KINDS
-    kinds = (units,) if isinstance(units, str) else units
-    if not isinstance(kinds, (tuple, list, set, frozenset)) or not kinds:
-        raise TypeError(f"units must be None, one of {UNIT_KINDS} or a list of them, got {units!r}")
-    bad = [k for k in kinds if k not in UNIT_KINDS]
-    if bad:
-        raise ValueError(f"units: unknown kind(s) {bad}; choose from {UNIT_KINDS}")
-    return tuple(k for k in UNIT_KINDS if k in kinds)
-
-
-def plan_units(units: Sequence[Unit], *, ratio: Optional[float], keep: Optional[Mapping[str, int]]) -> Dict[str, int]:
-    """Channels (neurons, heads or KV groups) to keep per unit: ``keep[name]``, else ``C - round(ratio*C)``
-    (at least one stays), else all."""
-    plan = {}
-    for u in units:
-        if keep and u.name in keep:
-            k = keep[u.name]
-            if not 1 <= k <= u.channels:
-                raise ValueError(f"keep[{u.name!r}]={k}: must be between 1 and the unit's {u.channels} channels")
-        elif ratio is not None:
-            k = max(1, u.channels - int(math.floor(ratio * u.channels + 0.5)))
-        else:
-            k = u.channels
-        plan[u.name] = k
-    return plan
-
 
 def default_mask(batch, device) -> Optional[torch.Tensor]:
     """Padding tokens stay out of the statistics: a dict batch's ``attention_mask`` (B, T), if any."""
@@ -118,40 +87,38 @@ def unit_search(model: nn.Module, blocks: Optional[str], kinds) -> PairSearch:
     return search
 
 
-def plan_budget(ref: nn.Module, units: List[Unit], per_block, calls, *, opts: dict, positions, b0: int, device,
-                timer: Timer, progress: bool):
-    """Counts per unit under ``opts["budget"]``; returns (plan, error paths or None). A global allocation
+def plan_budget(ref: nn.Module, units: List[Unit], per_block, calls, masks, blocks_name: str, *, opts, positions,
+                b0: int, device, timer: Timer):
+    """Counts per unit under ``opts.budget``; returns (plan, error paths or None). A global allocation
     first streams every block once on the original stream (statistics per block, freed after its error
     paths are computed): one extra pass."""
-    budget, keep, refit = opts["budget"], opts["keep"] or {}, opts["refit"]
+    budget, keep = opts.budget, opts.keep or {}
     pairs = [unit_pair(u) for u in units]
     channels = {u.name: u.channels for u in units}
-    costs = UnitCosts(ref, units, positions, 1.0 / b0, budget.kind, refit=refit)
-    sizes = [u.channels for u in units]
-    pinned = [keep.get(u.name) for u in units]
-    lo, hi = budgeting.keep_bounds(budget, sizes, pinned)
-    _, hi_cost = budgeting.check_reachable(budget, costs, budgeting.allowed(lo, hi, sizes, budget.multiple))
+    bounds = budget_bounds(budget, UnitCosts(ref, units, positions, 1.0 / b0, budget.kind, refit=opts.refit),
+                           [u.channels for u in units], [keep.get(u.name) for u in units])
     paths = None
-    if budget.allocation == "global" and any(k is None for k in pinned) and hi_cost > budget.fraction * costs.full:
-        paths = _independent_paths(ref, units, per_block, calls, lo=lo, hi=hi, opts=opts, device=device,
-                                   timer=timer, progress=progress)
+    if bounds.needs_paths:
+        paths = _independent_paths(ref, units, per_block, calls, masks, blocks_name, lo=bounds.lo, hi=bounds.hi,
+                                   opts=opts, device=device, timer=timer)
     with timer("allocation"):
-        fc = costs if budget.kind == "flops" else UnitCosts(ref, units, positions, 1.0 / b0, "flops", refit=refit)
+        fc = bounds.costs if budget.kind == "flops" else UnitCosts(ref, units, positions, 1.0 / b0, "flops",
+                                                                   refit=opts.refit)
         weights = budgeting.error_weights(budget, [u.name for u in units], fc)
-        plan = plan_channels(pairs, channels, keep=keep, budget=budget, costs=costs, error_paths=paths,
-                             weights=weights)
+        plan = plan_channels(pairs, channels, keep=keep, budget=budget, costs=bounds.costs, error_paths=paths,
+                             weights=weights, what="unit")
     return plan, paths
 
 
-def _independent_paths(ref, units, per_block, calls, *, lo, hi, opts, device, timer, progress) -> Dict[str, object]:
+def _independent_paths(ref, units, per_block, calls, masks, blocks_name, *, lo, hi, opts, device,
+                       timer) -> Dict[str, object]:
     """Every free unit's error path E(k), k = 0..C, from its statistics on the original stream."""
     ref_mods = dict(ref.named_modules())
     index = {u.name: i for i, u in enumerate(units)}
-    pinned = set((opts["keep"] or {}))
+    pinned = set((opts.keep or {}))
     jobs = {u.name: unit_job(index[u.name], u, int(hi[index[u.name]]), ref_mods, ref_mods, targets="layer",
-                             device=device, seed=opts["seed"], n_samples=1, refit=opts["refit"], norm=opts["norm"])
+                             device=device, seed=opts.seed, n_samples=1, refit=opts.refit, norm=opts.norm)
             for u in units if u.name not in pinned}
-    masks = opts["_masks"]
     paths: Dict[str, object] = {}
 
     def on_rows(u, b, x, y):
@@ -161,14 +128,13 @@ def _independent_paths(ref, units, per_block, calls, *, lo, hi, opts, device, ti
         with timer("allocation"):
             for u in block_units_:
                 i = index[u.name]
-                paths[u.name] = error_path(jobs[u.name], opts["method"], float(opts["damping"]), int(lo[i]),
-                                           int(hi[i]))
+                paths[u.name] = error_path(jobs[u.name], opts.method, float(opts.damping), int(lo[i]), int(hi[i]))
                 jobs[u.name].sums.release()
 
-    blocks = ref.get_submodule(opts["_blocks_name"])
+    blocks = ref.get_submodule(blocks_name)
     active = [(i, [u for u in us if u.name in jobs]) for i, us in per_block]
     sweep_blocks(blocks, blocks, active, list(calls), original=False, ref_modules=ref_mods, pr_modules=ref_mods,
-                 on_rows=on_rows, on_block=on_block, progress=progress, unchanged=True)
+                 on_rows=on_rows, on_block=on_block, progress=opts.progress, unchanged=True)
     return paths
 
 
@@ -186,45 +152,46 @@ def unit_job(index: int, unit: Unit, n_keep: int, ref_mods, pr_mods, *, targets:
     return job
 
 
-def prune_blocks(ref: nn.Module, pruned: nn.Module, batches: list, run, *, opts: dict, device, timer: Timer,
-                 progress: bool, mask_fn, positions: Dict[str, float]) -> dict:
+def prune_blocks(ref: nn.Module, pruned: nn.Module, batches: list, run, *, opts, device, timer: Timer,
+                 positions: Dict[str, float]) -> dict:
     """Prunes ``pruned`` (a copy of ``ref``) block by block; returns ``units``, ``jobs`` (by unit name),
     ``plan``, ``paths`` (global budget), ``passes``, ``memory`` and the blocks' name. ``positions``: output
     positions per module on ``batches[0]`` (FLOPs of a budget)."""
-    kinds = opts["units"]
-    name, ref_blocks = find_blocks(ref, opts["blocks"], kinds)
+    kinds = opts.unit_kinds
+    name, ref_blocks = find_blocks(ref, opts.blocks, kinds)
     per_block = block_units(ref_blocks, name, kinds)
     units = [u for _, us in per_block for u in us]
     if not units:
         raise ValueError(f"the blocks {name!r} hold no {' or '.join(kinds)} units that lsprune recognises")
-    keep = opts["keep"] or {}
+    keep = opts.keep or {}
     unknown = sorted(set(keep) - {u.name for u in units})
     if unknown:
         raise ValueError(f"keep names {unknown}, which are not units being pruned; units: "
                          f"{[u.name for u in units][:8]}{' ...' if len(units) > 8 else ''}")
-    original = opts["targets"] == "original"
+    original = opts.targets == "original"
     ref_mods, pr_mods = dict(ref.named_modules()), dict(pruned.named_modules())
     pr_blocks = pruned.get_submodule(name)
     calls = capture_inputs(pruned, pr_blocks[0], batches, run)
-    masks = [make_mask(mask_fn, b, device) if mask_fn is not None else default_mask(b, device) for b in batches]
-    least = plan_units(units, ratio=opts["ratio"], keep=keep) if opts["budget"] is None else \
+    masks = [make_mask(opts.mask_fn, b, device) if opts.mask_fn is not None else default_mask(b, device)
+             for b in batches]
+    pairs, channels = [unit_pair(u) for u in units], {u.name: u.channels for u in units}
+    least = plan_channels(pairs, channels, ratio=opts.ratio, keep=keep, what="unit") if opts.budget is None else \
         {u.name: keep.get(u.name, 1) for u in units}
-    memory = check_memory(opts["memory_limit"], calls, units, least, ref_mods, original=original,
-                          method=opts["method"], refit=opts["refit"], model_copy=_model_bytes(pruned))
+    memory = check_memory(opts.memory_limit, calls, units, least, ref_mods, original=original,
+                          method=opts.method, refit=opts.refit, model_copy=_model_bytes(pruned))
     paths, passes = None, 0.0
-    if opts["budget"] is None:
+    if opts.budget is None:
         plan = least
     else:
-        plan, paths = plan_budget(ref, units, per_block, calls, opts=dict(opts, _masks=masks, _blocks_name=name),
-                                  positions=positions, b0=batch_size(batches[0]) or 1, device=device, timer=timer,
-                                  progress=progress)
+        plan, paths = plan_budget(ref, units, per_block, calls, masks, name, opts=opts, positions=positions,
+                                  b0=batch_size(batches[0]) or 1, device=device, timer=timer)
         passes += 1.0 if paths is not None else 0.0
     n_samples = sum((batch_size(b) or 1) for b in batches)
     jobs: Dict[str, PairJob] = {}
     for i, u in enumerate(units):
         if plan[u.name] < u.channels:
-            jobs[u.name] = unit_job(i, u, plan[u.name], ref_mods, pr_mods, targets=opts["targets"], device=device,
-                                    seed=opts["seed"], n_samples=n_samples, refit=opts["refit"], norm=opts["norm"])
+            jobs[u.name] = unit_job(i, u, plan[u.name], ref_mods, pr_mods, targets=opts.targets, device=device,
+                                    seed=opts.seed, n_samples=n_samples, refit=opts.refit, norm=opts.norm)
     active = [(i, [u for u in us if u.name in jobs]) for i, us in per_block]
 
     def on_rows(unit: Unit, b: int, x, y):
@@ -232,9 +199,38 @@ def prune_blocks(ref: nn.Module, pruned: nn.Module, batches: list, run, *, opts:
 
     def on_block(block_units_: List[Unit]):
         for u in block_units_:
-            finish(jobs[u.name], method=opts["method"], damping=float(opts["damping"]), timer=timer)
+            finish(jobs[u.name], method=opts.method, damping=float(opts.damping), timer=timer)
 
     passes += sweep_blocks(ref_blocks, pr_blocks, active, calls, original=original, ref_modules=ref_mods,
-                           pr_modules=pr_mods, on_rows=on_rows, on_block=on_block, progress=progress)
+                           pr_modules=pr_mods, on_rows=on_rows, on_block=on_block, progress=opts.progress)
     return {"units": units, "jobs": jobs, "plan": plan, "paths": paths, "passes": passes, "memory": memory,
             "blocks": name}
+
+
+def prune_blockwise(session, opts) -> tuple:
+    """``prune(strategy="blocks")`` on an opened :class:`.session.CalibrationSession`: the working model
+    (protected when pruned in place) pruned block by block; returns (pruned, PruneReport)."""
+    s = session
+    ref = s.reference()
+    pruned = s.working_copy()
+    s.protect(list(pruned.modules()))
+    batches = [to_device(b, s.dev) for b in s.batches]
+    positions: Dict[str, float] = {}
+    with record_positions(ref, positions):
+        try:
+            s.run(ref, batches[0])
+        except Exception as e:
+            raise forward_error(e, 0) from e
+    out = prune_blocks(ref, pruned, batches, s.run, opts=opts, device=s.dev, timer=s.timer, positions=positions)
+    units = out["units"]
+    report = prune_report([unit_pair(u) for u in units], out["jobs"], {u.name: u.channels for u in units}, None,
+                          ref, pruned, positions, batch_size(batches[0]) or 1, batches, opts, Dist(False),
+                          strategy="blocks", passes=out["passes"] + 1.0 / len(batches), out_err=None,
+                          unit_modules={u.name: u.modules for u in units})
+    for r, u in zip(report.pairs, units):
+        r.kind = u.kind
+    report.memory = out["memory"]
+    report.targets = opts.targets
+    if opts.budget is not None:
+        record_budget(report, out["plan"].budget, opts.budget, out["paths"])
+    return pruned, report

@@ -24,18 +24,20 @@ from lsprune.budget import Budget
 from .baselines import magnitude_order, no_refit_path, random_order
 
 
-def keep_bounds(budget: Budget, sizes: Sequence[int], pinned: Optional[Sequence[Optional[int]]] = None
-                ) -> Tuple[np.ndarray, np.ndarray]:
+def keep_bounds(budget: Budget, sizes: Sequence[int], pinned: Optional[Sequence[Optional[int]]] = None,
+                fractions_of: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Per-unit (pair or layer) ``lo``, ``hi`` counts from the budget's ``min_keep``/``max_keep``
-    (fractions round up, ints are capped at the size; at least 1); ``pinned[i]`` fixes unit ``i``."""
+    (fractions of ``fractions_of[i]`` (default: the size) round up, counts are capped at the size; at
+    least 1); ``pinned[i]`` fixes unit ``i``."""
     lo, hi = [], []
     for i, n in enumerate(sizes):
+        base = n if fractions_of is None else fractions_of[i]
         if pinned is not None and pinned[i] is not None:
             lo.append(int(pinned[i]))
             hi.append(int(pinned[i]))
             continue
-        a = keep_count(budget.min_keep, n)
-        b = keep_count(budget.max_keep, n)
+        a = keep_count(budget.min_keep, base)
+        b = keep_count(budget.max_keep, base)
         a = max(1, min(a, n))
         b = max(a, min(b, n))
         lo.append(a)

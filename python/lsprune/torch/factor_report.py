@@ -1,12 +1,10 @@
 """The report of :func:`lsprune.torch.factorize`: per layer and model totals, JSON-serialisable."""
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .report import _si
+from .report_base import ModelReport, si as _si, table
 
 FACTOR_REPORT_FORMAT = "lsprune.torch.factorize_report"
 FACTOR_REPORT_VERSION = 1
@@ -65,7 +63,7 @@ class LayerFactorReport:
 
 
 @dataclass
-class FactorizeReport:
+class FactorizeReport(ModelReport):
     """Result of :func:`lsprune.torch.factorize` (next to the factorized model).
 
     Attributes
@@ -110,13 +108,10 @@ class FactorizeReport:
     timings: Dict[str, float] = field(default_factory=dict)
     versions: Dict[str, str] = field(default_factory=dict)
 
-    @property
-    def params_ratio(self) -> float:
-        return self.params_after / self.params_before if self.params_before else 1.0
-
-    @property
-    def flops_ratio(self) -> float:
-        return self.flops_after / self.flops_before if self.flops_before else 1.0
+    FORMAT = FACTOR_REPORT_FORMAT
+    VERSION = FACTOR_REPORT_VERSION
+    WHAT = "factorize"
+    ITEMS = ("layers", LayerFactorReport)
 
     def layer(self, name: str) -> LayerFactorReport:
         for r in self.layers:
@@ -124,44 +119,15 @@ class FactorizeReport:
                 return r
         raise KeyError(name)
 
-    def to_dict(self) -> dict:
-        return {"format": FACTOR_REPORT_FORMAT, "version": FACTOR_REPORT_VERSION, **dataclasses.asdict(self)}
-
-    def to_json(self, **kwargs) -> str:
-        kwargs.setdefault("indent", 2)
-        return json.dumps(self.to_dict(), **kwargs)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "FactorizeReport":
-        if data.get("format") != FACTOR_REPORT_FORMAT:
-            raise ValueError("not an lsprune.torch factorize report")
-        if data.get("version") != FACTOR_REPORT_VERSION:
-            raise ValueError(f"factorize report version {data.get('version')}; this lsprune reads "
-                             f"{FACTOR_REPORT_VERSION}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in data.items() if k in names}
-        kw["layers"] = [LayerFactorReport(**r) for r in data.get("layers", [])]
-        return cls(**kw)
-
     def table(self) -> str:
         rows = [("layer", "type", "rank", "rel. error", "MACs/sample", "time")]
         for r in self.layers:
             rank = f"{r.rank}/{r.full_rank}" if r.rank is not None else f"- /{r.full_rank}"
             rows.append((r.name, r.type, rank, f"{r.relative_error:.3g}",
                          f"{_si(r.flops_before)} -> {_si(r.flops_after)}", f"{r.time_s:.2f}s"))
-        w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(f"{c:<{w[i]}}" for i, c in enumerate(row)).rstrip() for row in rows]
-        lines.insert(1, "-" * max(len(line) for line in lines))
-        return "\n".join(lines)
+        return table(rows)
 
     def __str__(self):
         n = sum(r.status == "factorized" for r in self.layers)
-        out = (f"lsprune factorize: {n} of {len(self.layers)} layer(s), {self.mode}; params "
-               f"{_si(self.params_before)} -> {_si(self.params_after)} ({self.params_ratio:.1%}), MACs/sample "
-               f"{_si(self.flops_before)} -> {_si(self.flops_after)} ({self.flops_ratio:.1%}); "
-               f"{self.forward_passes:.2f} forward passes, {self.time_s:.2f}s")
-        if self.budget:
-            b = self.budget
-            out += (f"\nbudget ({b['allocation']}): {b['kind']} {b['target']:.4g} asked, {b['reached']:.4g} reached "
-                    f"(reachable [{b['reachable'][0]:.4g}, 1])")
-        return out + "\n" + self.table()
+        out = f"lsprune factorize: {n} of {len(self.layers)} layer(s), {self.mode}; " + self._costs_line()
+        return out + self._budget_line() + "\n" + self.table()

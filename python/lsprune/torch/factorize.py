@@ -10,34 +10,34 @@ from the original one. Ranks come from ``rank=``, ``ratio=`` or a global ``budge
 """
 from __future__ import annotations
 
-import copy
+import functools
 import logging
 import math
-import numbers
 import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 import torch.fx as fx
 import torch.nn as nn
 
 import lsprune
 from lsprune import _policy
-from lsprune.budget import as_budget
 
 from . import budget as budgeting
-from .api import DEFAULT_MAX_POSITIONS, MODES, _graph_discovery, check_damping_and_counts, _norm_device, _TrainState, _unknown
-from .batches import (batch_size, capture_call, default_forward, first_tensor_device, forward_error, make_mask,
-                      materialize, to_device)
+from .batches import batch_size
 from .costs import FactorCosts, max_useful_rank
+from .discovery import graph_discovery
 from .factor_report import FactorizeReport, LayerFactorReport
 from .flops import macs_from_positions, own_params, total_params
-from .graph import NotTraceableError, bind_placeholders
+from .graph import NotTraceableError
+from .options import DEFAULT_MAX_POSITIONS, FactorizeOptions
 from .pairs import Pair
-from .pruning import PairJob, Timer, _log_engine_warnings, make_job
+from .plan import budget_bounds, budget_counts
+from .pruning import PairJob, Timer, log_engine_warnings, make_job
+from .reporting import record_budget, versions
+from .session import CalibrationSession
 from .surgery import consumer_matrix, factorized_module, replace_module, set_factors
 from .sweep import sweep
 
@@ -83,131 +83,127 @@ def factorize(model: nn.Module, calibration, *, budget=None, rank: Optional[int]
         A factorized layer becomes ``nn.Sequential(first, second)`` under its own name; rebuild
         with :func:`lsprune.torch.apply_structure` to load the state_dict.
     """
-    t_start = time.perf_counter()
-    timer = Timer()
-    opts = _validate(model, budget=budget, rank=rank, ratio=ratio, layers=layers, mode=mode, damping=damping,
-                     max_batches=max_batches, device=device, progress=progress, forward_fn=forward_fn,
-                     mask_fn=mask_fn, max_positions=max_positions, seed=seed)
-    budget = opts["budget"]
-    batches = materialize(calibration, max_batches)
-    run = forward_fn or default_forward
-    model_dev = _norm_device(first_tensor_device(model))
-    dev = opts["device"] or model_dev
-    sequential = mode == "sequential"
-    state = _TrainState(model)
-    try:
-        model.eval()
-        with torch.no_grad():
-            ref = copy.deepcopy(model).to(dev) if dev != model_dev else model
-            batch0 = to_device(batches[0], dev)
-            nb = len(batches)
-            try:
-                _, _, gm, positions, inputs0 = _graph_discovery(ref, batch0, run)
-            except NotTraceableError as e:
-                raise ValueError(f"{e}\nfactorize needs a model torch.fx can trace") from e
-            ref_mods = dict(ref.named_modules())
-            cands, nodes, skipped = _candidates(gm.graph, ref_mods, positions, opts["layers"])
-            if not cands:
-                raise ValueError("no layer can be factorized" +
-                                 "".join(f"\n  {s['layer']}: {s['reason']}" for s in skipped))
-            b0 = batch_size(batch0) or 1
-            full = [_full_rank(ref_mods[n]) for n in cands]
-            rmax = [max_useful_rank(ref_mods[n]) for n in cands]
-
-            costs = lo = hi = None
-            if budget is not None:
-                costs = FactorCosts(ref, cands, positions, 1.0 / b0, budget.kind)
-                sizes = [r + 1 for r in rmax]  # count r_max + 1 = "left as it is"
-                lo = np.array([min(max(1, budgeting.keep_count(budget.min_keep, f)), r + 1)
-                               for f, r in zip(full, rmax)])
-                hi = np.array([max(a, min(budgeting.keep_count(budget.max_keep, f), r + 1))
-                               for a, f, r in zip(lo, full, rmax)])
-                options = budgeting.allowed(lo, hi, sizes, budget.multiple)
-                min_cost, hi_cost = budgeting.check_reachable(budget, costs, options)
-
-            inputs, masks = [inputs0], [make_mask(mask_fn, batch0, dev)]
-            for b in range(1, nb):
-                batch = to_device(batches[b], dev)
-                try:
-                    a, kw = capture_call(ref, run, batch)
-                except Exception as e:
-                    raise forward_error(e, b) from e
-                inputs.append(bind_placeholders(ref, gm.graph, a, kw))
-                masks.append(make_mask(mask_fn, batch, dev))
-
-            new = copy.deepcopy(model).to(dev)
-            new_mods = dict(new.named_modules())
-            n_samples = sum((batch_size(b) or 1) for b in batches)
-
-            def job(i, n, r, independent):
-                j = make_job(i, Pair(n, n), _width(ref_mods[n]), r, ref_mods, new_mods, device=dev,
-                             independent=independent, use_torch_sums=None, seed=seed, max_positions=max_positions,
-                             n_samples=n_samples)
-                j.extra["model"] = new
-                return j
-
-            common = dict(method="factorize", damping=float(damping), progress=progress, timer=timer,
-                          finish_fn=_finish, job_nodes=nodes)
-            passes = 1.0 / nb
-            paths, pre_jobs, alloc = None, {}, None
-            fits = budget is not None and hi_cost <= budget.fraction * costs.full
-            if budget is not None and budget.allocation == "global" and not fits:
-                pre_jobs = {n: job(i, n, 0, True) for i, n in enumerate(cands)}
-                sweep(gm.graph, ref, new, inputs, masks, pre_jobs, {}, sequential=False, collect_only=True, **common)
-                passes += 1.0
-                with timer("allocation"):
-                    paths = [_alloc_path(pre_jobs[n], float(damping), r) for n, r in zip(cands, rmax)]
-            with timer("allocation"):
-                if budget is not None:
-                    if fits:
-                        counts = np.array([ks[-1] for ks in options])
-                    elif paths is None:
-                        counts = budgeting.uniform_counts(budget, costs, options, sizes, [None] * len(cands))
-                    else:
-                        w = _weights(budget, cands, ref_mods, positions)
-                        counts, alloc = budgeting.global_counts(budget, costs, paths, lo, hi, w, [None] * len(cands))
-                    ranks = [int(k) if k <= r else None for k, r in zip(counts, rmax)]
-                elif opts["rank"] is not None:
-                    ranks = [min(opts["rank"], f) for f in full]
-                else:
-                    ranks = [min(f, _ratio_rank(ref_mods[n], opts["ratio"])) for n, f in zip(cands, full)]
-                ranks = [r if r is not None and r <= m else None for r, m in zip(ranks, rmax)]
-
-            jobs = {}
-            for i, (n, r) in enumerate(zip(cands, ranks)):
-                if r is None:
-                    continue
-                if not sequential and n in pre_jobs:
-                    jobs[n] = pre_jobs[n]
-                    jobs[n].n_keep = r
-                else:
-                    jobs[n] = job(i, n, r, not sequential)
-            out_err = None
-            if jobs and all(jobs[n] is pre_jobs.get(n) for n in jobs):
-                for j in jobs.values():
-                    _finish(j, method="factorize", damping=float(damping), timer=timer)
-            elif jobs:
-                res = sweep(gm.graph, ref, new, inputs, masks, jobs, {}, sequential=sequential, **common)
-                out_err = res["output_relative_error"]
-                passes += 1.0 + res["pruned_pass_fraction"]
-
-            report = _report(cands, full, rmax, jobs, skipped, ref, new, positions, b0, opts, passes, out_err,
-                             len(batches), n_samples)
-            if budget is not None:
-                report.budget = budgeting.plan_summary(budget, costs, np.array(counts), alloc, min_cost)
-                report.budget.update(flops_reached=report.flops_ratio, params_reached=report.params_ratio)
-                report.budget["reached"] = report.budget[f"{budget.kind}_reached"]
-        state.restore(new)
-        for n in jobs:  # the two new modules follow the replaced layer's train/eval flag
+    opts = FactorizeOptions.create(model, **{k: v for k, v in locals().items() if k not in ("model", "calibration")})
+    session = CalibrationSession(model, calibration, opts)
+    with session.opened():
+        new, report, factorized = LayerFactorize(session, opts).run()
+        session.finish(new, report)
+        for n in factorized:  # the two new modules follow the replaced layer's train/eval flag
             seq = new.get_submodule(n)
             seq.train(seq.training)
-        report.time_s = time.perf_counter() - t_start
-        report.timings = {k: float(v) for k, v in timer.totals.items()}
-        report.timings["other"] = max(0.0, report.time_s - sum(report.timings.values()))
-        logger.info("%s", str(report).splitlines()[0])
         return new, report
-    finally:
-        state.restore(model)
+
+
+class LayerFactorize:
+    """One factorize on an opened :class:`CalibrationSession`: the layers found by tracing, their ranks (from
+    ``rank``, ``ratio`` or a budget, through :mod:`.plan`), the sweep that fits and replaces each layer, the
+    report. :meth:`run` returns (new model, report, names of the factorized layers)."""
+
+    def __init__(self, session: CalibrationSession, opts: FactorizeOptions):
+        self.s, self.opts, self.timer = session, opts, session.timer
+        self.bounds = None
+
+    def run(self):
+        s, o = self.s, self.opts
+        self.ref = s.reference()
+        batch0, _ = s.example()
+        try:
+            _, _, gm, self.positions, inputs0 = graph_discovery(self.ref, batch0, s.run)
+        except NotTraceableError as e:
+            raise ValueError(f"{e}\nfactorize needs a model torch.fx can trace") from e
+        self.graph = gm.graph
+        self.ref_mods = dict(self.ref.named_modules())
+        self.cands, self.nodes, self.skipped = _candidates(gm.graph, self.ref_mods, self.positions, o.layers)
+        if not self.cands:
+            raise ValueError("no layer can be factorized" +
+                             "".join(f"\n  {s['layer']}: {s['reason']}" for s in self.skipped))
+        self.b0 = batch_size(batch0) or 1
+        self.full = [_full_rank(self.ref_mods[n]) for n in self.cands]
+        self.rmax = [max_useful_rank(self.ref_mods[n]) for n in self.cands]
+        if o.budget is not None:  # refuse an unreachable budget before any expensive work
+            costs = FactorCosts(self.ref, self.cands, self.positions, 1.0 / self.b0, o.budget.kind)
+            # count r_max + 1 = "left as it is"
+            self.bounds = budget_bounds(o.budget, costs, [r + 1 for r in self.rmax], fractions_of=self.full)
+        self.inputs, self.masks = s.graph_inputs(self.ref, gm.graph, batch0, inputs0)
+        self.new = s.working_copy()
+        self.new_mods = dict(self.new.named_modules())
+        self.finish = functools.partial(_finish, model=self.new, damping=float(o.damping), timer=self.timer)
+        self.passes = s.per_batch
+        pre_jobs, paths = self._budget_pass()
+        ranks, counts, alloc = self._ranks(paths)
+        jobs = self._jobs(ranks, pre_jobs)
+        out_err = self._factorize_pass(jobs, pre_jobs)
+        report = _report(self.cands, self.full, self.rmax, jobs, self.skipped, self.ref, self.new, self.positions,
+                         self.b0, o, self.passes, out_err, len(s.batches), s.n_samples)
+        if o.budget is not None:
+            b = self.bounds
+            record_budget(report, budgeting.plan_summary(o.budget, b.costs, np.array(counts), alloc, b.min_cost),
+                          o.budget)
+        return self.new, report, list(jobs)
+
+    def _job(self, i: int, n: str, rank: int, independent: bool) -> PairJob:
+        """The statistics of layer ``n`` (a pair whose producer and consumer are the layer: groups of one
+        column)."""
+        return make_job(i, Pair(n, n), _width(self.ref_mods[n]), rank, self.ref_mods, self.new_mods,
+                        device=self.s.dev, independent=independent, use_torch_sums=None, seed=self.opts.seed,
+                        max_positions=self.opts.max_positions, n_samples=self.s.n_samples)
+
+    def _sweep(self, jobs, *, sequential: bool, collect_only: bool = False) -> dict:
+        return sweep(self.graph, self.ref, self.new, self.inputs, self.masks, jobs, {}, sequential=sequential,
+                     collect_only=collect_only, complete=self.finish, progress=self.opts.progress, timer=self.timer,
+                     job_nodes=self.nodes)
+
+    def _budget_pass(self):
+        """A global budget that does not fit as it is: every layer's error path from an independent pass."""
+        b = self.bounds
+        if b is None or b.budget.allocation != "global" or b.fits:
+            return {}, None
+        pre_jobs = {n: self._job(i, n, 0, True) for i, n in enumerate(self.cands)}
+        self._sweep(pre_jobs, sequential=False, collect_only=True)
+        self.passes += 1.0
+        with self.timer("allocation"):
+            paths = [_alloc_path(pre_jobs[n], float(self.opts.damping), r) for n, r in zip(self.cands, self.rmax)]
+        return pre_jobs, paths
+
+    def _ranks(self, paths):
+        """Each layer's rank (None: left as it is), the budget's counts and allocation."""
+        o, counts, alloc = self.opts, None, None
+        with self.timer("allocation"):
+            if o.budget is not None:
+                w = _weights(o.budget, self.cands, self.ref_mods, self.positions)
+                counts, alloc = budget_counts(self.bounds, paths, w)
+                ranks = [int(k) if k <= r else None for k, r in zip(counts, self.rmax)]
+            elif o.rank is not None:
+                ranks = [min(o.rank, f) for f in self.full]
+            else:
+                ranks = [min(f, _ratio_rank(self.ref_mods[n], o.ratio)) for n, f in zip(self.cands, self.full)]
+            ranks = [r if r is not None and r <= m else None for r, m in zip(ranks, self.rmax)]
+        return ranks, counts, alloc
+
+    def _jobs(self, ranks, pre_jobs) -> Dict[str, PairJob]:
+        """A job per layer to factorize (the budget pass's own in independent mode: its statistics are
+        complete)."""
+        jobs = {}
+        for i, (n, r) in enumerate(zip(self.cands, ranks)):
+            if r is None:
+                continue
+            if not self.opts.sequential and n in pre_jobs:
+                jobs[n] = pre_jobs[n]
+                jobs[n].n_keep = r
+            else:
+                jobs[n] = self._job(i, n, r, not self.opts.sequential)
+        return jobs
+
+    def _factorize_pass(self, jobs, pre_jobs) -> Optional[float]:
+        if jobs and all(jobs[n] is pre_jobs.get(n) for n in jobs):
+            for j in jobs.values():
+                self.finish(j)
+            return None
+        if not jobs:
+            return None
+        res = self._sweep(jobs, sequential=self.opts.sequential)
+        self.passes += 1.0 + res["pruned_pass_fraction"]
+        return res["output_relative_error"]
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -304,7 +300,7 @@ def _factorization(job: PairJob, damping: float, rank: int) -> Tuple[lsprune.Fac
     if job.independent:
         W, b = consumer_matrix(job.ref_consumer)
         kw.update(weights_in=W, bias_in=b)
-    with _log_engine_warnings(job.pair.consumer):
+    with log_engine_warnings(job.pair.consumer):
         return lsprune.factorize(stats, rank=rank, damping=damping, **kw), int(stats.count)
 
 
@@ -314,16 +310,15 @@ def _alloc_path(job: PairJob, damping: float, r_max: int) -> np.ndarray:
     return np.concatenate([f.relative_error_path[:r_max + 1], [0.0]])
 
 
-def _finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> LayerFactorReport:
-    """Fits the rank-r factorization and puts it in place of the layer in the new model."""
-    del method
+def _finish(job: PairJob, *, model: nn.Module, damping: float, timer: Timer) -> LayerFactorReport:
+    """Fits the rank-r factorization and puts it in place of the layer in ``model`` (the new model)."""
     t = time.perf_counter()
     with timer("selection"):
         f, rows = _factorization(job, damping, job.n_keep)
     with timer("surgery"):
         seq = factorized_module(job.ref_consumer, f.rank)
         set_factors(seq, f.U, f.V, f.bias)
-        replace_module(job.extra["model"], job.pair.consumer, seq)
+        replace_module(model, job.pair.consumer, seq)
     job.seconds += time.perf_counter() - t
     plain = max(f.error - f.ridge * float(np.sum(f.weights ** 2)), 0.0)
     m = job.ref_consumer
@@ -356,61 +351,7 @@ def _report(cands, full, rmax, jobs, skipped, ref, new, positions, b0, opts, pas
         rep.flops_after = sum(after.get(k, 0) for k in (n, f"{n}.0", f"{n}.1"))
         layers.append(rep)
     return FactorizeReport(
-        layers=layers, skipped=skipped, mode=opts["mode"], rank=opts["rank"], ratio=opts["ratio"],
-        damping=float(opts["damping"]), max_positions=opts["max_positions"], seed=opts["seed"],
+        layers=layers, skipped=skipped, **opts.report_fields(),
         params_before=total_params(ref), params_after=total_params(new), flops_before=int(sum(before.values())),
         flops_after=int(sum(after.values())), forward_passes=float(passes), n_batches=n_batches,
-        n_samples=int(n_samples), output_relative_error=out_err,
-        versions={"lsprune": lsprune.__version__, "torch": torch.__version__})
-
-
-# ---------------------------------------------------------------------------------------------- validation
-def _validate(model, *, budget, rank, ratio, layers, mode, damping, max_batches, device, progress, forward_fn,
-              mask_fn, max_positions, seed) -> dict:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if sum(v is not None for v in (budget, rank, ratio)) != 1:
-        raise ValueError("give exactly one of budget= (e.g. lsprune.Budget(flops=0.5)), rank= (the same rank in "
-                         "every layer) and ratio= (fraction of every layer's cost removed)")
-    if budget is not None:
-        budget = as_budget(budget)
-    if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
-            raise TypeError(f"rank must be a positive int, got {type(rank).__name__}")
-        if rank < 1:
-            raise ValueError(f"rank={rank} must be >= 1")
-        rank = int(rank)
-    if ratio is not None:
-        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
-            raise TypeError(f"ratio must be a float in [0, 1), got {type(ratio).__name__}")
-        if not (math.isfinite(ratio) and 0.0 <= ratio < 1.0):
-            raise ValueError(f"ratio={ratio} is out of range: the fraction of every layer's cost removed, in [0, 1)")
-        ratio = float(ratio)
-    modules = dict(model.named_modules())
-    if layers is not None:
-        if isinstance(layers, str) or not hasattr(layers, "__iter__"):
-            raise TypeError("layers must be a list of module names")
-        layers = list(layers)
-        for n in layers:
-            if not isinstance(n, str):
-                raise TypeError(f"layers entries must be module names (str), got {n!r}")
-            if n not in modules:
-                raise ValueError(f"layers: {_unknown(n, modules)}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    check_damping_and_counts(damping, max_batches=max_batches, max_positions=max_positions)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be True or False, got {progress!r}")
-    for name, f in (("forward_fn", forward_fn), ("mask_fn", mask_fn)):
-        if f is not None and not callable(f):
-            raise TypeError(f"{name} must be callable or None, got {type(f).__name__}")
-    dev = None
-    if device is not None:
-        try:
-            dev = _norm_device(device)
-        except (RuntimeError, ValueError, AssertionError, TypeError) as e:
-            raise ValueError(f"invalid device {device!r}: {e}") from None
-    return dict(budget=budget, rank=rank, ratio=ratio, layers=layers, mode=mode, damping=damping, device=dev,
-                max_positions=max_positions, seed=int(seed))
+        n_samples=int(n_samples), output_relative_error=out_err, versions=versions())

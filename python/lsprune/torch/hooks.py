@@ -22,7 +22,7 @@ import lsprune
 from .batches import forward_error, make_mask, to_device
 from .flops import record_positions
 from .pairs import Pair, is_depthwise, producer_channels
-from .pruning import PairJob, Timer, accumulate, finish
+from .pruning import PairJob, Timer, accumulate
 
 
 class _Stop(BaseException):
@@ -59,28 +59,57 @@ def probe(ref: nn.Module, pairs: List[Pair], batch, run: Callable, positions: Di
     modules = dict(ref.named_modules())
     named = {n for p in pairs for n in (p.producer, p.consumer, *p.between)}
     leaves = {n: m for n, m in modules.items() if n and (not any(True for _ in m.children()) or n in named)}
+    rec = _record(ref, leaves, {p.consumer for p in pairs}, batch, run, positions)
+    probes = []
+    for p in pairs:
+        t_prod, t_cons = _check_order(p, rec)
+        prod, cons = modules[p.producer], modules[p.consumer]
+        C = producer_channels(prod)
+        ps = rec.out_shape.get(p.producer)
+        cd = 1 if isinstance(prod, nn.Conv2d) else -1
+        if ps is None or ps[cd] != C:
+            raise _refuse(p, f"the producer's output {ps} does not hold its {C} channels in dim {cd}")
+        _check_unlisted(p, leaves, named, rec, t_prod, t_cons, C)
+        xs = rec.x_in.get(p.consumer)
+        if xs is None:
+            raise _refuse(p, "the consumer is not called with a tensor input")
+        g = _group_size(p, prod, cons, tuple(xs.shape), ps, C)
+        probes.append(Probe(Pair(p.producer, p.consumer, p.between, g, p.via), t_cons, C, g, xs))
+    probes.sort(key=lambda q: q.order)
+    return probes
+
+
+@dataclass
+class _Recording:
+    """The probe forward: each leaf's start and end ticks, output shapes, and the consumers' inputs."""
+
+    start: Dict[str, List[int]]
+    end: Dict[str, List[int]]
+    out_shape: Dict[str, tuple]
+    x_in: Dict[str, torch.Tensor]
+
+
+def _record(ref: nn.Module, leaves, consumers, batch, run: Callable, positions) -> _Recording:
+    rec = _Recording(defaultdict(list), defaultdict(list), {}, {})
     seq = [0]
-    start, end = defaultdict(list), defaultdict(list)
-    out_shape, x_in = {}, {}
-    consumers = {p.consumer for p in pairs}
-    handles = []
 
     def pre(name):
         def hook(mod, args):
             seq[0] += 1
-            start[name].append(seq[0])
+            rec.start[name].append(seq[0])
             if name in consumers and args and isinstance(args[0], torch.Tensor):
-                x_in[name] = args[0].detach().clone()
+                rec.x_in[name] = args[0].detach().clone()
         return hook
 
     def post(name):
         def hook(mod, args, output):
             seq[0] += 1
-            end[name].append(seq[0])
+            rec.end[name].append(seq[0])
             if isinstance(output, torch.Tensor):
-                out_shape[name] = tuple(output.shape)
+                rec.out_shape[name] = tuple(output.shape)
         return hook
 
+    handles = []
     for n, m in leaves.items():
         handles.append(m.register_forward_pre_hook(pre(n)))
         handles.append(m.register_forward_hook(post(n)))
@@ -92,54 +121,50 @@ def probe(ref: nn.Module, pairs: List[Pair], batch, run: Callable, positions: Di
     finally:
         for h in handles:
             h.remove()
+    return rec
 
-    probes = []
-    for p in pairs:
-        for n in (p.producer, p.consumer, *p.between):
-            if len(start[n]) != 1:
-                raise _refuse(p, f"module {n!r} runs {len(start[n])} times per forward; only modules that run "
-                                 "exactly once can be pruned")
-        t_prod, t_cons = end[p.producer][0], start[p.consumer][0]
-        if t_prod > t_cons:
-            raise _refuse(p, "the consumer runs before the producer")
-        for b in p.between:
-            if not (t_prod < start[b][0] and end[b][0] < t_cons):
-                raise _refuse(p, f"{b!r} does not run between the producer and the consumer")
-        prod, cons = modules[p.producer], modules[p.consumer]
-        C = producer_channels(prod)
-        ps = out_shape.get(p.producer)
-        cd = 1 if isinstance(prod, nn.Conv2d) else -1
-        if ps is None or ps[cd] != C:
-            raise _refuse(p, f"the producer's output {ps} does not hold its {C} channels in dim {cd}")
-        # a module with per-channel state for these C channels, running in between but not listed, would break
-        for n, m in leaves.items():
-            if n in named or not end[n] or not any(t_prod < t < t_cons for t in end[n]):
-                continue
-            if _per_channel(m, C):
-                raise _refuse(p, f"{n!r} ({type(m).__name__}) runs between producer and consumer and holds "
-                                 f"per-channel state for {C} channels: list it in between= (it then loses the "
-                                 "same channels), or leave the pair out if it is not on the channel path")
-        xs = x_in.get(p.consumer)
-        if xs is None:
-            raise _refuse(p, "the consumer is not called with a tensor input")
-        xs_shape = tuple(xs.shape)
-        if isinstance(cons, nn.Conv2d):
-            if not isinstance(prod, nn.Conv2d) or len(xs_shape) != 4 or xs_shape[1] != C:
-                raise _refuse(p, f"the consumer's input {xs_shape} does not map one-to-one onto the producer's "
-                                 f"output {ps} ({C} channels)")
-            g = cons.kernel_size[0] * cons.kernel_size[1]
-        else:
-            D = cons.in_features
-            if D == C and (isinstance(prod, nn.Linear) or len(xs_shape) == 2):
-                g = 1
-            elif isinstance(prod, nn.Conv2d) and len(xs_shape) == 2 and D % C == 0 and D > C:
-                g = D // C
-            else:
-                raise _refuse(p, f"the consumer's input {xs_shape} does not map one-to-one onto the producer's "
-                                 f"output {ps} ({C} channels)")
-        probes.append(Probe(Pair(p.producer, p.consumer, p.between, g, p.via), t_cons, C, g, xs))
-    probes.sort(key=lambda q: q.order)
-    return probes
+
+def _check_order(p: Pair, rec: _Recording):
+    """Every module of the pair runs once, the ``between`` ones between producer and consumer; returns the
+    producer's end and the consumer's start ticks."""
+    for n in (p.producer, p.consumer, *p.between):
+        if len(rec.start[n]) != 1:
+            raise _refuse(p, f"module {n!r} runs {len(rec.start[n])} times per forward; only modules that run "
+                             "exactly once can be pruned")
+    t_prod, t_cons = rec.end[p.producer][0], rec.start[p.consumer][0]
+    if t_prod > t_cons:
+        raise _refuse(p, "the consumer runs before the producer")
+    for b in p.between:
+        if not (t_prod < rec.start[b][0] and rec.end[b][0] < t_cons):
+            raise _refuse(p, f"{b!r} does not run between the producer and the consumer")
+    return t_prod, t_cons
+
+
+def _check_unlisted(p: Pair, leaves, named, rec: _Recording, t_prod: int, t_cons: int, C: int) -> None:
+    """A module with per-channel state for these C channels, running in between but not listed, would break."""
+    for n, m in leaves.items():
+        if n in named or not rec.end[n] or not any(t_prod < t < t_cons for t in rec.end[n]):
+            continue
+        if _per_channel(m, C):
+            raise _refuse(p, f"{n!r} ({type(m).__name__}) runs between producer and consumer and holds "
+                             f"per-channel state for {C} channels: list it in between= (it then loses the "
+                             "same channels), or leave the pair out if it is not on the channel path")
+
+
+def _group_size(p: Pair, prod: nn.Module, cons: nn.Module, xs_shape: tuple, ps, C: int) -> int:
+    """Consumer input columns per producer channel, or a refusal when they do not map one-to-one."""
+    if isinstance(cons, nn.Conv2d):
+        if not isinstance(prod, nn.Conv2d) or len(xs_shape) != 4 or xs_shape[1] != C:
+            raise _refuse(p, f"the consumer's input {xs_shape} does not map one-to-one onto the producer's "
+                             f"output {ps} ({C} channels)")
+        return cons.kernel_size[0] * cons.kernel_size[1]
+    D = cons.in_features
+    if D == C and (isinstance(prod, nn.Linear) or len(xs_shape) == 2):
+        return 1
+    if isinstance(prod, nn.Conv2d) and len(xs_shape) == 2 and D % C == 0 and D > C:
+        return D // C
+    raise _refuse(p, f"the consumer's input {xs_shape} does not map one-to-one onto the producer's "
+                     f"output {ps} ({C} channels)")
 
 
 def _per_channel(m: nn.Module, C: int) -> bool:
@@ -222,11 +247,12 @@ def check_mapping(ref: nn.Module, q: Probe, batch, run: Callable, seed: int) -> 
 
 
 def run_hooks(ref: nn.Module, pruned: nn.Module, batches: list, device, run: Callable, mask_fn, jobs: List[PairJob],
-              *, sequential: bool, method: str, damping: float, progress: bool, timer: Timer,
+              *, sequential: bool, complete: Callable[[PairJob], object], progress: bool, timer: Timer,
               collect_only: bool = False) -> float:
-    """Prunes ``pruned`` pair by pair (sequential) or from one pass (independent). Returns the forward
-    passes spent (an early-stopped pass counts as a full one). ``collect_only`` (independent mode):
-    only accumulate the statistics, finish no pair."""
+    """Streams every pair's rows with module hooks; ``complete(job)`` (e.g. :func:`.pruning.finish`) prunes
+    ``pruned`` once a pair's statistics are complete: pair by pair (sequential) or after one pass
+    (independent). Returns the forward passes spent (an early-stopped pass counts as a full one).
+    ``collect_only`` (independent mode): only accumulate the statistics, complete no pair."""
     ref_mods, pr_mods = dict(ref.named_modules()), dict(pruned.named_modules())
     passes = 0.0
     pair_bar = tqdm(total=len(jobs), desc="lsprune pairs", unit="pair", disable=not progress, leave=False)
@@ -264,7 +290,7 @@ def run_hooks(ref: nn.Module, pruned: nn.Module, batches: list, device, run: Cal
                     h.remove()
             passes += 1.0
             for job in ([] if collect_only else jobs):
-                finish(job, method=method, damping=damping, timer=timer)
+                complete(job)
                 pair_bar.update(1)
             return passes
         for job in jobs:
@@ -285,7 +311,7 @@ def run_hooks(ref: nn.Module, pruned: nn.Module, batches: list, device, run: Cal
                         raise pruned_failure(e) from e
                 accumulate(job, x, y, mask, timer, b)
             passes += 2.0 if job.saved is None else 0.0
-            finish(job, method=method, damping=damping, timer=timer)
+            complete(job)
             pair_bar.update(1)
     finally:
         pair_bar.close()

@@ -31,6 +31,19 @@ from .surgery import linear_like, linear_matrix, shrink_rows, weight_rows
 UNIT_KINDS = ("mlp", "heads")
 
 
+def normalize_units(units) -> tuple:
+    """``prune(units=)``: None (every kind), a kind or a sequence of kinds from :data:`UNIT_KINDS`."""
+    if units is None:
+        return UNIT_KINDS
+    kinds = (units,) if isinstance(units, str) else units
+    if not isinstance(kinds, (tuple, list, set, frozenset)) or not kinds:
+        raise TypeError(f"units must be None, one of {UNIT_KINDS} or a list of them, got {units!r}")
+    bad = [k for k in kinds if k not in UNIT_KINDS]
+    if bad:
+        raise ValueError(f"units: unknown kind(s) {bad}; choose from {UNIT_KINDS}")
+    return tuple(k for k in UNIT_KINDS if k in kinds)
+
+
 @dataclass(frozen=True)
 class Slice:
     """Channel ``j`` owns output rows ``offset + j*rows ... offset + (j+1)*rows - 1`` of ``module``."""

@@ -112,7 +112,7 @@ def _engine_select(stats, n_keep, *, method, group_size, damping, weights_in=Non
 
 
 @contextmanager
-def _log_engine_warnings(name: str):
+def log_engine_warnings(name: str):
     """Engine RuntimeWarnings (dead channels, raised damping) become log messages with the pair's name."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
@@ -124,6 +124,9 @@ def _log_engine_warnings(name: str):
             logger.log(level, "pair %s: %s", name, w.message)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+_log_engine_warnings = log_engine_warnings  # the former name
 
 
 def _order_select(stats, n_keep, *, method, group_size, damping, weights_in=None, bias_in=None, job=None):
@@ -374,7 +377,7 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairRe
             W, b = consumer_matrix(job.ref_consumer)
             kw.update(weights_in=W, bias_in=b)
         try:
-            with _log_engine_warnings(job.name):
+            with log_engine_warnings(job.name):
                 sel = SELECTORS[method](stats, job.n_keep, **kw)
                 if sel.kept.size < job.n_keep:
                     sel = _fill_up(stats, sel, job, damping)
@@ -431,7 +434,7 @@ def error_path(job, method: str, damping: float, lo: int, hi: int, keep: bool = 
     damping = effective_damping(job, stats.count, damping)
     W, b = consumer_matrix(job.ref_consumer)
     order = job_order(job, method, stats) if method in ORDER_METHODS else None
-    with _log_engine_warnings(job.name):
+    with log_engine_warnings(job.name):
         path = budgeting.pair_error_path(stats, method=method, refit=job.refit, n_channels=job.channels,
                                          group_size=job.group_size, lo=lo, hi=hi, damping=damping, weights_in=W,
                                          bias_in=b, order=order)

@@ -1,10 +1,10 @@
 """The prune report: per pair and model totals, JSON-serialisable."""
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
+
+from .report_base import ModelReport, si as _si, table
 
 REPORT_FORMAT = "lsprune.torch.report"
 REPORT_VERSION = 1
@@ -89,7 +89,7 @@ class PairReport:
 
 
 @dataclass
-class PruneReport:
+class PruneReport(ModelReport):
     """Result of :func:`lsprune.torch.prune` (next to the pruned model).
 
     Attributes
@@ -173,15 +173,10 @@ class PruneReport:
     memory: Optional[dict] = None
     targets: Optional[str] = None
 
-    @property
-    def params_ratio(self) -> float:
-        """params_after / params_before."""
-        return self.params_after / self.params_before if self.params_before else 1.0
-
-    @property
-    def flops_ratio(self) -> float:
-        """flops_after / flops_before."""
-        return self.flops_after / self.flops_before if self.flops_before else 1.0
+    FORMAT = REPORT_FORMAT
+    VERSION = REPORT_VERSION
+    WHAT = "prune"
+    ITEMS = ("pairs", PairReport)
 
     def pair(self, producer: str) -> PairReport:
         """The report of the pair whose producer is ``producer``."""
@@ -190,28 +185,6 @@ class PruneReport:
                 return p
         raise KeyError(producer)
 
-    def to_dict(self) -> dict:
-        """Plain dict (JSON types only) with ``format`` and ``version`` keys added."""
-        d = dataclasses.asdict(self)
-        return {"format": REPORT_FORMAT, "version": REPORT_VERSION, **d}
-
-    def to_json(self, **kwargs) -> str:
-        """JSON text of :meth:`to_dict` (``kwargs`` go to ``json.dumps``, default ``indent=2``)."""
-        kwargs.setdefault("indent", 2)
-        return json.dumps(self.to_dict(), **kwargs)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PruneReport":
-        """Inverse of :meth:`to_dict` (also accepts ``json.loads(report.to_json())``)."""
-        if data.get("format") != REPORT_FORMAT:
-            raise ValueError("not an lsprune.torch prune report")
-        if data.get("version") != REPORT_VERSION:
-            raise ValueError(f"prune report version {data.get('version')}; this lsprune reads {REPORT_VERSION}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in data.items() if k in names}
-        kw["pairs"] = [PairReport(**p) for p in data.get("pairs", [])]
-        return cls(**kw)
-
     def table(self) -> str:
         """Per-pair plain-text table."""
         rows = [("producer", "consumer", "channels", "rel. error", "MACs/sample", "time")]
@@ -219,29 +192,12 @@ class PruneReport:
             rows.append((p.producer, p.consumer, f"{p.channels_before} -> {p.channels_after}",
                          f"{p.relative_error:.3g}" + ("" if p.refit else " (no re-fit)"),
                          f"{_si(p.flops_before)} -> {_si(p.flops_after)}", f"{p.time_s:.2f}s"))
-        w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(f"{c:<{w[i]}}" for i, c in enumerate(r)).rstrip() for r in rows]
-        lines.insert(1, "-" * max(len(line) for line in lines))
-        return "\n".join(lines)
+        return table(rows)
 
     def __str__(self):
         what = f"{len(self.pairs)} pair(s), {self.mode}" if self.targets is None else \
             f"{len(self.pairs)} unit(s), targets={self.targets}"
-        out = (f"lsprune: {what}/{self.method}, {self.strategy} strategy; "
-               f"params {_si(self.params_before)} -> {_si(self.params_after)} ({self.params_ratio:.1%}), "
-               f"MACs/sample {_si(self.flops_before)} -> {_si(self.flops_after)} ({self.flops_ratio:.1%}); "
-               f"{self.forward_passes:.2f} forward passes, {self.time_s:.2f}s")
+        out = f"lsprune: {what}/{self.method}, {self.strategy} strategy; " + self._costs_line()
         if self.output_relative_error is not None:
             out += f"; output rel. error {self.output_relative_error:.3g}"
-        if self.budget:
-            b = self.budget
-            out += (f"\nbudget ({b['allocation']}): {b['kind']} {b['target']:.4g} asked, {b['reached']:.4g} reached "
-                    f"(reachable [{b['reachable'][0]:.4g}, 1])")
-        return out + "\n" + self.table()
-
-
-def _si(v: float) -> str:
-    for unit, s in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(v) >= unit:
-            return f"{v / unit:.3g}{s}"
-    return f"{v:.0f}"
+        return out + self._budget_line() + "\n" + self.table()

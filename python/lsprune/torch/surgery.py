@@ -1,4 +1,8 @@
-"""Module surgery: physically shrinking Conv2d / Linear / BatchNorm / PReLU modules.
+"""Module surgery: physically shrinking Conv2d / Linear / HF Conv1D / BatchNorm / PReLU / depthwise conv modules.
+
+Each module type registers a :class:`ModuleSurgery` (how its output channels, input channels or per-channel
+values are cut); the operations (:func:`shrink_out`, :func:`shrink_in`, :func:`set_consumer`,
+:func:`shrink_channels`) look the module up in that registry.
 
 Every operation replaces parameter and buffer *objects* (never writes into the old
 tensors), so a :class:`Backup` of the old objects restores a module bit for bit.
@@ -6,7 +10,7 @@ tensors), so a :class:`Backup` of the old objects restores a module bit for bit.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -73,53 +77,167 @@ def linear_matrix(module: nn.Module) -> torch.Tensor:
     return w.t() if is_conv1d(module) else w
 
 
+# ---------------------------------------------------------------------------------------------- registry
+class ModuleSurgery:
+    """How channels are cut from one module type (registered per type with :func:`register`, as
+    Torch-Pruning registers its pruners). ``idx``: kept indices as a tensor on the module's device."""
+
+    def shrink_out(self, m: nn.Module, idx: torch.Tensor) -> None:
+        """Keeps output channels (rows) ``idx`` of a producer."""
+        raise TypeError(f"cannot remove output channels from {type(m).__name__}")
+
+    def shrink_in(self, m: nn.Module, idx: torch.Tensor, group: int) -> None:
+        """Keeps input channels ``idx`` (``group`` input columns each) of a consumer, original weights."""
+        raise TypeError(f"cannot remove input channels from {type(m).__name__}")
+
+    def set_in(self, m: nn.Module, new: torch.Tensor, n_channels: int) -> torch.Tensor:
+        """Sets the consumer's input size for re-fitted weights ``new`` (out, D); returns them in the module's
+        weight layout."""
+        raise TypeError(f"cannot re-fit the inputs of {type(m).__name__}")
+
+    def shrink_channels(self, m: nn.Module, idx: torch.Tensor) -> None:
+        """Keeps channels ``idx`` of a module between producer and consumer (one value per channel)."""
+        raise TypeError(f"cannot remove channels from {type(m).__name__}")
+
+
+#: (match, surgery): a module type (subclasses match too) or a predicate, tried in registration order.
+_REGISTRY: List[Tuple[object, ModuleSurgery]] = []
+
+
+def register(match):
+    """Class decorator: ``@register(nn.Linear)`` or ``@register(predicate)`` registers an instance."""
+    def wrap(cls):
+        _REGISTRY.append((match, cls()))
+        return cls
+    return wrap
+
+
+def surgery_for(m: nn.Module) -> Optional[ModuleSurgery]:
+    for match, surgery in _REGISTRY:
+        if (isinstance(match, type) and isinstance(m, match)) or (not isinstance(match, type) and match(m)):
+            return surgery
+    return None
+
+
+def _select(m: nn.Module, name: str, dim: int, idx: torch.Tensor) -> None:
+    t = getattr(m, name)
+    setattr(m, name, _param(t, t.index_select(dim, idx)))
+
+
+def _select_out(m: nn.Module, dim: int, idx: torch.Tensor) -> None:
+    """Keeps outputs ``idx`` of the weight (along ``dim``) and of the bias."""
+    _select(m, "weight", dim, idx)
+    if m.bias is not None:
+        _select(m, "bias", 0, idx)
+
+
+def _columns(idx: torch.Tensor, group: int) -> torch.Tensor:
+    """Input columns of channels ``idx`` of ``group`` consecutive columns each."""
+    return (idx[:, None] * group + torch.arange(group, device=idx.device)).reshape(-1)
+
+
+@register(is_conv1d)
+class _Conv1DSurgery(ModuleSurgery):
+    """Hugging Face ``Conv1D``: weight (in, out)."""
+
+    def shrink_out(self, m, idx):
+        _select_out(m, 1, idx)
+        m.nf = len(idx)
+
+    def shrink_in(self, m, idx, group):
+        cols = _columns(idx, group)
+        _select(m, "weight", 0, cols)
+        m.nx = len(cols)
+
+    def set_in(self, m, new, n_channels):
+        new = new.t()
+        m.nx = new.shape[0]
+        return new
+
+
+@register(nn.Conv2d)
+class _Conv2dSurgery(ModuleSurgery):
+    def shrink_out(self, m, idx):
+        _select_out(m, 0, idx)
+        m.out_channels = len(idx)
+
+    def shrink_in(self, m, idx, group):  # a channel's kh*kw columns are one input channel of the weight
+        _select(m, "weight", 1, idx)
+        m.in_channels = len(idx)
+
+    def set_in(self, m, new, n_channels):
+        m.in_channels = n_channels
+        return new.reshape(m.weight.shape[0], n_channels, *m.weight.shape[2:])
+
+    def shrink_channels(self, m, idx):  # depthwise: one filter per channel
+        self.shrink_out(m, idx)
+        m.in_channels = m.out_channels = m.groups = len(idx)
+
+
+@register(nn.Linear)
+class _LinearSurgery(ModuleSurgery):
+    def shrink_out(self, m, idx):
+        _select_out(m, 0, idx)
+        m.out_features = len(idx)
+
+    def shrink_in(self, m, idx, group):
+        cols = _columns(idx, group)
+        _select(m, "weight", 1, cols)
+        m.in_features = len(cols)
+
+    def set_in(self, m, new, n_channels):
+        m.in_features = new.shape[1]
+        return new
+
+
+@register(nn.modules.batchnorm._BatchNorm)
+class _BatchNormSurgery(ModuleSurgery):
+    def shrink_channels(self, m, idx):
+        if m.weight is not None:
+            _select(m, "weight", 0, idx)
+            _select(m, "bias", 0, idx)
+        if m.running_mean is not None:
+            m.running_mean = m.running_mean.index_select(0, idx)
+            m.running_var = m.running_var.index_select(0, idx)
+        m.num_features = len(idx)
+
+
+@register(nn.PReLU)
+class _PReLUSurgery(ModuleSurgery):
+    def shrink_channels(self, m, idx):
+        if m.weight.numel() > 1:  # one slope shared by every channel stays as it is
+            _select(m, "weight", 0, idx)
+            m.num_parameters = len(idx)
+
+
+def _surgery(m: nn.Module, what: str) -> ModuleSurgery:
+    s = surgery_for(m)
+    if s is None:
+        raise TypeError(f"cannot {what} {type(m).__name__}")
+    return s
+
+
+# ---------------------------------------------------------------------------------------------- operations
 def shrink_rows(module: nn.Module, rows) -> None:
     """Keeps output rows ``rows`` of a Linear-like producer (Linear or Conv1D)."""
-    if not is_conv1d(module):
-        return shrink_out(module, rows)
-    i = _index(rows, module.weight.device)
-    module.weight = _param(module.weight, module.weight.index_select(1, i))
-    if module.bias is not None:
-        module.bias = _param(module.bias, module.bias.index_select(0, i))
-    module.nf = len(i)
+    shrink_out(module, rows)
 
 
 def shrink_out(module: nn.Module, idx) -> None:
-    """Keeps output channels ``idx`` of a producer (Conv2d or Linear)."""
-    i = _index(idx, module.weight.device)
-    module.weight = _param(module.weight, module.weight.index_select(0, i))
-    if module.bias is not None:
-        module.bias = _param(module.bias, module.bias.index_select(0, i))
-    if isinstance(module, nn.Conv2d):
-        module.out_channels = len(i)
-    else:
-        module.out_features = len(i)
+    """Keeps output channels ``idx`` of a producer (Conv2d, Linear or Conv1D)."""
+    _surgery(module, "remove output channels from").shrink_out(module, _index(idx, module.weight.device))
 
 
 def shrink_channels(module: nn.Module, idx) -> None:
-    """Keeps channels ``idx`` of a module that holds one value per channel (BatchNorm, PReLU, depthwise conv)."""
+    """Keeps channels ``idx`` of a module that holds one value per channel (BatchNorm, PReLU, depthwise conv);
+    a module without parameters or buffers (an activation) has nothing to cut."""
+    s = surgery_for(module)
+    if s is None:
+        if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+            raise TypeError(f"cannot remove channels from {type(module).__name__}")
+        return
     dev = next(iter(list(module.parameters()) + list(module.buffers())), torch.empty(0)).device
-    i = _index(idx, dev)
-    k = len(i)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if module.weight is not None:
-            module.weight = _param(module.weight, module.weight.index_select(0, i))
-            module.bias = _param(module.bias, module.bias.index_select(0, i))
-        if module.running_mean is not None:
-            module.running_mean = module.running_mean.index_select(0, i)
-            module.running_var = module.running_var.index_select(0, i)
-        module.num_features = k
-    elif isinstance(module, nn.PReLU):
-        if module.weight.numel() > 1:
-            module.weight = _param(module.weight, module.weight.index_select(0, i))
-            module.num_parameters = k
-    elif isinstance(module, nn.Conv2d):  # depthwise: one filter per channel
-        module.weight = _param(module.weight, module.weight.index_select(0, i))
-        if module.bias is not None:
-            module.bias = _param(module.bias, module.bias.index_select(0, i))
-        module.in_channels = module.out_channels = module.groups = k
-    elif any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
-        raise TypeError(f"cannot remove channels from {type(module).__name__}")
+    s.shrink_channels(module, _index(idx, dev))
 
 
 def set_consumer(module: nn.Module, weights: np.ndarray, bias: Optional[np.ndarray], n_channels: int) -> bool:
@@ -127,7 +245,7 @@ def set_consumer(module: nn.Module, weights: np.ndarray, bias: Optional[np.ndarr
 
     Parameters
     ----------
-    module : nn.Conv2d or nn.Linear
+    module : nn.Conv2d, nn.Linear or Hugging Face Conv1D
     weights : ndarray, shape (out, n_channels * group)
         Columns in the consumer's input order (for Conv2d: (C_in, kh, kw) unfold order).
     bias : ndarray, shape (out,), or None
@@ -139,15 +257,8 @@ def set_consumer(module: nn.Module, weights: np.ndarray, bias: Optional[np.ndarr
     bool : True if a bias was added (the consumer had none).
     """
     w = module.weight
-    new = torch.as_tensor(np.ascontiguousarray(weights))
-    if isinstance(module, nn.Conv2d):
-        new = new.reshape(w.shape[0], n_channels, *w.shape[2:])
-        module.in_channels = n_channels
-    elif is_conv1d(module):
-        new = new.t()
-        module.nx = new.shape[0]
-    else:
-        module.in_features = new.shape[1]
+    new = _surgery(module, "re-fit the inputs of").set_in(module, torch.as_tensor(np.ascontiguousarray(weights)),
+                                                          n_channels)
     module.weight = _param(w, new)
     return set_bias(module, bias) if bias is not None else False
 
@@ -166,19 +277,7 @@ def set_bias(module: nn.Module, bias: np.ndarray) -> bool:
 def shrink_in(module: nn.Module, idx, group: int = 1) -> None:
     """Keeps input channels ``idx`` of a consumer with its original weights (no re-fit);
     ``group`` input columns per channel for a Linear after a flatten."""
-    w = module.weight
-    i = _index(idx, w.device)
-    if isinstance(module, nn.Conv2d):
-        module.weight = _param(w, w.index_select(1, i))
-        module.in_channels = len(i)
-        return
-    cols = (i[:, None] * group + torch.arange(group, device=w.device)).reshape(-1)
-    if is_conv1d(module):
-        module.weight = _param(w, w.index_select(0, cols))
-        module.nx = len(cols)
-    else:
-        module.weight = _param(w, w.index_select(1, cols))
-        module.in_features = len(cols)
+    _surgery(module, "remove input channels from").shrink_in(module, _index(idx, module.weight.device), group)
 
 
 def factorized_module(layer: nn.Module, rank: int) -> nn.Sequential:

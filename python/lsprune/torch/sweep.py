@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .batches import forward_error
 from .distributed import Dist
 from .graph import Chain, Runner, map_values, mutated_input
-from .pruning import PairJob, Timer, accumulate, finish
+from .pruning import PairJob, Timer, accumulate
 
 
 def _slice(v: torch.Tensor, keep: torch.Tensor, dim: int, group: int) -> torch.Tensor:
@@ -39,8 +39,8 @@ def _slice(v: torch.Tensor, keep: torch.Tensor, dim: int, group: int) -> torch.T
 
 def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs: List[Dict[str, object]],
           masks: List[Optional[torch.Tensor]], jobs: Dict[str, PairJob], chains: Dict[str, Chain], *,
-          sequential: bool, method: str, damping: float, progress: bool, timer: Timer,
-          collect_only: bool = False, finish_fn: Callable = finish, job_nodes: Optional[Dict[str, fx.Node]] = None,
+          sequential: bool, complete: Callable[[PairJob], object], progress: bool, timer: Timer,
+          collect_only: bool = False, job_nodes: Optional[Dict[str, fx.Node]] = None,
           dist: Optional[Dist] = None) -> dict:
     """Runs the sweep; prunes ``pruned`` in place.
 
@@ -55,11 +55,12 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
     chains : dict producer name -> Chain
     collect_only : bool
         Independent mode: only accumulate the statistics (the jobs are not finished).
-    finish_fn : callable
-        ``finish_fn(job, method=, damping=, timer=)`` changes ``pruned`` once a job's statistics
-        are complete (default: select, re-fit and shrink the pair). Jobs without a chain (e.g.
-        factorized layers, keyed in ``job_nodes`` by their node) only have their module replaced;
-        the pruned network's modules are re-read after every job.
+    complete : callable
+        ``complete(job)`` changes ``pruned`` once a job's statistics are complete (e.g.
+        :func:`.pruning.finish`: select, re-fit and shrink the pair) and returns its report (with
+        ``kept`` for a pair with a chain). Jobs without a chain (e.g. factorized layers, keyed in
+        ``job_nodes`` by their node) only have their module replaced; the pruned network's modules
+        are re-read after every job. The sweep itself knows nothing of selection.
     job_nodes : dict key -> fx.Node, optional
         The node at which a job without a chain is finished (its module's call).
     dist : Dist, optional
@@ -71,107 +72,151 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
     dict with ``output_relative_error`` (sequential only, else None) and ``pruned_pass_fraction``
     (share of graph nodes the pruned environment had to evaluate itself).
     """
-    nodes = list(graph.nodes)
-    nb = len(inputs)
-    by_consumer = {(chains[p].consumer_node if p in chains else job_nodes[p]): jobs[p] for p in jobs}
-    chain_of = {chains[p].consumer_node: chains[p] for p in jobs if p in chains}
-    last_use = {}
-    for i, n in enumerate(nodes):
-        for inp in n.all_input_nodes:
-            last_use[inp] = i
-    ref_run, pr_run = Runner(ref), Runner(pruned)
-    orig: Dict[fx.Node, list] = {}
-    pruned_env: Dict[fx.Node, list] = {}
-    diverged = set()  # nodes whose pruned-env value differs from the original one
-    modified = set()  # names of modules already shrunk in `pruned`
-    n_ops = n_pruned_ops = 0
-    out_err = None
+    state = _Sweep(graph, ref, pruned, inputs, masks, jobs, chains, job_nodes, sequential=sequential, timer=timer,
+                   complete=complete)
     pair_bar = tqdm(total=len(jobs), desc="lsprune pairs", unit="pair", disable=not progress, leave=False)
-    node_bar = tqdm(total=len(nodes), desc="lsprune sweep", unit="node", disable=not progress, leave=False)
-    pending: List[PairJob] = []
+    node_bar = tqdm(total=len(state.nodes), desc="lsprune sweep", unit="node", disable=not progress, leave=False)
+    state.on_done = lambda: pair_bar.update(1)
     try:
-        for i, node in enumerate(nodes):
-            node_bar.update(1)
-            if node.op == "placeholder":
-                orig[node] = [inp[node.name] for inp in inputs]
-                pruned_env[node] = orig[node]
-                continue
-            if node.op == "output":
-                if sequential:
-                    num, den = _output_error(node, orig, pruned_env, nb)
-                    if dist is not None:
-                        num, den = dist.reduce_numbers([num, den])
-                    out_err = num / den if den > 0 else None
-                break
-            n_ops += 1
-            div = sequential and (any(a in diverged for a in node.all_input_nodes) or
-                                  (node.op in ("call_module", "get_attr") and _owner(node) in modified))
-            if div:
-                mut = mutated_input(node, ref_run.modules)
-                if mut is not None:
-                    # the op writes into `mut` differently in the two networks: give the pruned one its own
-                    # copy, and whoever reads `mut` later reads a pruned-network value
-                    if mut in pruned_env and pruned_env[mut] is orig.get(mut):
-                        pruned_env[mut] = [v.clone() if isinstance(v, torch.Tensor) else v for v in orig[mut]]
-                    diverged.add(mut)
-            with timer("forward"):
-                vals = []
-                for b in range(nb):
-                    args = map_values(node.args, lambda n: orig[n][b])
-                    kwargs = map_values(node.kwargs, lambda n: orig[n][b])
-                    try:
-                        vals.append(ref_run(node, args, kwargs))
-                    except Exception as e:
-                        raise forward_error(e, b) from e
-                orig[node] = vals
-            job = by_consumer.get(node)
-            if job is not None:
-                src = node.args[0]
-                x_env = pruned_env if sequential else orig
-                for b in range(nb):
-                    accumulate(job, x_env[src][b], orig[node][b], masks[b], timer, b)
-                if sequential:
-                    rep = finish_fn(job, method=method, damping=damping, timer=timer)
-                    pair_bar.update(1)
-                    modified.update([job.pair.producer, job.pair.consumer, *job.pair.between])
-                    pr_run.modules = dict(pruned.named_modules())  # a module may have been replaced
-                    if node in chain_of:
-                        keep = torch.as_tensor(rep.kept, dtype=torch.long)
-                        for cn, dim, group in chain_of[node].slices:
-                            if cn in pruned_env:
-                                pruned_env[cn] = [_slice(v, keep.to(v.device), dim, group) for v in pruned_env[cn]]
-                                diverged.add(cn)
-                    div = True
-                else:
-                    pending.append(job)
-            if sequential:
-                if div:
-                    n_pruned_ops += 1
-                    with timer("forward"):
-                        vals = []
-                        for b in range(nb):
-                            args = map_values(node.args, lambda n: pruned_env[n][b])
-                            kwargs = map_values(node.kwargs, lambda n: pruned_env[n][b])
-                            vals.append(pr_run(node, args, kwargs))
-                        pruned_env[node] = vals
-                    diverged.add(node)
-                else:
-                    pruned_env[node] = orig[node]
-            for inp in node.all_input_nodes:
-                if last_use.get(inp) == i:
-                    orig.pop(inp, None)
-                    pruned_env.pop(inp, None)
-            if not node.users:
-                orig.pop(node, None)
-                pruned_env.pop(node, None)
-        for job in ([] if collect_only else pending):  # independent mode: all measured on the original network
-            finish_fn(job, method=method, damping=damping, timer=timer)
+        out_err = state.run(node_bar, dist)
+        for job in ([] if collect_only else state.pending):  # independent mode: all measured on the original network
+            complete(job)
             pair_bar.update(1)
     finally:
         pair_bar.close()
         node_bar.close()
-    return {"output_relative_error": out_err,
-            "pruned_pass_fraction": (n_pruned_ops / n_ops if n_ops else 0.0) if sequential else 0.0}
+    return {"output_relative_error": out_err, "pruned_pass_fraction": state.pruned_pass_fraction}
+
+
+class _Sweep:
+    """The two environments of a sweep, node by node: ``orig`` (values of the original network, per batch)
+    and ``pruned_env`` (the network pruned so far; the same list objects while a node has not diverged).
+    ``complete(job)`` is called when a job's statistics are complete (sequential mode; independent jobs
+    are left in ``pending``)."""
+
+    def __init__(self, graph, ref, pruned, inputs, masks, jobs, chains, job_nodes, *, sequential: bool,
+                 timer: Timer, complete: Callable):
+        self.nodes = list(graph.nodes)
+        self.pruned, self.inputs, self.masks = pruned, inputs, masks
+        self.nb = len(inputs)
+        self.sequential, self.timer, self.complete = sequential, timer, complete
+        self.by_consumer = {(chains[p].consumer_node if p in chains else job_nodes[p]): jobs[p] for p in jobs}
+        self.chain_of = {chains[p].consumer_node: chains[p] for p in jobs if p in chains}
+        self.last_use = {}
+        for i, n in enumerate(self.nodes):
+            for inp in n.all_input_nodes:
+                self.last_use[inp] = i
+        self.ref_run, self.pr_run = Runner(ref), Runner(pruned)
+        self.orig: Dict[fx.Node, list] = {}
+        self.pruned_env: Dict[fx.Node, list] = {}
+        self.diverged = set()  # nodes whose pruned-env value differs from the original one
+        self.modified = set()  # names of modules already shrunk in `pruned`
+        self.n_ops = self.n_pruned_ops = 0
+        self.pending: List[PairJob] = []
+        self.on_done: Callable = lambda: None
+
+    @property
+    def pruned_pass_fraction(self) -> float:
+        """Share of graph nodes the pruned environment had to evaluate itself (sequential mode)."""
+        return (self.n_pruned_ops / self.n_ops if self.n_ops else 0.0) if self.sequential else 0.0
+
+    def run(self, node_bar, dist: Optional[Dist]) -> Optional[float]:
+        """Every node in order; returns the output's relative error (sequential) or None."""
+        for i, node in enumerate(self.nodes):
+            node_bar.update(1)
+            if node.op == "placeholder":
+                self.orig[node] = [inp[node.name] for inp in self.inputs]
+                self.pruned_env[node] = self.orig[node]
+                continue
+            if node.op == "output":
+                return self._output_error(node, dist) if self.sequential else None
+            self.n_ops += 1
+            div = self._diverges(node)
+            self.orig[node] = self._evaluate(node, self.ref_run, self.orig, wrap_errors=True)
+            job = self.by_consumer.get(node)
+            if job is not None:
+                div = self._at_consumer(node, job) or div
+            if self.sequential:
+                self._evaluate_pruned(node, div)
+            self._free(node, i)
+        return None
+
+    def _diverges(self, node: fx.Node) -> bool:
+        """Whether the pruned network's value of ``node`` differs from the original one (sequential mode);
+        an op that writes into a shared input gets a pruned copy of it first."""
+        div = self.sequential and (any(a in self.diverged for a in node.all_input_nodes) or
+                                   (node.op in ("call_module", "get_attr") and _owner(node) in self.modified))
+        if div:
+            mut = mutated_input(node, self.ref_run.modules)
+            if mut is not None:
+                # the op writes into `mut` differently in the two networks: give the pruned one its own
+                # copy, and whoever reads `mut` later reads a pruned-network value
+                if mut in self.pruned_env and self.pruned_env[mut] is self.orig.get(mut):
+                    self.pruned_env[mut] = [v.clone() if isinstance(v, torch.Tensor) else v for v in self.orig[mut]]
+                self.diverged.add(mut)
+        return div
+
+    def _evaluate(self, node: fx.Node, runner: Runner, env, wrap_errors: bool = False) -> list:
+        """``node`` on every batch of ``env``."""
+        with self.timer("forward"):
+            vals = []
+            for b in range(self.nb):
+                args = map_values(node.args, lambda n: env[n][b])
+                kwargs = map_values(node.kwargs, lambda n: env[n][b])
+                if not wrap_errors:
+                    vals.append(runner(node, args, kwargs))
+                    continue
+                try:
+                    vals.append(runner(node, args, kwargs))
+                except Exception as e:
+                    raise forward_error(e, b) from e
+            return vals
+
+    def _at_consumer(self, node: fx.Node, job: PairJob) -> bool:
+        """Streams the job's rows; sequential: completes it and drops the removed channels from the cached
+        values of its path. Returns whether the node now diverges."""
+        src = node.args[0]
+        x_env = self.pruned_env if self.sequential else self.orig
+        for b in range(self.nb):
+            accumulate(job, x_env[src][b], self.orig[node][b], self.masks[b], self.timer, b)
+        if not self.sequential:
+            self.pending.append(job)
+            return False
+        rep = self.complete(job)
+        self.on_done()
+        self.modified.update([job.pair.producer, job.pair.consumer, *job.pair.between])
+        self.pr_run.modules = dict(self.pruned.named_modules())  # a module may have been replaced
+        if node in self.chain_of:
+            keep = torch.as_tensor(rep.kept, dtype=torch.long)
+            for cn, dim, group in self.chain_of[node].slices:
+                if cn in self.pruned_env:
+                    self.pruned_env[cn] = [_slice(v, keep.to(v.device), dim, group) for v in self.pruned_env[cn]]
+                    self.diverged.add(cn)
+        return True
+
+    def _evaluate_pruned(self, node: fx.Node, div: bool) -> None:
+        if div:
+            self.n_pruned_ops += 1
+            self.pruned_env[node] = self._evaluate(node, self.pr_run, self.pruned_env)
+            self.diverged.add(node)
+        else:
+            self.pruned_env[node] = self.orig[node]
+
+    def _free(self, node: fx.Node, i: int) -> None:
+        """Drops values after their last use."""
+        for inp in node.all_input_nodes:
+            if self.last_use.get(inp) == i:
+                self.orig.pop(inp, None)
+                self.pruned_env.pop(inp, None)
+        if not node.users:
+            self.orig.pop(node, None)
+            self.pruned_env.pop(node, None)
+
+    def _output_error(self, node: fx.Node, dist: Optional[Dist]) -> Optional[float]:
+        num, den = _output_error(node, self.orig, self.pruned_env, self.nb)
+        if dist is not None:
+            num, den = dist.reduce_numbers([num, den])
+        return num / den if den > 0 else None
 
 
 def _owner(node: fx.Node) -> str:
