@@ -156,15 +156,8 @@ auto solve_without_gil(const ProblemArgs& a, Index m, const lsp::Groups& groups,
       py::arg("sum_y"), py::arg("target_energy"), py::arg("count"), py::arg("fit_intercept"),      \
       py::arg("damping")
 
-PYBIND11_MODULE(_core, mod) {
-  mod.doc() = "lsprune compiled engine (internal; use the lsprune package)";
-#ifdef LSPRUNE_VERSION
-  mod.attr("__version__") = LSPRUNE_VERSION;
-#endif
-  // Typed errors: the Python side decides on the class, never on the message.
-  py::register_exception<lsp::NumericalError>(mod, "NumericalError", PyExc_ArithmeticError);
-  py::register_exception<lsp::NonFiniteInput>(mod, "NonFiniteInputError", PyExc_ValueError);
-
+// The bindings, one function per group of the engine (called from PYBIND11_MODULE below).
+static void bind_statistics(py::module_& mod) {
   py::class_<lsp::Accumulator>(mod, "Accumulator")
       .def(py::init<Index, Index>(), py::arg("n_features"), py::arg("n_targets"))
       .def_property_readonly("n_features", &lsp::Accumulator::D)
@@ -207,7 +200,9 @@ PYBIND11_MODULE(_core, mod) {
           // The sums are updated in place: never accept a converted copy.
           py::arg("x"), py::arg("y"), py::arg("gram").noconvert(), py::arg("cross").noconvert(),
           py::arg("sum_x").noconvert(), py::arg("sum_y").noconvert(), py::arg("sum_yy").noconvert());
+}
 
+static void bind_solvers(py::module_& mod) {
   mod.def(
       "select",
       [](LSP_PROBLEM_PARAMS, std::vector<Index> offsets, std::vector<Index> columns, const std::string& method,
@@ -290,9 +285,9 @@ PYBIND11_MODULE(_core, mod) {
         return py::make_tuple(asym, mx);
       },
       py::arg("a"));
-  mod.def("set_num_threads", &lsp::set_num_threads, py::arg("n"));
-  mod.def("get_num_threads", &lsp::num_threads);
-  mod.def("blas_num_threads", []() { return lsp::blas::num_threads(); });
+}
+
+static void bind_cuda(py::module_& mod) {
 #ifdef LSPRUNE_HAVE_CUDA
   mod.def("cuda_device_count", []() { return lsp::cuda::device_count(); });
   mod.def("cuda_device_name", [](int d) { return lsp::cuda::device_name(d); });
@@ -340,6 +335,12 @@ PYBIND11_MODULE(_core, mod) {
 #else
   mod.def("cuda_device_count", []() { return 0; });
 #endif
+}
+
+static void bind_info(py::module_& mod) {
+  mod.def("set_num_threads", &lsp::set_num_threads, py::arg("n"));
+  mod.def("get_num_threads", &lsp::num_threads);
+  mod.def("blas_num_threads", []() { return lsp::blas::num_threads(); });
   mod.def("damping_policy", []() {
     py::dict d;
     d["escalation_start"] = lsp::policy::kEscalationStart;
@@ -358,4 +359,19 @@ PYBIND11_MODULE(_core, mod) {
 #endif
     return d;
   });
+}
+
+PYBIND11_MODULE(_core, mod) {
+  mod.doc() = "lsprune compiled engine (internal; use the lsprune package)";
+#ifdef LSPRUNE_VERSION
+  mod.attr("__version__") = LSPRUNE_VERSION;
+#endif
+  // Typed errors: the Python side decides on the class, never on the message.
+  py::register_exception<lsp::NumericalError>(mod, "NumericalError", PyExc_ArithmeticError);
+  py::register_exception<lsp::NonFiniteInput>(mod, "NonFiniteInputError", PyExc_ValueError);
+
+  bind_statistics(mod);
+  bind_solvers(mod);
+  bind_cuda(mod);
+  bind_info(mod);
 }
