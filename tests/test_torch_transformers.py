@@ -296,3 +296,43 @@ def test_memory_guard_refuses_before_allocating():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     _, rep = lt.prune(model, _tokens(), ratio=0.5, progress=False)
     assert rep.memory["estimate"] > rep.memory["model_copy"] > 0
+
+
+def test_fill_up_falls_back_to_zero_weights_for_dependent_channels():
+    import numpy as np
+
+    import lsprune
+    from lsprune.torch.pruning import _zero_filled
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 12))
+    stats = lsprune.Statistics(12, 3).update(X, X[:, :3] @ rng.standard_normal((3, 3)))
+    sel = lsprune.select(stats, n_keep=2, group_size=2)
+    keep = sorted(sel.kept.tolist() + [c for c in range(6) if c not in sel.kept][:2])
+    out = _zero_filled(sel, keep, 2)
+    assert out.kept.tolist() == keep and out.weights.shape == (3, 8)
+    cols = out.columns.tolist()
+    for j, c in enumerate(sel.columns.tolist()):
+        assert np.array_equal(out.weights[:, cols.index(c)], sel.weights[:, j])
+    added = [i for i, c in enumerate(cols) if c not in sel.columns.tolist()]
+    assert len(added) == 4 and not out.weights[:, added].any()
+    assert np.array_equal(out.bias, sel.bias)
+
+
+def test_singular_gram_falls_back_instead_of_failing(caplog, monkeypatch):
+    import lsprune
+    from lsprune.torch import pruning
+
+    def singular(stats, n_keep, **kw):  # what the engine raises when even the largest damping does not help
+        raise lsprune.NumericalError("the Gram matrix stays singular even with damping 0.1")
+
+    monkeypatch.setitem(pruning.SELECTORS, "forward", singular)
+    model, _ = _llama()
+    with caplog.at_level("WARNING", logger="lsprune.torch"):
+        pruned, rep = lt.prune(model, _tokens(n=8), ratio=0.5, units="mlp", progress=False)
+    assert any("constant" in r.getMessage() for r in caplog.records)
+    assert all(r.channels_after == 48 and 0 < r.relative_error < 1 for r in rep.pairs)
+    down = pruned.model.layers[0].mlp.down_proj
+    assert down.bias is not None and rep.pairs[0].bias_added  # the removed neurons' mean went into the bias
+    batch = _tokens(n=1, seed=5)[0]
+    assert torch.isfinite(_out(pruned, batch)).all()

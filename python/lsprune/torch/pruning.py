@@ -381,6 +381,8 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairRe
                 sel = SELECTORS[method](stats, job.n_keep, **kw)
                 if sel.kept.size < job.n_keep:
                     sel = _fill_up(stats, sel, job, damping)
+        except lsprune.NumericalError as e:  # singular even at the largest damping: (nearly) constant inputs
+            sel = _constant_inputs(stats, job, damping, e)
         except Exception as e:
             if hasattr(e, "add_note"):
                 e.add_note(f"while selecting the channels of pair {job.name}")
@@ -499,7 +501,47 @@ def _fill_up(stats, sel, job: PairJob, damping: float):
     if job.independent:
         W, b = consumer_matrix(job.ref_consumer)
         kw.update(weights_in=W, bias_in=b)
-    return lsprune.refit(stats, keep, group_size=g, damping=_policy.fill_up_damping(damping), **kw)
+    try:
+        return lsprune.refit(stats, keep, group_size=g, damping=_policy.fill_up_damping(damping), **kw)
+    except lsprune.NumericalError:
+        return _zero_filled(sel, keep, g)
+
+
+def _constant_inputs(stats, job: PairJob, damping: float, err: Exception):
+    """The fallback when the inputs' Gram stays singular at the largest damping (the consumer's inputs are
+    (nearly) constant over the calibration rows, e.g. a collapsed layer of an untrained model): no LS
+    problem is left to solve. Keeps the channels of largest input variance with the consumer's original
+    weights, and the removed channels' mean in the bias (FLAP's compensation: exact for constant inputs)."""
+    logger.warning("pair %s: %s; the inputs are (nearly) constant on the calibration data: keeping the %d "
+                   "channels of largest variance with the original weights, the removed channels' mean in "
+                   "the bias", job.name, err, job.n_keep)
+    g = job.group_size
+    var = np.diag(stats.cov_x).reshape(-1, g).sum(1)
+    kept = np.sort(np.argsort(-var, kind="stable")[: job.n_keep])
+    W, b = consumer_matrix(job.ref_consumer)
+    bias = flap_bias(stats, W, b if job.ref_consumer.bias is not None else None, kept, g)
+    cols = (kept[:, None] * g + np.arange(g)).reshape(-1)
+    if stats.n_targets == 0:
+        err2 = compensated_error(stats, W, kept, g)
+        energy = float(np.sum((W @ np.asarray(stats.cov_x)) * W)) * stats.count
+    else:
+        err2 = no_refit_error(stats, W, bias, kept, g)
+        energy = float(stats.target_energy)
+    return lsprune.Selection(
+        method="constant-inputs", selected=kept, removed=np.zeros(0, dtype=np.int64), kept=kept, columns=cols,
+        weights=W[:, cols], bias=bias, error_path=None, relative_error_path=None, n_kept_path=None, error=err2,
+        plain_error=err2, relative_error=err2 / energy if energy > 0 else 0.0, target_energy=energy,
+        damping=damping, ridge=0.0)
+
+
+def _zero_filled(sel, keep, g: int):
+    """The selection's own fit on its channels, the added (degenerate) channels with zero weights: their
+    columns cannot be fitted together even with the largest damping, and add nothing the fit can use."""
+    logger.warning("the added channels are numerically dependent on the kept ones: they get zero weights")
+    cols = (np.asarray(keep, dtype=np.int64)[:, None] * g + np.arange(g)).reshape(-1)
+    weights = np.zeros((sel.weights.shape[0], cols.size))
+    weights[:, np.searchsorted(cols, np.asarray(sel.columns))] = sel.weights
+    return dataclasses.replace(sel, kept=np.asarray(keep, dtype=np.int64), columns=cols, weights=weights)
 
 
 def unchanged_report(pair: Pair, channels: int, group_size: int) -> PairReport:
