@@ -42,7 +42,7 @@ METHODS = [  # (label, prune() keyword arguments besides ratio and units)
     ("LS forward, layer targets", dict(method="forward", refit=True, targets="layer")),
     ("LS forward, original targets", dict(method="forward", refit=True, targets="original")),
     ("LS backward, layer targets", dict(method="backward", refit=True, targets="layer")),
-    ("magnitude", dict(method="magnitude", refit=False)),
+    ("group-L2 magnitude", dict(method="magnitude", norm="l2", refit=False)),
     ("Wanda-sp", dict(method="wanda_sp", refit=False)),
     ("FLAP", dict(method="flap", refit=False)),
 ]

@@ -298,25 +298,25 @@ def test_memory_guard_refuses_before_allocating():
     assert rep.memory["estimate"] > rep.memory["model_copy"] > 0
 
 
-def test_fill_up_falls_back_to_zero_weights_for_dependent_channels():
-    import numpy as np
-
+def test_fill_up_that_cannot_be_fitted_falls_back(caplog, monkeypatch):
     import lsprune
-    from lsprune.torch.pruning import _zero_filled
 
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((200, 12))
-    stats = lsprune.Statistics(12, 3).update(X, X[:, :3] @ rng.standard_normal((3, 3)))
-    sel = lsprune.select(stats, n_keep=2, group_size=2)
-    keep = sorted(sel.kept.tolist() + [c for c in range(6) if c not in sel.kept][:2])
-    out = _zero_filled(sel, keep, 2)
-    assert out.kept.tolist() == keep and out.weights.shape == (3, 8)
-    cols = out.columns.tolist()
-    for j, c in enumerate(sel.columns.tolist()):
-        assert np.array_equal(out.weights[:, cols.index(c)], sel.weights[:, j])
-    added = [i for i, c in enumerate(cols) if c not in sel.columns.tolist()]
-    assert len(added) == 4 and not out.weights[:, added].any()
-    assert np.array_equal(out.bias, sel.bias)
+    model, _ = _llama()
+    with torch.no_grad():
+        for layer in model.model.layers:  # 60 dead neurons: the selection stops at the 36 live ones
+            layer.mlp.gate_proj.weight[36:] = 0
+
+    def singular(*a, **kw):
+        raise lsprune.NumericalError("the kept columns' Gram matrix stays singular even with damping 0.1")
+
+    monkeypatch.setattr(lsprune, "refit", singular)
+    with caplog.at_level("WARNING", logger="lsprune.torch"):
+        pruned, rep = lt.prune(model, _tokens(n=8), keep={"model.layers.0.mlp": 48}, units="mlp", damping=0.0,
+                               progress=False)
+    assert any("stopped after" in r.getMessage() for r in caplog.records)
+    assert any("constant" in r.getMessage() for r in caplog.records)
+    assert rep.pairs[0].channels_after == 48 and set(range(36)) <= set(rep.pairs[0].kept)
+    assert torch.isfinite(_out(pruned, _tokens(n=1, seed=5)[0])).all()
 
 
 def test_singular_gram_falls_back_instead_of_failing(caplog, monkeypatch):

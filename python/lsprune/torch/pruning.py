@@ -503,8 +503,8 @@ def _fill_up(stats, sel, job: PairJob, damping: float):
         kw.update(weights_in=W, bias_in=b)
     try:
         return lsprune.refit(stats, keep, group_size=g, damping=_policy.fill_up_damping(damping), **kw)
-    except lsprune.NumericalError:
-        return _zero_filled(sel, keep, g)
+    except lsprune.NumericalError as e:  # the added channels cannot be fitted: no trustworthy LS fit left
+        return _constant_inputs(stats, job, damping, e)
 
 
 def _constant_inputs(stats, job: PairJob, damping: float, err: Exception):
@@ -532,16 +532,6 @@ def _constant_inputs(stats, job: PairJob, damping: float, err: Exception):
         weights=W[:, cols], bias=bias, error_path=None, relative_error_path=None, n_kept_path=None, error=err2,
         plain_error=err2, relative_error=err2 / energy if energy > 0 else 0.0, target_energy=energy,
         damping=damping, ridge=0.0)
-
-
-def _zero_filled(sel, keep, g: int):
-    """The selection's own fit on its channels, the added (degenerate) channels with zero weights: their
-    columns cannot be fitted together even with the largest damping, and add nothing the fit can use."""
-    logger.warning("the added channels are numerically dependent on the kept ones: they get zero weights")
-    cols = (np.asarray(keep, dtype=np.int64)[:, None] * g + np.arange(g)).reshape(-1)
-    weights = np.zeros((sel.weights.shape[0], cols.size))
-    weights[:, np.searchsorted(cols, np.asarray(sel.columns))] = sel.weights
-    return dataclasses.replace(sel, kept=np.asarray(keep, dtype=np.int64), columns=cols, weights=weights)
 
 
 def unchanged_report(pair: Pair, channels: int, group_size: int) -> PairReport:
