@@ -336,3 +336,15 @@ def test_singular_gram_falls_back_instead_of_failing(caplog, monkeypatch):
     assert down.bias is not None and rep.pairs[0].bias_added  # the removed neurons' mean went into the bias
     batch = _tokens(n=1, seed=5)[0]
     assert torch.isfinite(_out(pruned, batch)).all()
+
+
+def test_block_calls_move_between_devices():
+    from lsprune.torch.blockwise import BlockCall
+
+    h, cos = torch.randn(2, 3, 4), torch.randn(3, 4)
+    call = BlockCall((h,), {"position_embeddings": (cos, cos), "attention_mask": None, "use_cache": False})
+    assert call.to(torch.device("cpu")) is call  # nothing moves: no copy
+    meta = call.to(torch.device("meta"))  # what a GPU model's cached host calls go through, per block call
+    assert meta.hidden.device.type == "meta" and meta.kwargs["position_embeddings"][1].device.type == "meta"
+    assert meta.kwargs["attention_mask"] is None and meta.kwargs["use_cache"] is False
+    assert call.hidden.device.type == "cpu"

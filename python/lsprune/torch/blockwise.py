@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .batches import forward_error
+from .batches import forward_error, to_device
 from .layouts import Unit, find_units
 
 
@@ -93,6 +93,11 @@ class BlockCall:
     def nbytes(self) -> int:
         return _tensor_bytes(self.args) + _tensor_bytes(self.kwargs)
 
+    def to(self, device: torch.device) -> "BlockCall":
+        """The call with every tensor on ``device`` (itself when nothing moves)."""
+        args, kwargs = to_device(self.args, device), to_device(self.kwargs, device)
+        return self if args is self.args and kwargs is self.kwargs else BlockCall(tuple(args), dict(kwargs))
+
 
 def _tensor_bytes(v) -> int:
     if isinstance(v, torch.Tensor):
@@ -127,11 +132,13 @@ def _no_cache(args: tuple, kwargs: dict) -> BlockCall:
 
 
 def capture_inputs(model: nn.Module, block: nn.Module, batches: list, run: Callable) -> List[BlockCall]:
-    """Runs every batch up to ``block`` and returns the block's call arguments per batch."""
+    """Runs every batch up to ``block`` and returns the block's call arguments per batch. On a GPU
+    model they are kept in host memory (moved to the device per block call, see :func:`run_block`)."""
     calls: List[BlockCall] = []
+    store = torch.device("cpu")
 
     def hook(mod, args, kwargs):
-        calls.append(_no_cache(tuple(args), dict(kwargs)))
+        calls.append(_no_cache(tuple(args), dict(kwargs)).to(store))
         raise _Caught
 
     h = block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -165,7 +172,10 @@ def block_output(out) -> torch.Tensor:
 
 
 def run_block(block: nn.Module, call: BlockCall) -> torch.Tensor:
-    return block_output(block(*call.args, **call.kwargs))
+    """The block's output hidden states for one cached call, on the device the call is stored on."""
+    dev = next(iter(block.parameters()), call.hidden).device
+    moved = call.to(dev)
+    return block_output(block(*moved.args, **moved.kwargs)).to(call.hidden.device)
 
 
 # ---------------------------------------------------------------------------------------------- hooks
