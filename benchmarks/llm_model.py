@@ -31,7 +31,7 @@ import llm_data
 
 SEQ_LEN = 128
 DECODER = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
-               num_key_value_heads=2, head_dim=32, max_position_embeddings=SEQ_LEN, rms_norm_eps=1e-6)
+               num_key_value_heads=4, head_dim=32, max_position_embeddings=SEQ_LEN, rms_norm_eps=1e-6)
 ENCODER = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                max_position_embeddings=SEQ_LEN, type_vocab_size=1, hidden_dropout_prob=0.0,
                attention_probs_dropout_prob=0.0)
