@@ -42,80 +42,20 @@ def problem_args(stats, *, gram, cross, target_energy, mean_x, mean_y, count, we
     damping = _arrays.check_float(damping, "damping", lo=0.0)
     if not isinstance(fit_intercept, (bool, np.bool_)):
         raise TypeError("fit_intercept must be True or False")
-    out_dtype = np.float64
     raw = any(v is not None for v in (gram, cross, target_energy, mean_x, mean_y, count))
     if stats is not None:
         if raw:
             raise ValueError("give either a Statistics object or raw matrices (gram=, cross=, ...), not both")
-        if not isinstance(stats, Statistics):
-            raise TypeError(f"stats must be an lsprune.Statistics, got {type(stats).__name__}")
-        D, m_stats = stats.n_features, stats.n_targets
-        if stats.count == 0:
-            raise ValueError("the statistics hold no samples: stream calibration data with update() first")
-        G = stats.gram
-        C = stats.cross if m_stats else None
-        sx, sy = stats.sum_x, stats.sum_y
-        energy, n = stats.target_energy, float(stats.count)
+        G, C, sx, sy, energy, n, D, m_stats, out_dtype = _from_statistics(stats)
     else:
-        if gram is None:
-            raise TypeError("select() needs a Statistics object or gram=")
-        garr = np.asarray(gram)
-        if garr.ndim != 2 or garr.shape[0] != garr.shape[1]:
-            raise ValueError(f"gram must be a square (D, D) matrix; got shape {garr.shape}")
-        if garr.dtype == np.float32:
-            out_dtype = np.float32
-        D = garr.shape[0]
-        if garr.dtype.kind not in "fiu":
-            raise TypeError(f"gram must be a float array, got dtype {garr.dtype}")
-        G = np.ascontiguousarray(garr, dtype=np.float64)
-        asym, scale = _core.symmetry_check(G)
-        if not np.isfinite(asym):
-            raise NonFiniteInputError("gram contains NaN or Inf")
-        if asym > 1e-6 * scale:
-            raise ValueError(f"gram is not symmetric (max |G - Gᵀ| = {asym:.3g}, max |G| = {scale:.3g})")
-        m_stats = 0
-        C = None
-        if cross is not None:
-            carr = np.asarray(cross)
-            if carr.ndim != 2 or carr.shape[0] != D:
-                raise ValueError(f"cross must have shape ({D}, n_targets); got {carr.shape}")
-            m_stats = carr.shape[1]
-            C = _arrays.as_f64(carr, "cross", carr.shape)
-            if target_energy is None:
-                raise ValueError("raw statistics with cross= also need target_energy= (Σ‖y‖²)")
-        if fit_intercept:
-            if count is None or mean_x is None:
-                raise ValueError("fit_intercept=True with raw matrices needs count= and mean_x= (and mean_y= with "
-                                 "cross=); pass fit_intercept=False for already-centred matrices")
-            n = _arrays.check_float(count, "count", lo=0.0)
-            if n <= 0:
-                raise ValueError("count must be positive")
-            sx = _arrays.as_f64(mean_x, "mean_x", (D,)) * n
-            if C is not None:
-                if mean_y is None:
-                    raise ValueError("fit_intercept=True with cross= needs mean_y=")
-                sy = _arrays.as_f64(mean_y, "mean_y", (m_stats,)) * n
-            else:
-                sy = None
-        else:
-            n = float(count) if count is not None else 1.0
-            sx = sy = None
-        energy = _arrays.check_float(target_energy, "target_energy", lo=0.0) if target_energy is not None else 0.0
-
+        G, C, sx, sy, energy, n, D, m_stats, out_dtype = _from_raw(gram, cross, target_energy, mean_x, mean_y,
+                                                                   count, fit_intercept)
     if weights_in is not None:
         if m_stats:
             raise ValueError("weights_in is for statistics without targets (n_targets=0); these have targets")
-        W = _arrays.as_f64(weights_in, "weights_in", (np.shape(weights_in)[0] if np.ndim(weights_in) == 2 else -1, D))
-        m = W.shape[0]
-        if m == 0:
-            raise ValueError("weights_in has no rows")
-        b = None
-        if bias_in is not None:
-            if not fit_intercept:
-                raise ValueError("bias_in needs fit_intercept=True (a constant offset cannot be fitted otherwise)")
-            b = _arrays.as_f64(bias_in, "bias_in", (m,))
+        W, b = _layer_weights(weights_in, bias_in, D, fit_intercept)
         return dict(gram=G, cross=None, weights_in=W, bias_in=b, sum_x=sx, sum_y=None, target_energy=0.0,
-                    count=n, fit_intercept=bool(fit_intercept), damping=damping), D, m, out_dtype
+                    count=n, fit_intercept=bool(fit_intercept), damping=damping), D, W.shape[0], out_dtype
     if bias_in is not None:
         raise ValueError("bias_in is only used together with weights_in")
     if not m_stats:
@@ -124,3 +64,80 @@ def problem_args(stats, *, gram, cross, target_energy, mean_x, mean_y, count, we
     return dict(gram=G, cross=C, weights_in=None, bias_in=None, sum_x=sx if fit_intercept else None,
                 sum_y=sy if fit_intercept else None, target_energy=energy, count=n,
                 fit_intercept=bool(fit_intercept), damping=damping), D, m_stats, out_dtype
+
+
+def _from_statistics(stats):
+    """(G, C, sum_x, sum_y, energy, count, D, m, float64) of a :class:`Statistics` with samples."""
+    if not isinstance(stats, Statistics):
+        raise TypeError(f"stats must be an lsprune.Statistics, got {type(stats).__name__}")
+    D, m_stats = stats.n_features, stats.n_targets
+    if stats.count == 0:
+        raise ValueError("the statistics hold no samples: stream calibration data with update() first")
+    C = stats.cross if m_stats else None
+    return (stats.gram, C, stats.sum_x, stats.sum_y, stats.target_energy, float(stats.count), D, m_stats,
+            np.float64)
+
+
+def _raw_gram(gram):
+    """``gram`` (D, D) checked (square, finite, symmetric) as float64, and the output dtype."""
+    garr = np.asarray(gram)
+    if garr.ndim != 2 or garr.shape[0] != garr.shape[1]:
+        raise ValueError(f"gram must be a square (D, D) matrix; got shape {garr.shape}")
+    out_dtype = np.float32 if garr.dtype == np.float32 else np.float64
+    if garr.dtype.kind not in "fiu":
+        raise TypeError(f"gram must be a float array, got dtype {garr.dtype}")
+    G = np.ascontiguousarray(garr, dtype=np.float64)
+    asym, scale = _core.symmetry_check(G)
+    if not np.isfinite(asym):
+        raise NonFiniteInputError("gram contains NaN or Inf")
+    if asym > 1e-6 * scale:
+        raise ValueError(f"gram is not symmetric (max |G - Gᵀ| = {asym:.3g}, max |G| = {scale:.3g})")
+    return G, out_dtype
+
+
+def _from_raw(gram, cross, target_energy, mean_x, mean_y, count, fit_intercept):
+    """The same tuple as :func:`_from_statistics` from raw matrices (``select(gram=, cross=, ...)``)."""
+    if gram is None:
+        raise TypeError("select() needs a Statistics object or gram=")
+    G, out_dtype = _raw_gram(gram)
+    D = G.shape[0]
+    m_stats, C = 0, None
+    if cross is not None:
+        carr = np.asarray(cross)
+        if carr.ndim != 2 or carr.shape[0] != D:
+            raise ValueError(f"cross must have shape ({D}, n_targets); got {carr.shape}")
+        m_stats = carr.shape[1]
+        C = _arrays.as_f64(carr, "cross", carr.shape)
+        if target_energy is None:
+            raise ValueError("raw statistics with cross= also need target_energy= (Σ‖y‖²)")
+    if fit_intercept:
+        if count is None or mean_x is None:
+            raise ValueError("fit_intercept=True with raw matrices needs count= and mean_x= (and mean_y= with "
+                             "cross=); pass fit_intercept=False for already-centred matrices")
+        n = _arrays.check_float(count, "count", lo=0.0)
+        if n <= 0:
+            raise ValueError("count must be positive")
+        sx = _arrays.as_f64(mean_x, "mean_x", (D,)) * n
+        sy = None
+        if C is not None:
+            if mean_y is None:
+                raise ValueError("fit_intercept=True with cross= needs mean_y=")
+            sy = _arrays.as_f64(mean_y, "mean_y", (m_stats,)) * n
+    else:
+        n = float(count) if count is not None else 1.0
+        sx = sy = None
+    energy = _arrays.check_float(target_energy, "target_energy", lo=0.0) if target_energy is not None else 0.0
+    return G, C, sx, sy, energy, n, D, m_stats, out_dtype
+
+
+def _layer_weights(weights_in, bias_in, D: int, fit_intercept):
+    """``weights_in`` (m, D) and ``bias_in`` (m,) or None, checked, as float64."""
+    W = _arrays.as_f64(weights_in, "weights_in", (np.shape(weights_in)[0] if np.ndim(weights_in) == 2 else -1, D))
+    if W.shape[0] == 0:
+        raise ValueError("weights_in has no rows")
+    b = None
+    if bias_in is not None:
+        if not fit_intercept:
+            raise ValueError("bias_in needs fit_intercept=True (a constant offset cannot be fitted otherwise)")
+        b = _arrays.as_f64(bias_in, "bias_in", (W.shape[0],))
+    return W, b

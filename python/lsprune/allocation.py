@@ -97,6 +97,26 @@ def allocate(error_paths: Sequence, costs: Union[Sequence[float], Callable], bud
     cost first). For linear costs and convex paths this is the exact greedy optimum
     of the continuous relaxation.
     """
+    paths, w = _check_paths_and_weights(error_paths, multiple, budget, weights)
+    allowed = _allowed_per_layer(paths, min_keep, max_keep, multiple)
+    cost_fn, a = _cost_function(costs, len(paths), fixed_cost)
+    idx = np.array([ks.size - 1 for ks in allowed])
+    keep = np.array([ks[-1] for ks in allowed])
+    max_cost = cost_fn(keep)
+    min_cost = cost_fn(np.array([ks[0] for ks in allowed]))
+    budget = float(budget)
+    if budget < min_cost - 1e-9 * abs(min_cost):
+        raise ValueError(f"budget {budget:.6g} is unreachable: the minimum keep counts already cost {min_cost:.6g} "
+                         f"(reachable range [{min_cost:.6g}, {max_cost:.6g}])")
+    cost = _remove_greedy(paths, w, allowed, idx, keep, cost_fn, a, max_cost, budget)
+    cost = _add_back(paths, w, allowed, idx, keep, cost_fn, cost, budget)
+    total = float(sum(w[l] * paths[l][keep[l]] for l in range(len(paths))))
+    return Allocation(keep=keep.astype(np.int64), cost=float(cost), budget=budget, error=total,
+                      min_cost=float(min_cost), max_cost=float(max_cost))
+
+
+def _check_paths_and_weights(error_paths, multiple, budget, weights):
+    """The error paths as float64 arrays and the error weights (L,), checked."""
     paths = [np.asarray(p, dtype=np.float64).reshape(-1) for p in error_paths]
     L = len(paths)
     if L == 0:
@@ -108,7 +128,11 @@ def allocate(error_paths: Sequence, costs: Union[Sequence[float], Callable], bud
     w = np.ones(L) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
     if w.shape != (L,) or (w < 0).any() or not np.isfinite(w).all():
         raise ValueError(f"weights must be {L} non-negative finite numbers")
+    return paths, w
 
+
+def _allowed_per_layer(paths, min_keep, max_keep, multiple):
+    """Per layer, the kept counts within the bounds, multiples of ``multiple``, with a known error."""
     allowed = []
     for l, p in enumerate(paths):
         n = p.size - 1
@@ -123,40 +147,36 @@ def allocate(error_paths: Sequence, costs: Union[Sequence[float], Callable], bud
         if ks.size == 0:
             raise ValueError(f"layer {l}: no kept count in [{lo}, {hi}] is a multiple of {multiple} with a known error")
         allowed.append(ks)
+    return allowed
 
+
+def _cost_function(costs, L: int, fixed_cost: float):
+    """``cost(keep) -> float`` and the per-channel costs (L,) when they are linear (None for a callable)."""
     if callable(costs):
-        cost_fn = lambda k: float(costs(np.asarray(k, dtype=np.int64)))  # noqa: E731
-        lookahead = 8
-    else:
-        a = np.asarray(costs, dtype=np.float64).reshape(-1)
-        if a.shape != (L,) or (a < 0).any() or not np.isfinite(a).all():
-            raise ValueError(f"costs must be {L} non-negative per-channel costs (or a callable)")
-        cost_fn = lambda k: float(fixed_cost + a @ np.asarray(k, dtype=np.float64))  # noqa: E731
-        lookahead = None
+        return (lambda k: float(costs(np.asarray(k, dtype=np.int64)))), None
+    a = np.asarray(costs, dtype=np.float64).reshape(-1)
+    if a.shape != (L,) or (a < 0).any() or not np.isfinite(a).all():
+        raise ValueError(f"costs must be {L} non-negative per-channel costs (or a callable)")
+    return (lambda k: float(fixed_cost + a @ np.asarray(k, dtype=np.float64))), a
 
-    idx = np.array([ks.size - 1 for ks in allowed])
-    keep = np.array([ks[-1] for ks in allowed])
-    max_cost = cost_fn(keep)
-    min_cost = cost_fn(np.array([ks[0] for ks in allowed]))
-    budget = float(budget)
-    if budget < min_cost - 1e-9 * abs(min_cost):
-        raise ValueError(f"budget {budget:.6g} is unreachable: the minimum keep counts already cost {min_cost:.6g} "
-                         f"(reachable range [{min_cost:.6g}, {max_cost:.6g}])")
 
-    def err(l, k):
-        return w[l] * paths[l][k]
+#: Removal steps a layer looks ahead with a callable (non-linear) cost.
+_LOOKAHEAD = 8
 
-    cost = max_cost
+
+def _remove_greedy(paths, w, allowed, idx, keep, cost_fn, a, cost: float, budget: float) -> float:
+    """Removes channels (``idx``/``keep`` in place) while the cost exceeds the budget, each step from the
+    layer and run with the smallest error increase per cost saved; returns the cost reached."""
     while cost > budget:
         best = None  # (ratio, l, t)
-        for l in range(L):
+        for l in range(len(paths)):
             i = idx[l]
             if i == 0:
                 continue
-            T = i if lookahead is None else min(i, lookahead)
+            T = i if a is not None else min(i, _LOOKAHEAD)
             ks = allowed[l][i - T:i][::-1]  # candidates after removing t = 1..T steps
             dE = w[l] * (paths[l][ks] - paths[l][keep[l]])
-            if lookahead is None:
+            if a is not None:
                 dC = a[l] * (keep[l] - ks)
             else:
                 trial = keep.copy()
@@ -177,11 +197,15 @@ def allocate(error_paths: Sequence, costs: Union[Sequence[float], Callable], bud
         idx[l] -= t
         keep[l] = allowed[l][idx[l]]
         cost = cost_fn(keep)
+    return cost
 
-    # Fill-up: the last removal may have overshot; add back what still fits.
+
+def _add_back(paths, w, allowed, idx, keep, cost_fn, cost: float, budget: float) -> float:
+    """The last removal may have overshot: adds channels back (in place) while the budget allows, largest
+    error drop per cost first; returns the cost reached."""
     while True:
         best = None
-        for l in range(L):
+        for l in range(len(paths)):
             if idx[l] + 1 >= allowed[l].size:
                 continue
             trial = keep.copy()
@@ -189,16 +213,12 @@ def allocate(error_paths: Sequence, costs: Union[Sequence[float], Callable], bud
             c = cost_fn(trial)
             if c > budget:
                 continue
-            gain = err(l, keep[l]) - err(l, trial[l])
+            gain = w[l] * paths[l][keep[l]] - w[l] * paths[l][trial[l]]
             score = gain / max(c - cost, 1e-300)
             if best is None or score > best[0]:
                 best = (score, l, c)
         if best is None:
-            break
+            return cost
         _, l, cost = best
         idx[l] += 1
         keep[l] = allowed[l][idx[l]]
-
-    total = float(sum(err(l, keep[l]) for l in range(L)))
-    return Allocation(keep=keep.astype(np.int64), cost=float(cost), budget=budget, error=total,
-                      min_cost=float(min_cost), max_cost=float(max_cost))
