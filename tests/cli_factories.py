@@ -14,3 +14,15 @@ def small_cnn():
 
 def not_a_model():
     return 42
+
+
+def no_pairs():
+    """Two Linears with a LayerNorm between them: no prunable pair (the first mixes, the second is the output)."""
+    import torch
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)).eval()
+
+
+def fails_loudly():
+    raise RuntimeError("the factory failed\nsecond line of the message\nthird line")

@@ -46,6 +46,11 @@ def _restore_logging():
     log.setLevel(level)
 
 
+def trusted(files):
+    """MODEL as a pickled model file, which the CLI unpickles only with --trust-model-file."""
+    return [str(files / "model.pt"), "--trust-model-file"]
+
+
 def one_line_error(r):
     assert r.returncode == 2, (r.returncode, r.stderr)
     err = r.stderr.strip().splitlines()
@@ -62,7 +67,7 @@ def test_version_and_help():
 
 
 def test_inspect_lists_pairs(files):
-    r = run("inspect", str(files / "model.pt"), "--example-shape", "2", "3", "8", "8")
+    r = run("inspect", *trusted(files), "--example-shape", "2", "3", "8", "8")
     assert r.returncode == 0, r.stderr
     assert "0" in r.stdout and "3" in r.stdout  # producer/consumer names of the Sequential
     r2 = run("inspect", "cli_factories:small_cnn", "--example-shape", "1", "3", "8", "8")
@@ -71,7 +76,7 @@ def test_inspect_lists_pairs(files):
 
 def test_prune_writes_model_report_and_plots(files, tmp_path):
     out, rep, plots = tmp_path / "pruned.pt", tmp_path / "report.json", tmp_path / "plots"
-    r = run("prune", str(files / "model.pt"), "--calib", str(files / "calib.pt"), "--ratio", "0.5", "-o", str(out),
+    r = run("prune", *trusted(files), "--calib", str(files / "calib.pt"), "--ratio", "0.5", "-o", str(out),
             "--report", str(rep), "--plots", str(plots), "--eval-data", str(files / "eval.pt"), "--eval-labels",
             str(files / "labels.pt"), "--batch-size", "32", "--quiet")
     assert r.returncode == 0, r.stderr
@@ -99,7 +104,7 @@ def test_prune_factory_weights_npy_and_image_folder(files, tmp_path):
     rng = np.random.default_rng(0)
     for i in range(12):
         Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(imgs / f"{i:02d}.png")
-    r = run("prune", str(files / "model.pt"), "--calib", str(imgs), "--image-size", "8", "8", "--ratio", "0.5",
+    r = run("prune", *trusted(files), "--calib", str(imgs), "--image-size", "8", "8", "--ratio", "0.5",
             "-o", str(tmp_path / "b.pt"), "-q")
     assert r.returncode == 0, r.stderr
 
@@ -115,7 +120,7 @@ def test_prune_factory_weights_npy_and_image_folder(files, tmp_path):
 ])
 def test_bad_arguments_one_line_nonzero(files, tmp_path, args, msg):
     args = [a.replace("CALIB", str(files / "calib.pt")).replace("LABELS", str(files / "labels.pt")) for a in args]
-    r = run("prune", str(files / "model.pt"), *args, cwd=tmp_path)
+    r = run("prune", *trusted(files), *args, cwd=tmp_path)
     assert msg in one_line_error(r)
     assert not (tmp_path / "o.pt").exists()
 
@@ -125,12 +130,12 @@ def test_bad_models(files, tmp_path):
     assert "state_dict" in one_line_error(run("inspect", str(files / "state.pt"), "--example-shape", "1", "3"))
     assert "not a torch.nn.Module" in one_line_error(run("inspect", "cli_factories:not_a_model", "--example-shape",
                                                          "1"))
-    r = run("inspect", str(files / "model.pt"), "--example-shape", "1", "5", "8", "8")  # wrong channels
+    r = run("inspect", *trusted(files), "--example-shape", "1", "5", "8", "8")  # wrong channels
     one_line_error(r)
 
 
 def test_debug_shows_traceback(files):
-    r = run("inspect", str(files / "model.pt"), "--example-shape", "1", "5", "8", "8", "--debug")
+    r = run("inspect", *trusted(files), "--example-shape", "1", "5", "8", "8", "--debug")
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
@@ -143,7 +148,7 @@ def test_interrupted_prune_writes_nothing(files, tmp_path, monkeypatch):
 
     monkeypatch.setattr(lt, "prune", boom)
     out, rep = tmp_path / "o.pt", tmp_path / "r.json"
-    rc = main(["prune", str(files / "model.pt"), "--calib", str(files / "calib.pt"), "--ratio", "0.5", "-o", str(out),
+    rc = main(["prune", *trusted(files), "--calib", str(files / "calib.pt"), "--ratio", "0.5", "-o", str(out),
                "--report", str(rep)])
     assert rc == 130 and not out.exists() and not rep.exists()
     assert os.listdir(tmp_path) == []
@@ -162,7 +167,7 @@ def test_interrupt_during_save_leaves_no_partial_file(files, tmp_path, monkeypat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", partial_save)
-    rc = main(["prune", str(files / "model.pt"), "--calib", str(files / "calib.pt"), "--ratio", "0.5", "-o", str(out),
+    rc = main(["prune", *trusted(files), "--calib", str(files / "calib.pt"), "--ratio", "0.5", "-o", str(out),
                "-q"])
     monkeypatch.setattr(torch, "save", real_save)
     assert rc == 130 and out.read_bytes() == b"previous"
@@ -188,7 +193,7 @@ def test_demo_runs_end_to_end():
 def test_checkpoint_and_memory_limit_options(files, tmp_path, capsys):
     from lsprune.cli.main import main
 
-    base = ["prune", str(files / "model.pt"), "--calib", str(files / "calib.pt"), "--ratio", "0.5", "-q"]
+    base = ["prune", *trusted(files), "--calib", str(files / "calib.pt"), "--ratio", "0.5", "-q"]
     assert main(base + ["-o", str(tmp_path / "a.pt"), "--checkpoint", str(tmp_path / "ck"),
                         "--memory-limit", "0.9"]) == 0
     assert (tmp_path / "ck" / "manifest.json").exists()

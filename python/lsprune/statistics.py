@@ -4,12 +4,12 @@ from __future__ import annotations
 import hashlib
 import warnings
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
 from . import _arrays
+from ._atomic import atomic_write
 from ._device import device_name, parse_device
 from ._native import _core
 
@@ -385,16 +385,12 @@ class Statistics:
             count=np.array(self._count, dtype=np.int64),
             checksum=np.array(self._digest(arrays, header)),
         )
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".lsprune-", suffix=".tmp", dir=d)
-        try:
-            with os.fdopen(fd, "wb") as f:
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
                 np.savez(f, **arrays, **meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+
+        atomic_write(path, write, fsync=False)
 
     @classmethod
     def load(cls, path) -> "Statistics":

@@ -5,8 +5,8 @@ import json
 import os
 import time
 
-from .errors import CLIError
-from .io import atomic_path, batches_of, load_model, load_tensor
+from .errors import CLIError, InterruptedAfterWrite, one_line
+from .io import Outputs, batches_of, check_paths, load_model, load_tensor
 
 
 def _torch():
@@ -50,23 +50,9 @@ def _fraction(v, name):
 
 def prune(args) -> int:
     lt = _torch()
-    import torch
 
-    if args.ratio is not None and not 0.0 <= args.ratio < 1.0:
-        raise CLIError(f"--ratio must be in [0, 1), got {args.ratio}")
-    _fraction(args.flops, "flops")
-    _fraction(args.params, "params")
-    if args.eval_labels and not args.eval_data:
-        raise CLIError("--eval-labels needs --eval-data")
-    memory_limit = _memory_limit(args.memory_limit)
-    if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
-        raise CLIError(f"--plots {args.plots!r} is a file, not a folder")
-    for path in (args.output, args.report):  # checked before the work, not after it
-        if path and os.path.isdir(path):
-            raise CLIError(f"{path!r} is a folder; give a file name")
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise CLIError(f"the folder of {path!r} does not exist")
-    model = load_model(args.model, args.weights)
+    _check_prune_args(args)
+    model = load_model(args.model, args.weights, trust=args.trust_model_file)
     data = load_tensor(args.calib, size=args.image_size, grayscale=args.grayscale, what="calibration data")
     calib = batches_of(data, args.batch_size)
     evals = None
@@ -77,41 +63,92 @@ def prune(args) -> int:
             raise CLIError("--eval-labels must hold one integer label per --eval-data sample")
         evals = (batches_of(ex, args.batch_size), ey)
 
+    t = time.perf_counter()
+    try:
+        pruned, report = lt.prune(model, calib, **_prune_options(args))
+    except lt.NoPrunablePairsError as e:
+        if e.search is None:
+            raise CLIError(one_line(e)) from e
+        raise CLIError("no prunable pairs found; the candidates and why each was skipped:",
+                       details=e.search.table()) from e
+    seconds = time.perf_counter() - t
+
+    acc = None
+    if evals is not None and evals[1] is not None:
+        acc = (_accuracy(model, evals[0], evals[1]), _accuracy(pruned, evals[0], evals[1]))
+    _write_outputs(args, pruned, report, acc)
+    try:
+        if not args.quiet:
+            print(report)
+            if acc is not None:
+                print(f"accuracy: {100 * acc[0]:.2f}% -> {100 * acc[1]:.2f}%")
+            print(f"pruned in {seconds:.1f}s; saved to {args.output}")
+    except KeyboardInterrupt:
+        raise InterruptedAfterWrite() from None
+    return 0
+
+
+def _check_prune_args(args) -> None:
+    """Everything about the arguments that can be checked before any work, the output paths included."""
+    if args.ratio is not None and not 0.0 <= args.ratio < 1.0:
+        raise CLIError(f"--ratio must be in [0, 1), got {args.ratio}")
+    _fraction(args.flops, "flops")
+    _fraction(args.params, "params")
+    if args.eval_labels and not args.eval_data:
+        raise CLIError("--eval-labels needs --eval-data")
+    _memory_limit(args.memory_limit)
+    if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
+        raise CLIError(f"--plots {args.plots!r} is a file, not a folder")
+    for path in (args.output, args.report):
+        if path and os.path.isdir(path):
+            raise CLIError(f"{path!r} is a folder; give a file name")
+    for path in (args.output, args.report, args.plots):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise CLIError(f"the folder of {path!r} does not exist")
+    from .plots import PLOT_NAMES
+
+    inputs = {"MODEL": args.model if os.path.exists(args.model) else None, "--weights": args.weights,
+              "--calib": args.calib, "--eval-data": args.eval_data, "--eval-labels": args.eval_labels}
+    outputs = {"-o": args.output, "--report": args.report, "--plots": args.plots, "--checkpoint": args.checkpoint}
+    if args.plots:
+        outputs.update({f"--plots/{n}": os.path.join(args.plots, n) for n in PLOT_NAMES})
+    check_paths(inputs, outputs)
+
+
+def _prune_options(args) -> dict:
     kw = dict(method=args.method, mode=args.mode, damping=args.damping, max_batches=args.max_batches,
               device=args.device, progress=not args.quiet, seed=args.seed, checkpoint=args.checkpoint,
-              memory_limit=memory_limit)
+              memory_limit=_memory_limit(args.memory_limit))
     if args.no_refit:
         kw["refit"] = False
     if args.ratio is not None:
         kw["ratio"] = args.ratio
     else:
         kw["budget"] = _budget(flops=args.flops, params=args.params)
-    t = time.perf_counter()
-    pruned, report = lt.prune(model, calib, **kw)
-    seconds = time.perf_counter() - t
+    return kw
 
-    acc = None
-    if evals is not None and evals[1] is not None:
-        acc = (_accuracy(model, evals[0], evals[1]), _accuracy(pruned, evals[0], evals[1]))
-    with atomic_path(args.output) as tmp:
-        torch.save(pruned, tmp)
-    if args.report:
-        d = report.to_dict()
-        if acc is not None:
-            d["accuracy_before"], d["accuracy_after"] = acc
-        with atomic_path(args.report) as tmp, open(tmp, "w") as f:
-            json.dump(d, f, indent=1)
-    if args.plots:
-        from .plots import write_plots
 
-        os.makedirs(args.plots, exist_ok=True)
-        write_plots(report, args.plots, accuracy=acc)
-    if not args.quiet:
-        print(report)
-        if acc is not None:
-            print(f"accuracy: {100 * acc[0]:.2f}% -> {100 * acc[1]:.2f}%")
-        print(f"pruned in {seconds:.1f}s; saved to {args.output}")
-    return 0
+def _write_outputs(args, pruned, report, acc) -> None:
+    """The model, the report and the plots, put in place together: all of them or none (see Outputs)."""
+    import torch
+
+    outputs = Outputs()
+    try:
+        torch.save(pruned, outputs.path(args.output))
+        if args.report:
+            d = report.to_dict()
+            if acc is not None:
+                d["accuracy_before"], d["accuracy_after"] = acc
+            with open(outputs.path(args.report), "w") as f:
+                json.dump(d, f, indent=1)
+        if args.plots:
+            from .plots import write_plots
+
+            write_plots(report, outputs.folder(args.plots), accuracy=acc)
+        outputs.commit()
+    except BaseException:
+        outputs.abort()
+        raise
 
 
 def _budget(**fractions):
@@ -147,14 +184,14 @@ def inspect(args) -> int:
     lt = _torch()
     import torch
 
-    model = load_model(args.model, args.weights)
+    model = load_model(args.model, args.weights, trust=args.trust_model_file)
     if any(s < 1 for s in args.example_shape):
         raise CLIError("--example-shape entries must be >= 1")
     x = torch.randn(*args.example_shape, generator=torch.Generator().manual_seed(0))
     try:
         search = lt.find_pairs(model, x)
     except lt.NotTraceableError as e:
-        raise CLIError(f"torch.fx cannot trace this model ({str(e).splitlines()[0]}); name the pairs explicitly "
+        raise CLIError(f"torch.fx cannot trace this model ({one_line(e)}); name the pairs explicitly "
                        "with the Python API: lsprune.torch.prune(..., pairs=[...])") from e
     print(search)
     return 0

@@ -7,9 +7,11 @@ import sys
 from typing import List, Optional
 
 from .._policy import DEFAULT_DAMPING
-from .errors import EXIT_ERROR, EXIT_FAILURE, EXIT_INTERRUPTED, CLIError
+from .errors import EXIT_ERROR, EXIT_FAILURE, EXIT_INTERRUPTED, CLIError, InterruptedAfterWrite, one_line
 
 METHODS = ("forward", "omp", "backward", "magnitude", "random")
+TRUST_HELP = ("unpickle a MODEL file saved with torch.save(model): this runs code stored in the file, so only for "
+              "files you trust (the safe way: MODEL as 'package.module:factory' plus --weights)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
 
     r = sub.add_parser("prune", parents=[common], help="prune a model file or module:factory")
-    r.add_argument("model", help="file written by torch.save(model), or 'package.module:factory'")
+    r.add_argument("model", help="file written by torch.save(model) (needs --trust-model-file), or "
+                                 "'package.module:factory'")
     r.add_argument("--weights", help="state_dict file to load into the model first")
+    r.add_argument("--trust-model-file", action="store_true", help=TRUST_HELP)
     r.add_argument("--calib", required=True, help=".pt/.npy tensor file (N, ...) or a folder of images")
     amount = r.add_mutually_exclusive_group(required=True)
     amount.add_argument("--ratio", type=float, help="fraction of channels removed in every prunable pair")
@@ -63,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plots", help="write PNG plots into this folder")
 
     i = sub.add_parser("inspect", parents=[common], help="list prunable pairs and skipped ones with reasons")
-    i.add_argument("model", help="file written by torch.save(model), or 'package.module:factory'")
-    i.add_argument("--weights")
+    i.add_argument("model", help="file written by torch.save(model) (needs --trust-model-file), or "
+                                 "'package.module:factory'")
+    i.add_argument("--weights", help="state_dict file to load into the model first")
+    i.add_argument("--trust-model-file", action="store_true", help=TRUST_HELP)
     i.add_argument("--example-shape", type=int, nargs="+", required=True, metavar="N",
                    help="shape of an example input, e.g. 1 3 32 32")
 
@@ -110,24 +116,25 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return getattr(commands, args.command)(args)
     except CLIError as e:
-        print(f"lsprune: error: {e}", file=sys.stderr)
+        print(f"lsprune: error: {one_line(e)}", file=sys.stderr)
+        if e.details:  # a deliberate table, e.g. the skipped pairs and their reasons
+            print(e.details, file=sys.stderr)
         return EXIT_ERROR
+    except InterruptedAfterWrite:
+        print("lsprune: interrupted (after every output was written)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print("lsprune: interrupted (nothing was written)", file=sys.stderr)
+        print("lsprune: interrupted (no output was written)", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, TypeError) as e:
         if debug:
             raise
-        print(f"lsprune: error: {_one_line(e)}", file=sys.stderr)
+        print(f"lsprune: error: {one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as e:  # noqa: BLE001 — the CLI never shows a traceback unless --debug
         if debug:
             raise
-        print(f"lsprune: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)",
+        print(f"lsprune: error: {type(e).__name__}: {one_line(e)} (run with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_FAILURE
 
-
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return msg[0] if msg else type(e).__name__

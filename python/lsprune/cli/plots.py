@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
+
+#: The files :func:`write_plots` may write.
+PLOT_NAMES = ("error_paths.png", "channels.png", "accuracy_vs_flops.png")
 
 
 def _plt():
@@ -14,10 +17,13 @@ def _plt():
     return plt
 
 
-def write_plots(report, folder: str, accuracy: Optional[Tuple[float, float]] = None) -> list:
+def write_plots(report, folder: Union[str, Callable[[str], str]],
+                accuracy: Optional[Tuple[float, float]] = None) -> list:
     """Writes error_paths.png (per-pair relative error E(k)/E(0) with the chosen k marked),
-    channels.png (channels kept per pair) and, with accuracies, accuracy_vs_flops.png.
+    channels.png (channels kept per pair) and, with accuracies, accuracy_vs_flops.png into ``folder``
+    (or to ``folder(name)``: where the CLI writes each file before the outputs are committed).
     Returns the written paths."""
+    path_of = folder if callable(folder) else (lambda name: os.path.join(folder, name))
     plt = _plt()
     pairs = [p for p in report.pairs if p.status == "pruned" and p.error_path]
     out = []
@@ -33,7 +39,7 @@ def write_plots(report, folder: str, accuracy: Optional[Tuple[float, float]] = N
     ax.set_title("Error paths (dot = chosen k)")
     if len(pairs) <= 12:
         ax.legend(fontsize=7)
-    out.append(_save(fig, os.path.join(folder, "error_paths.png"), plt))
+    out.append(_save(fig, path_of("error_paths.png"), plt))
 
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(report.pairs) + 2), 4))
     names = [p.producer for p in report.pairs]
@@ -45,7 +51,7 @@ def write_plots(report, folder: str, accuracy: Optional[Tuple[float, float]] = N
     ax.set_ylabel("channels")
     ax.set_title("Channels kept per pair")
     ax.legend()
-    out.append(_save(fig, os.path.join(folder, "channels.png"), plt))
+    out.append(_save(fig, path_of("channels.png"), plt))
 
     if accuracy is not None:
         fig, ax = plt.subplots(figsize=(5, 4))
@@ -56,12 +62,12 @@ def write_plots(report, folder: str, accuracy: Optional[Tuple[float, float]] = N
         ax.set_xlabel("FLOPs (fraction of the original)")
         ax.set_ylabel("accuracy (%)")
         ax.set_title("Accuracy vs FLOPs")
-        out.append(_save(fig, os.path.join(folder, "accuracy_vs_flops.png"), plt))
+        out.append(_save(fig, path_of("accuracy_vs_flops.png"), plt))
     return out
 
 
 def _save(fig, path, plt):
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # the path may be a temporary name without the suffix
     plt.close(fig)
     return path

@@ -9,7 +9,8 @@
 * :func:`count_flops_params` — parameters and multiply-accumulates (MACs) of a model.
 * :class:`PruneReport`, :class:`PairReport`, :class:`FactorizeReport`, :class:`LayerFactorReport`, :class:`Pair`,
   :class:`SkippedPair`, :class:`PairSearch`; :class:`Budget` (= :class:`lsprune.Budget`).
-* :class:`MemoryLimitError` (the memory guard refused), :class:`DistributedError` (another rank failed).
+* :class:`MemoryLimitError` (the memory guard refused), :class:`DistributedError` (another rank failed),
+  :class:`NoPrunablePairsError` (nothing to prune; carries the skipped candidates and their reasons).
 
 Only this subpackage imports torch; ``import lsprune`` works without it.
 """
@@ -27,7 +28,7 @@ from .factorize import factorize
 from .flops import FlopsCount, count_flops_params
 from .graph import NotTraceableError
 from .memory import MemoryLimitError
-from .pairs import Pair, PairSearch, SkippedPair
+from .pairs import NoPrunablePairsError, Pair, PairSearch, SkippedPair
 from .report import PairReport, PruneReport
 from .blockwise import BlocksNotFoundError
 from .layouts import Unit, find_units
@@ -37,4 +38,4 @@ from .surgery import apply_structure
 __all__ = ["prune", "factorize", "Budget", "find_pairs", "apply_structure", "count_flops_params", "FlopsCount", "Pair",
            "PairSearch", "SkippedPair", "PairReport", "PruneReport", "FactorizeReport", "LayerFactorReport",
            "NotTraceableError", "MemoryLimitError", "DistributedError", "DEFAULT_MAX_POSITIONS", "save_pruned",
-           "load_pruned", "find_units", "Unit", "BlocksNotFoundError"]
+           "load_pruned", "find_units", "Unit", "BlocksNotFoundError", "NoPrunablePairsError"]

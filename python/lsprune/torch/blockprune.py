@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from .distributed import Dist
 from .flops import record_positions
 from .layouts import Unit
 from .memory import MemoryLimitError, gib, resolve_limit, solver_bytes, statistics_bytes
-from .pairs import Pair, PairSearch, SkippedPair
+from .pairs import NoPrunablePairsError, Pair, PairSearch, SkippedPair, shared_state
 from . import budget as budgeting
 from .costs import UnitCosts
 from .plan import budget_bounds, plan_channels
@@ -72,19 +72,39 @@ def unit_pair(u: Unit) -> Pair:
 
 
 def unit_search(model: nn.Module, blocks: Optional[str], kinds) -> PairSearch:
-    """``find_pairs`` for a model of transformer blocks: its units, and the residual-stream writers
-    (skipped: every block reads and adds to the stream, so its width stays)."""
+    """``find_pairs`` for a model of transformer blocks: its units, the units that share weights (skipped,
+    see :func:`usable_units`), and the residual-stream writers (skipped: every block reads and adds to the
+    stream, so its width stays)."""
     name, mods = find_blocks(model, blocks, kinds)
-    search = PairSearch()
-    for i, us in block_units(mods, name, kinds):
+    found = block_units(mods, name, kinds)
+    if not any(us for _, us in found):
+        raise BlocksNotFoundError(f"the blocks {name!r} hold no units lsprune recognises")
+    per_block, search = usable_units(model, found)
+    for i, us in per_block:
         for u in us:
             search.pairs.append(unit_pair(u))
             search.skipped.append(SkippedPair(u.consumer, "writes the residual stream, whose width stays (every "
                                               "block reads it and adds to it); its inputs are pruned as unit "
                                               f"{u.name}"))
-    if not search.pairs:
-        raise BlocksNotFoundError(f"the blocks {name!r} hold no units lsprune recognises")
     return search
+
+
+def usable_units(model: nn.Module, per_block) -> Tuple[list, PairSearch]:
+    """``per_block`` without the units whose producers or consumer share a tensor with another module (tied
+    weights) or are registered under several names (one block repeated in the list): pruning them would
+    untie the weights or shrink a module twice. Returns (the rest, a PairSearch of the skipped units)."""
+    ties = shared_state(model, aliases=True)
+    kept, search = [], PairSearch()
+    for i, us in per_block:
+        ok = []
+        for u in us:
+            why = [f"{n}: {ties[n]}" for n in u.modules if n in ties]
+            if why:
+                search.skipped.append(SkippedPair(u.name, why[0], u.consumer))
+            else:
+                ok.append(u)
+        kept.append((i, ok))
+    return kept, search
 
 
 def plan_budget(ref: nn.Module, units: List[Unit], per_block, calls, masks, blocks_name: str, *, opts, positions,
@@ -159,10 +179,11 @@ def prune_blocks(ref: nn.Module, pruned: nn.Module, batches: list, run, *, opts,
     positions per module on ``batches[0]`` (FLOPs of a budget)."""
     kinds = opts.unit_kinds
     name, ref_blocks = find_blocks(ref, opts.blocks, kinds)
-    per_block = block_units(ref_blocks, name, kinds)
+    per_block, skipped = usable_units(ref, block_units(ref_blocks, name, kinds))
     units = [u for _, us in per_block for u in us]
     if not units:
-        raise ValueError(f"the blocks {name!r} hold no {' or '.join(kinds)} units that lsprune recognises")
+        raise NoPrunablePairsError(f"the blocks {name!r} hold no {' or '.join(kinds)} units that lsprune can prune"
+                                   + (f":\n{skipped.table()}" if skipped.skipped else ""), skipped)
     keep = opts.keep or {}
     unknown = sorted(set(keep) - {u.name for u in units})
     if unknown:
@@ -204,7 +225,7 @@ def prune_blocks(ref: nn.Module, pruned: nn.Module, batches: list, run, *, opts,
     passes += sweep_blocks(ref_blocks, pr_blocks, active, calls, original=original, ref_modules=ref_mods,
                            pr_modules=pr_mods, on_rows=on_rows, on_block=on_block, progress=opts.progress)
     return {"units": units, "jobs": jobs, "plan": plan, "paths": paths, "passes": passes, "memory": memory,
-            "blocks": name}
+            "blocks": name, "skipped": skipped}
 
 
 def prune_blockwise(session, opts) -> tuple:
@@ -223,9 +244,9 @@ def prune_blockwise(session, opts) -> tuple:
             raise forward_error(e, 0) from e
     out = prune_blocks(ref, pruned, batches, s.run, opts=opts, device=s.dev, timer=s.timer, positions=positions)
     units = out["units"]
-    report = prune_report([unit_pair(u) for u in units], out["jobs"], {u.name: u.channels for u in units}, None,
-                          ref, pruned, positions, batch_size(batches[0]) or 1, batches, opts, Dist(False),
-                          strategy="blocks", passes=out["passes"] + 1.0 / len(batches), out_err=None,
+    report = prune_report([unit_pair(u) for u in units], out["jobs"], {u.name: u.channels for u in units},
+                          out["skipped"], ref, pruned, positions, batch_size(batches[0]) or 1, batches, opts,
+                          Dist(False), strategy="blocks", passes=out["passes"] + 1.0 / len(batches), out_err=None,
                           unit_modules={u.name: u.modules for u in units})
     for r, u in zip(report.pairs, units):
         r.kind = u.kind

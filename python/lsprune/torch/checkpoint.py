@@ -18,17 +18,18 @@ extra pass):
   every 4096 rows), so that the resumed pair is bit-identical to an uninterrupted one.
 
 A folder whose fingerprint differs (another model, other weights or calibration data, another
-option that changes the result, another lsprune version), an unknown format version, or a
-missing, truncated or corrupted file is refused with a ``ValueError`` before anything is
-written.
+option that changes the result, another lsprune version), an unknown format version, a
+missing, truncated or corrupted file, or a manifest naming anything but plain files inside the
+folder (a crafted one could otherwise make a resumed run read or delete files elsewhere) is refused
+with a ``ValueError`` before anything is written (a bad name before any file is read).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
 import time
+import zipfile
 from typing import Dict, Optional
 
 import numpy as np
@@ -37,6 +38,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 import lsprune
+from lsprune._atomic import atomic_write
 
 FORMAT = "lsprune.torch.checkpoint"
 VERSION = 1
@@ -109,17 +111,27 @@ def _sha256_file(path: str) -> str:
 
 def _atomic_write(path: str, write) -> None:
     """``write(file)`` into a temporary file next to ``path``, then rename it to ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=".lsprune-", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def fill(tmp):
+        with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, fill)
+
+
+def _plain_name(folder: str, key: str, name) -> str:
+    """A file name from the manifest, refused unless it names a regular file right inside ``folder``: the
+    names are opened, and unlinked when an entry is replaced, so a crafted manifest must not reach
+    elsewhere (absolute paths, separators, ``..``, symbolic links)."""
+    seps = {os.sep, os.altsep} - {None}
+    if not isinstance(name, str) or name in ("", ".", "..") or "\0" in name or any(c in name for c in seps) \
+            or os.path.isabs(name) or os.path.splitdrive(name)[0]:
+        raise ValueError(f"checkpoint {folder}: {MANIFEST} names {name!r} for {key}, which is not a plain file name "
+                         "in the folder. Nothing was changed; delete the folder or give another one")
+    path = os.path.join(folder, name)
+    if os.path.islink(path):
+        raise ValueError(f"checkpoint {folder}: file {name} of {key} is a symbolic link; checkpoint files are "
+                         "plain files. Nothing was changed; delete the folder or give another one")
+    return name
 
 
 class Checkpoint:
@@ -167,8 +179,10 @@ class Checkpoint:
         entries = data.get("entries")
         if not isinstance(entries, dict):
             raise ValueError(f"checkpoint {self.folder}: {MANIFEST} has no entries (corrupted?)")
+        for key, e in entries.items():  # every name is checked before any file is read
+            self._check_entry(key, e)
         for key, e in entries.items():
-            for fname, digest in e.get("sha256", {}).items():
+            for fname, digest in e["sha256"].items():
                 p = os.path.join(self.folder, fname)
                 if not os.path.isfile(p):
                     raise ValueError(f"checkpoint {self.folder}: file {fname} of {key} is missing. Nothing was "
@@ -179,6 +193,27 @@ class Checkpoint:
                                      "one")
         self.entries = entries
         self.resumed = len(entries)
+
+    def _check_entry(self, key, e) -> None:
+        """One manifest entry's shape: a known state, the files it loads among its checksummed files, plain
+        file names only."""
+        def malformed(what):
+            return ValueError(f"checkpoint {self.folder}: {MANIFEST} entry {key!r} {what} (corrupted?). Nothing "
+                              "was changed; delete the folder or give another one")
+
+        if not isinstance(e, dict) or e.get("state") not in ("done", "partial"):
+            raise malformed("has no known state")
+        sha = e.get("sha256")
+        if not isinstance(sha, dict) or not all(isinstance(v, str) for v in sha.values()):
+            raise malformed("has no file checksums")
+        for fname in sha:
+            _plain_name(self.folder, key, fname)
+        loads = [e[k] for k in ("stats", "result") if k in e]
+        if ("stats" if e["state"] == "partial" else "result") not in e or \
+                any(not isinstance(n, str) or n not in sha for n in loads):
+            raise malformed("names a file without a checksum")
+        if e["state"] == "partial" and (not isinstance(e.get("batches"), int) or isinstance(e["batches"], bool)):
+            raise malformed("has no batch count")
 
     # ------------------------------------------------------------------ reading
     def done(self, key: str) -> Optional[dict]:
@@ -193,8 +228,13 @@ class Checkpoint:
         return lsprune.Statistics.load(os.path.join(self.folder, entry["stats"]))
 
     def load_arrays(self, entry: dict) -> Dict[str, np.ndarray]:
-        with np.load(os.path.join(self.folder, entry["result"]), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        """A finished pair's result (``allow_pickle=False``: an object array is refused, never unpickled)."""
+        try:
+            with np.load(os.path.join(self.folder, entry["result"]), allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+            raise ValueError(f"checkpoint {self.folder}: file {entry['result']} is not a readable result file "
+                             f"(truncated or corrupted?): {e}") from None
 
     @staticmethod
     def generator_state(entry: dict) -> torch.Tensor:
@@ -215,7 +255,7 @@ class Checkpoint:
         if old is not None:
             for fname in set(old.get("sha256", {})) - set(entry["sha256"]):
                 try:
-                    os.unlink(os.path.join(self.folder, fname))
+                    os.unlink(os.path.join(self.folder, _plain_name(self.folder, key, fname)))
                 except OSError:
                     pass
 

@@ -12,7 +12,7 @@ from .batches import capture_call, forward_error
 from .flops import record_positions
 from .graph import NotTraceableError, Runner, bind_placeholders, concrete_arguments, discover, record_shapes, trace
 from .hooks import check_mapping, probe
-from .pairs import Pair, PairSearch
+from .pairs import NoPrunablePairsError, Pair, PairSearch
 
 logger = logging.getLogger("lsprune.torch")
 
@@ -74,8 +74,8 @@ def find_prunable(ref, batch0, run, *, strategy: str, explicit: Optional[List[Pa
     elif explicit is not None:
         found.pairs = match_explicit(explicit, found.search, found.chains)
     if not found.pairs:
-        raise ValueError("no prunable pairs found" +
-                         (f":\n{found.search.table()}" if found.search is not None else ""))
+        raise NoPrunablePairsError("no prunable pairs found" +
+                                   (f":\n{found.search.table()}" if found.search is not None else ""), found.search)
     return found
 
 

@@ -33,7 +33,7 @@ from .factor_report import FactorizeReport, LayerFactorReport
 from .flops import macs_from_positions, own_params, total_params
 from .graph import NotTraceableError
 from .options import DEFAULT_MAX_POSITIONS, FactorizeOptions
-from .pairs import Pair
+from .pairs import Pair, shared_state
 from .plan import budget_bounds, budget_counts
 from .pruning import PairJob, Timer, log_engine_warnings, make_job
 from .reporting import record_budget, versions
@@ -113,7 +113,8 @@ class LayerFactorize:
             raise ValueError(f"{e}\nfactorize needs a model torch.fx can trace") from e
         self.graph = gm.graph
         self.ref_mods = dict(self.ref.named_modules())
-        self.cands, self.nodes, self.skipped = _candidates(gm.graph, self.ref_mods, self.positions, o.layers)
+        self.cands, self.nodes, self.skipped = _candidates(gm.graph, self.ref_mods, self.positions, o.layers,
+                                                           shared_state(self.ref))
         if not self.cands:
             raise ValueError("no layer can be factorized" +
                              "".join(f"\n  {s['layer']}: {s['reason']}" for s in self.skipped))
@@ -144,9 +145,11 @@ class LayerFactorize:
     def _job(self, i: int, n: str, rank: int, independent: bool) -> PairJob:
         """The statistics of layer ``n`` (a pair whose producer and consumer are the layer: groups of one
         column)."""
-        return make_job(i, Pair(n, n), _width(self.ref_mods[n]), rank, self.ref_mods, self.new_mods,
-                        device=self.s.dev, independent=independent, use_torch_sums=None, seed=self.opts.seed,
-                        max_positions=self.opts.max_positions, n_samples=self.s.n_samples)
+        job = make_job(i, Pair(n, n), _width(self.ref_mods[n]), rank, self.ref_mods, self.new_mods,
+                       device=self.s.dev, independent=independent, use_torch_sums=None, seed=self.opts.seed,
+                       max_positions=self.opts.max_positions, n_samples=self.s.n_samples)
+        job.what = "layer"
+        return job
 
     def _sweep(self, jobs, *, sequential: bool, collect_only: bool = False) -> dict:
         return sweep(self.graph, self.ref, self.new, self.inputs, self.masks, jobs, {}, sequential=sequential,
@@ -225,8 +228,9 @@ def _ratio_rank(m: nn.Module, ratio: float) -> int:
     return max(1, int(math.floor((1.0 - ratio) * out * D / (out + D) + 1e-9)))
 
 
-def _candidates(graph: fx.Graph, modules, positions, wanted) -> Tuple[List[str], Dict[str, fx.Node], List[dict]]:
-    """Factorizable layers in forward order, their graph nodes, and the skipped ones with a reason."""
+def _candidates(graph: fx.Graph, modules, positions, wanted, ties) -> Tuple[List[str], Dict[str, fx.Node], List[dict]]:
+    """Factorizable layers in forward order, their graph nodes, and the skipped ones with a reason (``ties``:
+    :func:`.pairs.shared_state`; a replaced layer must not share a tensor with another module)."""
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     attr_owners = {n.target.rsplit(".", 1)[0] if "." in n.target else "" for n in graph.nodes if n.op == "get_attr"}
     cands, nodes, skipped, seen = [], {}, [], set()
@@ -249,6 +253,8 @@ def _candidates(graph: fx.Graph, modules, positions, wanted) -> Tuple[List[str],
             reason = f"called {calls[name]} times in forward (shared weights)"
         elif name in attr_owners:
             reason = "its parameters are read directly in forward"
+        elif name in ties:
+            reason = ties[name]
         elif len(node.args) != 1 or node.kwargs:
             reason = "called with extra arguments"
         elif name not in positions:
@@ -300,7 +306,7 @@ def _factorization(job: PairJob, damping: float, rank: int) -> Tuple[lsprune.Fac
     if job.independent:
         W, b = consumer_matrix(job.ref_consumer)
         kw.update(weights_in=W, bias_in=b)
-    with log_engine_warnings(job.pair.consumer):
+    with log_engine_warnings(job.pair.consumer, what="layer"):
         return lsprune.factorize(stats, rank=rank, damping=damping, **kw), int(stats.count)
 
 

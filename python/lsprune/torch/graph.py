@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
 from .pairs import (CONSUMER_TYPES, Pair, PairSearch, SkippedPair, channel_passthrough_kind, check_consumer,
-                    check_producer, is_depthwise, producer_channels)
+                    check_producer, is_depthwise, producer_channels, shared_state)
 
 
 class NotTraceableError(RuntimeError):
@@ -276,6 +276,7 @@ def discover(graph: fx.Graph, model: nn.Module, shapes) -> Tuple[PairSearch, Dic
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     # modules whose parameters the graph reads directly (not through the module call) cannot be resized
     attr_owners = {n.target.rsplit(".", 1)[0] if "." in n.target else "" for n in graph.nodes if n.op == "get_attr"}
+    ties = shared_state(model)  # a resized or re-fitted module must not share a tensor with another one
     order = {n: i for i, n in enumerate(graph.nodes)}
     found, skipped = [], []
     for node in graph.nodes:
@@ -295,7 +296,9 @@ def discover(graph: fx.Graph, model: nn.Module, shapes) -> Tuple[PairSearch, Dic
                 raise _Skip(f"called {calls[name]} times in forward (shared weights)")
             if name in attr_owners:
                 raise _Skip("its parameters are read directly in forward")
-            chain = _walk(node, mod, modules, shapes, calls, attr_owners)
+            if name in ties:
+                raise _Skip(ties[name])
+            chain = _walk(node, mod, modules, shapes, calls, attr_owners, ties)
             found.append((order[chain.consumer_node], chain))
         except _Skip as s:
             skipped.append(SkippedPair(name, s.reason, s.consumer))
@@ -304,7 +307,7 @@ def discover(graph: fx.Graph, model: nn.Module, shapes) -> Tuple[PairSearch, Dic
     return PairSearch([c.pair for _, c in found], skipped), chains
 
 
-def _walk(node, mod, modules, shapes, calls, attr_owners) -> Chain:
+def _walk(node, mod, modules, shapes, calls, attr_owners, ties) -> Chain:
     C = producer_channels(mod)
     shape = shapes.get(node)
     if shape is None:
@@ -328,12 +331,14 @@ def _walk(node, mod, modules, shapes, calls, attr_owners) -> Chain:
         if u.op == "call_module":
             m = modules[u.target]
             if isinstance(m, CONSUMER_TYPES) and not is_depthwise(m):
-                return _consumer(node, u, m, C, cdim, ndim, group, between, via, slices, calls, attr_owners)
+                return _consumer(node, u, m, C, cdim, ndim, group, between, via, slices, calls, attr_owners, ties)
             stateful = any(True for _ in m.parameters()) or any(True for _ in m.buffers())
             if calls[u.target] > 1 and stateful:  # a shared activation module is fine, a shared BatchNorm is not
                 raise _Skip(f"{describe(u, modules)} between producer and consumer is called more than once")
             if u.target in attr_owners:
                 raise _Skip(f"parameters of {u.target} are read directly in forward")
+            if u.target in ties and stateful:
+                raise _Skip(f"{u.target} between producer and consumer: {ties[u.target]}")
             if isinstance(m, nn.Flatten):
                 group, ndim, cdim = _flatten(cur, u, C, cdim, group, shapes, modules)
             elif isinstance(m, _ELEMENTWISE_MODULES) or isinstance(m, nn.PReLU) and m.weight.numel() == 1:
@@ -411,7 +416,7 @@ def _flatten(cur, u, C, cdim, group, shapes, modules):
     return g, 2, 1
 
 
-def _consumer(pnode, u, m, C, cdim, ndim, group, between, via, slices, calls, attr_owners) -> Chain:
+def _consumer(pnode, u, m, C, cdim, ndim, group, between, via, slices, calls, attr_owners, ties) -> Chain:
     if len(u.args) != 1 or u.kwargs:
         raise _Skip("consumer is called with extra arguments", u.target)
     reason = check_consumer(m)
@@ -421,6 +426,8 @@ def _consumer(pnode, u, m, C, cdim, ndim, group, between, via, slices, calls, at
         raise _Skip(f"consumer {u.target} is called {calls[u.target]} times in forward (shared weights)", u.target)
     if u.target in attr_owners:
         raise _Skip(f"parameters of consumer {u.target} are read directly in forward", u.target)
+    if u.target in ties:
+        raise _Skip(f"consumer {u.target}: {ties[u.target]}", u.target)
     if isinstance(m, nn.Conv2d):
         if group is not None or cdim != 1 or ndim != 4:
             raise _Skip("Conv2d consumer does not read the producer's channels as its input channels", u.target)

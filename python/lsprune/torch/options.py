@@ -26,7 +26,8 @@ from lsprune.budget import Budget, as_budget
 
 from .baselines import NORMS
 from .layouts import UNIT_KINDS, normalize_units
-from .pairs import Pair, channel_passthrough_kind, check_consumer, check_producer, normalize_pairs, producer_channels
+from .pairs import (Pair, channel_passthrough_kind, check_consumer, check_producer, normalize_pairs, producer_channels,
+                    shared_state)
 from .pruning import SELECTORS
 
 MODES = ("sequential", "independent")
@@ -329,7 +330,7 @@ class PruneOptions:
         modules = _check_model(model)
         opts = cls(**validate_params(cls, kwargs))
         opts._check_together()
-        opts._check_names(modules)
+        opts._check_names(modules, shared_state(model) if opts.pairs else {})
         return opts
 
     def _check_together(self) -> None:
@@ -340,13 +341,16 @@ class PruneOptions:
             raise ValueError("give ratio= (fraction of channels removed in every pair), budget= (e.g. "
                              "lsprune.Budget(flops=0.5)) or keep= ({producer name: channels to keep})")
 
-    def _check_names(self, modules) -> None:
+    def _check_names(self, modules, ties) -> None:
         _check_names("keep", self.keep or (), modules)
         for p in self.pairs or ():
             _check_names("pairs", (p.producer, p.consumer, *p.between), modules)
             reason = check_producer(modules[p.producer]) or check_consumer(modules[p.consumer])
             if reason:
                 raise ValueError(f"pair {p.producer} -> {p.consumer}: {reason}")
+            tied = [f"{n}: {ties[n]}" for n in (p.producer, *p.between, p.consumer) if n in ties]
+            if tied:
+                raise ValueError(f"pair {p.producer} -> {p.consumer}: {tied[0]}")
             C = producer_channels(modules[p.producer])
             for b in p.between:
                 r = channel_passthrough_kind(modules[b], C)

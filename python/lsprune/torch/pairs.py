@@ -1,8 +1,10 @@
 """Prunable pairs (producer -> channel-wise ops -> consumer) and the result of a pair search."""
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from itertools import chain
+from typing import Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
@@ -96,6 +98,43 @@ class PairSearch:
 
     def __str__(self):
         return f"{len(self.pairs)} prunable pair(s), {len(self.skipped)} skipped\n{self.table()}"
+
+
+class NoPrunablePairsError(ValueError):
+    """:func:`lsprune.torch.prune` found nothing to prune. ``search``: the :class:`PairSearch` with the skipped
+    candidates and their reasons (``search.table()``), or None when the model was not traced."""
+
+    def __init__(self, message: str, search: Optional[PairSearch] = None):
+        super().__init__(message)
+        self.search = search
+
+
+def shared_state(model: nn.Module, *, aliases: bool = False) -> Dict[str, str]:
+    """Why a module's parameters or buffers cannot be changed on their own, by module name: a tensor it
+    holds directly is also held by another module (tied weights: resizing or re-fitting one would untie
+    them). With ``aliases``, also a module registered under several names (pruning it under each name
+    would shrink it several times). Every name a module is registered under is a key."""
+    holders: Dict[int, List[Tuple[str, nn.Module]]] = defaultdict(list)
+    names: Dict[int, List[str]] = defaultdict(list)
+    for name, m in model.named_modules(remove_duplicate=False):
+        names[id(m)].append(name)
+        for attr, t in chain(m._parameters.items(), m._buffers.items()):
+            if t is not None:
+                holders[id(t)].append((f"{name}.{attr}" if name else attr, m))
+    out: Dict[str, str] = {}
+    for held in holders.values():
+        for qual, m in held:
+            others = sorted({q for q, o in held if o is not m})
+            if others:
+                for n in names[id(m)]:
+                    out.setdefault(n, f"{qual.rsplit('.', 1)[-1]} is shared with {', '.join(others[:3])} (tied "
+                                      "weights: pruning would untie them)")
+    if aliases:
+        for ns in names.values():
+            for n in ns if len(ns) > 1 else ():
+                out.setdefault(n, f"the module is registered under several names ({', '.join(ns[:3])}): shared "
+                                  "weights")
+    return out
 
 
 def normalize_pairs(pairs) -> List[Pair]:

@@ -112,8 +112,9 @@ def _engine_select(stats, n_keep, *, method, group_size, damping, weights_in=Non
 
 
 @contextmanager
-def log_engine_warnings(name: str):
-    """Engine RuntimeWarnings (dead channels, raised damping) become log messages with the pair's name."""
+def log_engine_warnings(name: str, what: str = "pair"):
+    """Engine RuntimeWarnings (dead channels, raised damping) become log messages naming the pair (or the
+    layer: ``what``)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         yield
@@ -121,7 +122,7 @@ def log_engine_warnings(name: str):
         if issubclass(w.category, RuntimeWarning):
             # dead channels (never selectable) are normal after ReLUs; a partial result or raised damping is not
             level = logging.INFO if issubclass(w.category, lsprune.DegenerateGroupWarning) else logging.WARNING
-            logger.log(level, "pair %s: %s", name, w.message)
+            logger.log(level, "%s %s: %s", what, name, w.message)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
@@ -239,6 +240,7 @@ class PairJob:
     restore: Optional[dict] = None  # checkpoint entry of partial sums not loaded yet
     saved: Optional[dict] = None  # checkpoint entry of a pair finished by an earlier run
     unit: Optional[Unit] = None  # a transformer unit (heads, MLP neurons): its own producer surgery
+    what: str = "pair"  # how messages name the job: "pair" (producer -> consumer) or "layer" (factorize)
 
     @property
     def key(self) -> str:
@@ -275,6 +277,11 @@ class PairJob:
     @property
     def name(self) -> str:
         return f"{self.pair.producer} -> {self.pair.consumer}"
+
+    @property
+    def label(self) -> str:
+        """The job in messages: ``pair P -> C``, or ``layer L`` for a factorized layer (producer = consumer)."""
+        return f"layer {self.pair.consumer}" if self.what == "layer" else f"pair {self.name}"
 
     @property
     def modules(self) -> List[nn.Module]:
@@ -348,7 +355,7 @@ def accumulate(job: PairJob, x: torch.Tensor, y: Optional[torch.Tensor], mask, t
 
 
 def _nan_error(job: PairJob, e: Exception) -> lsprune.NonFiniteInputError:
-    return lsprune.NonFiniteInputError(f"pair {job.name}: the calibration activations contain NaN or Inf ({e}); "
+    return lsprune.NonFiniteInputError(f"{job.label}: the calibration activations contain NaN or Inf ({e}); "
                                        "check the calibration data and the model's weights")
 
 
@@ -369,7 +376,7 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairRe
     with timer("selection"):
         stats = job_statistics(job)
         if stats.count == 0:
-            raise ValueError(f"pair {job.name}: no calibration rows reached the statistics (does the mask "
+            raise ValueError(f"{job.label}: no calibration rows reached the statistics (does the mask "
                              "exclude every position?)")
         damping = effective_damping(job, stats.count, damping)
         kw = dict(group_size=job.group_size, damping=damping, job=job)
@@ -432,7 +439,7 @@ def error_path(job, method: str, damping: float, lo: int, hi: int, keep: bool = 
         return job.ckpt.load_arrays(job.saved)["path"]
     stats = job_statistics(job)
     if stats.count == 0:
-        raise ValueError(f"pair {job.name}: no calibration rows reached the statistics")
+        raise ValueError(f"{job.label}: no calibration rows reached the statistics")
     damping = effective_damping(job, stats.count, damping)
     W, b = consumer_matrix(job.ref_consumer)
     order = job_order(job, method, stats) if method in ORDER_METHODS else None

@@ -7,30 +7,28 @@ built from the original config with :func:`apply_structure` and loads the weight
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
 
 import torch.nn as nn
+
+from lsprune._atomic import atomic_write
 
 from .report import PruneReport
 from .surgery import Backup, apply_structure
 
 WEIGHTS = "model.safetensors"
 STRUCTURE = "structure.json"
+WEIGHTS_SHA256 = "weights_sha256"  # key in structure.json
 
 
-def _atomic(path: str, write) -> None:
-    """Writes ``path`` through a temporary file in the same folder: an interrupted save leaves the old file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".lsprune-", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(16 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def save_pruned(model: nn.Module, report: PruneReport, folder) -> None:
@@ -52,14 +50,21 @@ def save_pruned(model: nn.Module, report: PruneReport, folder) -> None:
         raise TypeError(f"report must be the PruneReport of the prune, got {type(report).__name__}")
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
-    _atomic(os.path.join(folder, WEIGHTS), lambda p: save_model(model, p))
-    text = report.to_json()
+    digest = []
+
+    def write_weights(p):
+        save_model(model, p)
+        digest.append(_sha256(p))
+
+    atomic_write(os.path.join(folder, WEIGHTS), write_weights)
+    # the weights' checksum: a corrupted file, or weights and structure from two different saves, are refused
+    text = json.dumps({**report.to_dict(), WEIGHTS_SHA256: digest[0]}, indent=2)
 
     def write_text(p):
         with open(p, "w", encoding="utf-8") as f:
             f.write(text)
 
-    _atomic(os.path.join(folder, STRUCTURE), write_text)
+    atomic_write(os.path.join(folder, STRUCTURE), write_text)
 
 
 def load_pruned(model: nn.Module, folder) -> nn.Module:
@@ -71,33 +76,57 @@ def load_pruned(model: nn.Module, folder) -> nn.Module:
     -------
     nn.Module : ``model``.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     folder = os.fspath(folder)
-    with open(os.path.join(folder, STRUCTURE), encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{STRUCTURE} in {folder} is not valid JSON: {e}") from None
-    path = os.path.join(folder, WEIGHTS)
+    report, path = _read_structure(folder), os.path.join(folder, WEIGHTS)
     backup = Backup(list(model.modules()))
     try:
-        apply_structure(model, PruneReport.from_dict(data))
+        apply_structure(model, report)
         _check_shapes(model, path)  # before any value is copied into the model's tensors
-        load_model(model, path, strict=True)
+        try:
+            load_model(model, path, strict=True)
+        except SafetensorError as e:
+            raise ValueError(f"{WEIGHTS} in {folder} is not a readable safetensors file (truncated or "
+                             f"corrupted?): {e}") from None
     except BaseException:
         backup.restore()
         raise
     return model
 
 
+def _read_structure(folder: str) -> PruneReport:
+    """The saved structure, after checking the weights file against the checksum it records (files saved
+    before the checksum existed are read without it)."""
+    try:
+        with open(os.path.join(folder, STRUCTURE), "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{STRUCTURE} in {folder} is not valid JSON (truncated or corrupted?): {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{STRUCTURE} in {folder} is not a prune structure")
+    digest = data.get(WEIGHTS_SHA256)
+    if digest is not None and _sha256(os.path.join(folder, WEIGHTS)) != digest:
+        raise ValueError(f"{WEIGHTS} in {folder} does not match its {STRUCTURE} (checksum mismatch): the file is "
+                         "truncated or corrupted, or the two files come from different saves")
+    try:
+        return PruneReport.from_dict(data)
+    except (TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{STRUCTURE} in {folder} is not a prune structure (corrupted?): {e!r}") from None
+
+
 def _check_shapes(model: nn.Module, path: str) -> None:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    with safe_open(path, framework="pt") as f:
+    try:
+        f = safe_open(path, framework="pt")
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+    with f:
         for k in f.keys():
             if k not in want:
                 raise ValueError(f"{WEIGHTS} holds {k!r}, which the model does not have: another architecture?")
