@@ -369,6 +369,7 @@ PYBIND11_MODULE(_core, mod) {
   // Typed errors: the Python side decides on the class, never on the message.
   py::register_exception<lsp::NumericalError>(mod, "NumericalError", PyExc_ArithmeticError);
   py::register_exception<lsp::NonFiniteInput>(mod, "NonFiniteInputError", PyExc_ValueError);
+  py::register_exception<lsp::InputOutOfRange>(mod, "InputRangeError", PyExc_ValueError);
 
   bind_statistics(mod);
   bind_solvers(mod);

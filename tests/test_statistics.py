@@ -175,12 +175,17 @@ def test_torch_cpu_tensors(rng):
         st16.update(X.detach().bfloat16())
 
 
-def test_large_float32_values_fall_back_to_float64(rng):
-    X = (rng.normal(size=(30, 4)) * 1e20).astype(np.float32)   # squares overflow float32
+def test_large_float32_values_are_rescaled_by_a_power_of_two(rng):
+    # squares overflow float32: the batch is scaled by a power of two before its float32 products
+    # (docs/design.md, "Numerics: scale"), so the sums are finite, float32-accurate and exactly
+    # 2^128 times those of the same data scaled by 2^-64
+    X = (rng.normal(size=(30, 4)) * 1e20).astype(np.float32)
     st = lsprune.Statistics(4).update(X)
     G = X.astype(np.float64).T @ X.astype(np.float64)
     assert np.isfinite(st.gram).all()
-    np.testing.assert_allclose(st.gram, G, rtol=1e-12)
+    np.testing.assert_allclose(st.gram, G, rtol=0, atol=F32_RTOL * np.abs(G).max())
+    small = lsprune.Statistics(4).update(X * np.float32(2.0**-64))
+    np.testing.assert_array_equal(st.gram, small.gram * 2.0**128)
 
 
 def test_properties_and_covariances(rng):
@@ -242,7 +247,7 @@ def test_pending_float32_products_flush_on_read_and_threshold(rng):
             check(st, X[: sl[-1] + 1], Y[: sl[-1] + 1], F32_RTOL)
     assert st._acc.pending_rows < 250
     check(st, X, Y, F32_RTOL)
-    # products of pending batches that together could overflow float32 go to float64
+    # products of pending batches that together could overflow float32 are flushed first
     big = lsprune.Statistics(2)
     Z = np.full((4, 2), 3e18, dtype=np.float32)  # x^2 = 9e36: one row stays float32, three rows exceed 1e37
     big.update(Z[:1]).update(Z[1:])

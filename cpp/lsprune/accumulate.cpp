@@ -159,9 +159,9 @@ Operand<T> direct_operand(const MatrixView& v, Index r0) {
   return {base + r0, std::max<Index>(v.col_stride, v.rows), true};
 }
 
-// Converts rows [r0, r0+n) to a contiguous row-major T buffer.
+// Converts rows [r0, r0+n) to a contiguous row-major T buffer, times `scale` (a power of two: exact).
 template <class T>
-Operand<T> copy_operand(const MatrixView& v, Index r0, Index n, std::vector<T>& buf) {
+Operand<T> copy_operand(const MatrixView& v, Index r0, Index n, std::vector<T>& buf, T scale) {
   const Index D = v.cols;
   if (buf.size() < std::size_t(n * D)) buf.resize(std::size_t(n * D));
   T* out = buf.data();
@@ -170,10 +170,36 @@ Operand<T> copy_operand(const MatrixView& v, Index r0, Index n, std::vector<T>& 
     for (Index r = 0; r < n; ++r) {
       Index base = (r0 + r) * v.row_stride;
       T* o = out + r * D;
-      for (Index j = 0; j < D; ++j) o[j] = static_cast<T>(rd(base + j * v.col_stride));
+      for (Index j = 0; j < D; ++j) o[j] = static_cast<T>(rd(base + j * v.col_stride)) * scale;
     }
   });
   return {out, D, false};
+}
+
+double max_of(const std::vector<double>& v) {
+  double b = 0;
+  for (double a : v) b = std::max(b, a);
+  return b;
+}
+
+// Power-of-two exponent k (a multiple of 32; 0 for ordinary magnitudes) that brings a
+// batch's largest column sum of squares `big` within 2^(-64, 64) once the batch is scaled
+// by 2^-k: its float32 products then neither underflow nor overflow.
+int float32_exponent(double big) {
+  if (!(big > 0)) return 0;
+  // Truncation keeps |ilogb(big) - 2k| < 64; |k| <= 96 keeps 2^-k a normal float32 (float32
+  // data's squares lie within 2^[-298, 256], so the clamp only matters near its limits).
+  return std::clamp(32 * (std::ilogb(big) / 64), -96, 96);
+}
+
+// Whether a view holds a non-zero value (the rare path: its sums of squares underflowed).
+bool any_nonzero(const MatrixView& v) {
+  bool found = false;
+  dispatch(v.dtype, v.data, [&](auto rd) {
+    for (Index r = 0; r < v.rows && !found; ++r)
+      for (Index j = 0; j < v.cols && !found; ++j) found = double(rd(r * v.row_stride + j * v.col_stride)) != 0.0;
+  });
+  return found;
 }
 
 }  // namespace
@@ -183,7 +209,7 @@ Accumulator::Accumulator(Index D, Index m) : D_(D), m_(m) {
   if (m < 0) throw std::invalid_argument("n_targets must be >= 0");
 }
 
-void Accumulator::update(const MatrixView& x, const MatrixView* y, const Sums& s) {
+void Accumulator::check_shapes(const MatrixView& x, const MatrixView* y) const {
   if (x.cols != D_)
     throw std::invalid_argument("x has " + std::to_string(x.cols) + " columns; expected (N, " + std::to_string(D_) +
                                 ")");
@@ -195,34 +221,67 @@ void Accumulator::update(const MatrixView& x, const MatrixView* y, const Sums& s
                                 ")");
   if (y && y->rows != x.rows)
     throw std::invalid_argument("x has " + std::to_string(x.rows) + " rows but y has " + std::to_string(y->rows));
+}
+
+// Refuses (InputOutOfRange) a batch after which the float64 sums of squares of x or y would
+// overflow, or be non-zero data with a largest sum of squares below 2^kMinSumSqExp (its
+// products underflowed: the Gram would be wrong, not just imprecise). Float32 data never
+// trips it (its squares lie within 2^[-298, 256]). Called with the lock held.
+void Accumulator::check_range(const MatrixView& x, const MatrixView* y, const std::vector<double>& sxx,
+                              const std::vector<double>& syy, const Sums& s) const {
+  const double tiny = std::ldexp(1.0, range::kMinSumSqExp), fg = std::ldexp(1.0, 2 * pending_kx_);
+  double gx = 0, gy = 0;  // largest diagonal of the sums after this batch
+  for (Index j = 0; j < D_; ++j) {
+    const std::size_t jj = std::size_t(j) * D_ + j;
+    gx = std::max(gx, s.gram[jj] + sxx[j] + (pending_rows_ ? double(gram32_[jj]) * fg : 0.0));
+  }
+  for (Index j = 0; j < m_; ++j) gy = std::max(gy, s.sum_yy[j] + syy[j]);
+  auto check = [&](const char* name, double g, const MatrixView& v) {
+    if (!std::isfinite(g))
+      throw InputOutOfRange(std::string(name) + "'s values are too large for float64 statistics: the sums of their "
+                            "squares overflow float64; scale " + name + " down (e.g. by a power of two); the batch "
+                            "was not added");
+    if (g < tiny && any_nonzero(v))
+      throw InputOutOfRange(std::string(name) + "'s values are too small for float64 statistics: the sums of their "
+                            "squares underflow float64 (largest below 2^" + std::to_string(range::kMinSumSqExp) +
+                            "); scale " + name + " up (e.g. by a power of two); the batch was not added");
+  };
+  check("x", gx, x);
+  if (y) check("y", gy, *y);
+}
+
+void Accumulator::update(const MatrixView& x, const MatrixView* y, const Sums& s) {
+  check_shapes(x, y);
   if (x.rows == 0) return;
 
-  // First- and second-moment column sums into temporaries: they are the NaN/Inf
-  // check, and by Cauchy-Schwarz bound every entry of the batch products.
+  // First- and second-moment column sums into temporaries (outside the lock: they only read
+  // the batch): they are the NaN/Inf check, and by Cauchy-Schwarz bound every product entry.
   const Index D = D_, m = m_;
   std::vector<double> sx(D), sxx(D), sy(m), syy(m);
   column_sums(x, sx.data(), sxx.data());
-  if (!all_finite(sx.data(), D) || !all_finite(sxx.data(), D))
+  if (!all_finite(sx.data(), D))
     throw NonFiniteInput("x contains NaN or Inf (or overflows float64); the batch was not added");
   if (y) {
     column_sums(*y, sy.data(), syy.data());
-    if (!all_finite(sy.data(), m) || !all_finite(syy.data(), m))
+    if (!all_finite(sy.data(), m))
       throw NonFiniteInput("y contains NaN or Inf (or overflows float64); the batch was not added");
   }
-  // float32 products are used when all inputs are float16/float32 and the
-  // pending float32 sums cannot overflow.
-  double big = 0;
-  for (double v : sxx) big = std::max(big, v);
-  for (double v : syy) big = std::max(big, v);
-  bool f64 = x.dtype == DType::F64 || (y && y->dtype == DType::F64) || big > 1e37;
-  if (!f64 && pending_big_ + big > 1e37) flush(s);
-  if (f64) {
-    accumulate<double>(x, y, s);
+  std::lock_guard<std::mutex> lock(mu_);
+  check_range(x, y, sxx, syy, s);
+  if (x.dtype == DType::F64 || (y && y->dtype == DType::F64)) {
+    accumulate<double>(x, y, s, 0, 0);
   } else {
-    accumulate<float>(x, y, s);
+    // float32 products of the batch scaled by 2^-kx, 2^-ky; pending products of other
+    // exponents (or that could overflow float32 together with these) are added first.
+    const int kx = float32_exponent(max_of(sxx)), ky = y ? float32_exponent(max_of(syy)) : 0;
+    const double big = std::max(std::ldexp(max_of(sxx), -2 * kx), std::ldexp(max_of(syy), -2 * ky));
+    if (pending_rows_ && (kx != pending_kx_ || ky != pending_ky_ || pending_big_ + big > 1e37)) flush_locked(s);
+    accumulate<float>(x, y, s, kx, ky);
+    pending_kx_ = kx;
+    pending_ky_ = ky;
     pending_rows_ += x.rows;
     pending_big_ += big;
-    if (pending_rows_ >= flush_rows_) flush(s);
+    if (pending_rows_ >= flush_rows_) flush_locked(s);
   }
   for (Index j = 0; j < D; ++j) s.sum_x[j] += sx[j];
   for (Index j = 0; j < m; ++j) {
@@ -232,14 +291,15 @@ void Accumulator::update(const MatrixView& x, const MatrixView* y, const Sums& s
 }
 
 template <class T>
-void Accumulator::accumulate(const MatrixView& x, const MatrixView* y, const Sums& s) {
+void Accumulator::accumulate(const MatrixView& x, const MatrixView* y, const Sums& s, int kx, int ky) {
   const Index N = x.rows, D = D_, m = m_;
   constexpr bool f32 = std::is_same<T, float>::value;
 
   // float32 products go to the scratch (added by flush()); float64 ones straight
   // into the sums (nothing can fail after the checks in update()).
   const DType want = dtype_of<T>();
-  const bool xd = blas_ready(x, want), yd = !y || blas_ready(*y, want);
+  const bool xd = kx == 0 && blas_ready(x, want), yd = !y || (ky == 0 && blas_ready(*y, want));
+  const T xs = T(std::ldexp(1.0, -kx)), ys = T(std::ldexp(1.0, -ky));  // exact: |k| <= 96
   Index chunk = N;
   if (!(xd && yd)) {
     Index width = D + m;
@@ -265,13 +325,13 @@ void Accumulator::accumulate(const MatrixView& x, const MatrixView* y, const Sum
   for (Index r0 = 0; r0 < N; r0 += chunk) {
     const Index n = std::min(chunk, N - r0);
     const T beta = (f32 && r0 == 0 && pending_rows_ == 0) ? T(0) : T(1);
-    Operand<T> a = xd ? direct_operand<T>(x, r0) : copy_operand<T>(x, r0, n, xbuf);
+    Operand<T> a = xd ? direct_operand<T>(x, r0) : copy_operand<T>(x, r0, n, xbuf, xs);
     if (a.transposed)
       blas::syrk_n(D, n, T(1), a.p, a.ld, beta, G, D);
     else
       blas::syrk_t(D, n, T(1), a.p, a.ld, beta, G, D);
     if (y && m > 0) {
-      Operand<T> b = yd ? direct_operand<T>(*y, r0) : copy_operand<T>(*y, r0, n, ybuf);
+      Operand<T> b = yd ? direct_operand<T>(*y, r0) : copy_operand<T>(*y, r0, n, ybuf, ys);
       // B (D x m) = x^T y
       blas::gemm(!a.transposed, b.transposed, D, m, n, T(1), a.p, a.ld, b.p, b.ld, beta, B, m);
     }
@@ -279,27 +339,55 @@ void Accumulator::accumulate(const MatrixView& x, const MatrixView* y, const Sum
 }
 
 void Accumulator::flush(const Sums& s) {
+  std::lock_guard<std::mutex> lock(mu_);
+  flush_locked(s);
+}
+
+void Accumulator::discard() {
+  std::lock_guard<std::mutex> lock(mu_);
+  pending_rows_ = 0;
+  pending_big_ = 0;
+}
+
+Index Accumulator::pending_rows() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return pending_rows_;
+}
+
+void Accumulator::set_flush_rows(Index r) {
+  std::lock_guard<std::mutex> lock(mu_);
+  flush_rows_ = r > 0 ? r : 1;
+}
+
+void Accumulator::set_chunk_rows(Index r) {
+  std::lock_guard<std::mutex> lock(mu_);
+  chunk_rows_ = r;
+}
+
+void Accumulator::flush_locked(const Sums& s) {
   if (pending_rows_ == 0) return;
   const Index D = D_, m = m_;
   const float* G = gram32_.data();
   const float* B = cross32_.data();
+  // Undo the batches' power-of-two scaling (exact; both factors are 1 for ordinary data).
+  const double fg = std::ldexp(1.0, 2 * pending_kx_), fb = std::ldexp(1.0, pending_kx_ + pending_ky_);
 #pragma omp parallel for schedule(dynamic, 16)
   for (Index i = 0; i < D; ++i) {
     double* g = s.gram + i * D;
     const float* h = G + i * D;
-    for (Index j = i; j < D; ++j) g[j] += double(h[j]);
+    for (Index j = i; j < D; ++j) g[j] += double(h[j]) * fg;
   }
   if (m > 0) {
 #pragma omp parallel for schedule(static)
     for (Index i = 0; i < D; ++i)
-      for (Index j = 0; j < m; ++j) s.cross[i * m + j] += double(B[i * m + j]);
+      for (Index j = 0; j < m; ++j) s.cross[i * m + j] += double(B[i * m + j]) * fb;
   }
   pending_rows_ = 0;
   pending_big_ = 0;
 }
 
-template void Accumulator::accumulate<float>(const MatrixView&, const MatrixView*, const Sums&);
-template void Accumulator::accumulate<double>(const MatrixView&, const MatrixView*, const Sums&);
+template void Accumulator::accumulate<float>(const MatrixView&, const MatrixView*, const Sums&, int, int);
+template void Accumulator::accumulate<double>(const MatrixView&, const MatrixView*, const Sums&, int, int);
 
 }  // namespace lsp
 

@@ -1,6 +1,7 @@
 // Streaming float64 second-order statistics of a layer's inputs x and targets y.
 #pragma once
 
+#include <mutex>
 #include <vector>
 
 #include "common.hpp"
@@ -24,34 +25,45 @@ struct Sums {
 // a float64 batch (x or y) is multiplied in float64 straight into the sums. The
 // scratch lives between calls, so small batches pay neither an allocation nor a
 // D x D float64 addition each.
+// Scale: a float32 batch of very small or very large values is multiplied by a power of
+// two (exact) before its float32 products are formed, and the scratch is scaled back when
+// added, so float32 products never underflow or overflow (docs/design.md, "Numerics: scale").
+// Thread safety: concurrent update()/flush() calls on one Accumulator are serialised by
+// a mutex (the Python binding releases the GIL around them).
 class Accumulator {
  public:
   Accumulator(Index D, Index m);
   // Adds x (N x D) and y (N x m, or null when m == 0). Validates shapes; if the
-  // batch holds NaN/Inf (or float32 products overflow) it throws NonFiniteInput
-  // (a std::invalid_argument) and the sums are exactly as before.
+  // batch holds NaN/Inf it throws NonFiniteInput (a std::invalid_argument), if its
+  // products leave float64's range InputOutOfRange; either way the sums are exactly as before.
   void update(const MatrixView& x, const MatrixView* y, const Sums& sums);
   // Adds the pending float32 products into the sums (call before reading them).
   void flush(const Sums& sums);
   // Drops pending products (after the caller replaced or zeroed the sums).
-  void discard() { pending_rows_ = 0; pending_big_ = 0; }
-  Index pending_rows() const { return pending_rows_; }
+  void discard();
+  Index pending_rows() const;
   // Rows of float32 products accumulated before they are added in float64.
-  void set_flush_rows(Index r) { flush_rows_ = r > 0 ? r : 1; }
+  void set_flush_rows(Index r);
   Index D() const { return D_; }
   Index m() const { return m_; }
   // Rows per converted chunk (0 = automatic); exposed for tests of the chunked path.
-  void set_chunk_rows(Index r) { chunk_rows_ = r; }
+  void set_chunk_rows(Index r);
 
  private:
+  void check_shapes(const MatrixView& x, const MatrixView* y) const;
+  void check_range(const MatrixView& x, const MatrixView* y, const std::vector<double>& sxx,
+                   const std::vector<double>& syy, const Sums& s) const;
+  void flush_locked(const Sums& sums);
   template <class T>
-  void accumulate(const MatrixView& x, const MatrixView* y, const Sums& sums);
+  void accumulate(const MatrixView& x, const MatrixView* y, const Sums& sums, int kx, int ky);
   Index D_, m_;
   Index chunk_rows_ = 0;
   Index flush_rows_ = 4096, pending_rows_ = 0;  // bounds float32 accumulation like a 4096-row batch
   double pending_big_ = 0;  // bound on |pending float32 entries| (Cauchy-Schwarz), against overflow
+  int pending_kx_ = 0, pending_ky_ = 0;  // the pending products are of x 2^-kx and y 2^-ky
   std::vector<float> gram32_, cross32_, xbuf32_, ybuf32_;
   std::vector<double> xbuf64_, ybuf64_;
+  mutable std::mutex mu_;  // guards everything above and the caller's sums during update/flush
 };
 
 }  // namespace lsp

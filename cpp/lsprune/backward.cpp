@@ -54,6 +54,7 @@ SelectResult backward_finish(Problem& P, const std::vector<char>& removed, Selec
   fin.selected = keep;
   fin.removed = std::move(path.removed);
   fin.error_path = std::move(path.error_path);
+  P.to_caller_units(fin.error_path, 2, 0);  // the path is in working units; refit's result is not
   fin.kept_path = std::move(path.kept_path);
   fin.stopped_early = path.stopped_early;
   fin.error_path.back() = fin.error;

@@ -56,6 +56,12 @@ FactorizeResult factorize(Problem& P, Index rank, double tol) {
   for (Index i = 0; i < D; ++i)
     for (Index r = 0; r < rank; ++r) res.V[std::size_t(r) * D + i] = Vt[std::size_t(i) * rank + r];
   res.bias = P.intercept(res.U, res.V, rank);
+  // Back to the caller's units (U is orthonormal, unitless): V maps x to y, the rest as in finish().
+  P.to_caller_units(res.V, 1, -1);
+  P.to_caller_units(res.bias, 1, 0);
+  P.to_caller_units(res.error_path, 2, 0);
+  res.energy = P.errors_to_caller(res.energy);
+  res.lambda = P.to_caller_ridge(res.lambda);
   return res;
 }
 

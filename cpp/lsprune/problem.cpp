@@ -76,6 +76,7 @@ void validate(const Groups& groups, Index D, const SelectOptions& opt) {
 
 Problem::Problem(const ProblemInput& in, const Groups& groups) : in_(in), groups_(groups), D_(in.D), m_(in.m) {
   if (D_ <= 0) throw std::invalid_argument("n_features must be positive");
+  validate_groups(groups_, D_);  // before anything indexed by a group column is read
   if (m_ <= 0) throw std::invalid_argument("there are no targets: stream y or pass weights_in");
   if (!in.gram) throw std::invalid_argument("gram is required");
   if (!in.cross && !in.weights_in) throw std::invalid_argument("either cross statistics or weights_in are required");
@@ -126,13 +127,58 @@ Problem::Problem(const ProblemInput& in, const Groups& groups) : in_(in), groups
     energy_ = std::max(e, 0.0);
   }
 
-  validate_groups(groups_, D_);  // before the candidate columns are read
+  normalize_units();
   // Damping scale: mean centred variance over the candidate columns.
   double s = 0;
-  for (Index c : groups_.columns) s += in.gram[std::size_t(c) * D_ + c] - n * mx_[c] * mx_[c];
+  for (Index c : groups_.columns) s += in_.gram[std::size_t(c) * D_ + c] - n * mx_[c] * mx_[c];
   mean_diag_ = groups_.columns.empty() ? 0.0 : std::max(s / double(groups_.columns.size()), 0.0);
   set_damping(in.damping);
 }
+
+namespace {
+// Exponent e with s 2^-2e in [1/2, 4) when s > 0 lies outside 2^[-kUnitBand, kUnitBand]; else 0.
+int unit_exponent(double s) {
+  if (!(s > 0) || !std::isfinite(s)) return 0;
+  const int h = std::ilogb(s);
+  return std::abs(h) <= range::kUnitBand ? 0 : h / 2;
+}
+
+void scale_by(std::vector<double>& v, int e) {
+  if (e != 0)
+    for (double& a : v) a = std::ldexp(a, e);
+}
+}  // namespace
+
+// Moves the problem to working units (see the class comment). Refuses a Gram or target
+// energy whose entries underflowed (InputOutOfRange): solving them would be wrong.
+void Problem::normalize_units() {
+  double gmax = 0;
+  for (Index j = 0; j < D_; ++j) gmax = std::max(gmax, in_.gram[std::size_t(j) * D_ + j]);
+  const double tiny = std::ldexp(1.0, range::kMinSumSqExp);
+  const double raw_energy = in_.cross ? in_.target_energy : energy_;
+  if ((gmax > 0 && gmax < tiny) || (raw_energy > 0 && raw_energy < tiny))
+    throw InputOutOfRange("the statistics are too small for float64: the largest Gram diagonal or the target "
+                          "energy lies below 2^" + std::to_string(range::kMinSumSqExp) +
+                          " (their products underflowed); rescale the data (e.g. by a power of two)");
+  ex_ = unit_exponent(gmax);
+  ey_ = unit_exponent(energy_);
+  if (ex_ != 0) {
+    gram_units_.assign(in_.gram, in_.gram + std::size_t(D_) * D_);
+    scale_by(gram_units_, -2 * ex_);
+    in_.gram = gram_units_.data();
+    scale_by(mx_, -ex_);
+  }
+  scale_by(Bc_, -(ex_ + ey_));
+  scale_by(my_, -ey_);
+  energy_ = std::ldexp(energy_, -2 * ey_);
+}
+
+void Problem::to_caller_units(std::vector<double>& v, int y_power, int x_power) const {
+  scale_by(v, y_power * ey_ + x_power * ex_);
+}
+
+double Problem::errors_to_caller(double e) const { return std::ldexp(e, 2 * ey_); }
+double Problem::to_caller_ridge(double lambda) const { return std::ldexp(lambda, 2 * ex_); }
 
 void Problem::set_damping(double rel) {
   damping_ = rel;
@@ -182,11 +228,14 @@ void Problem::finish(const std::vector<Index>& cols, const std::vector<double>& 
       res.bias[k] = b;
     }
   }
-  res.error = std::max(ridge_error, 0.0);
-  res.plain_error = std::max(ridge_error - lambda_ * wnorm, 0.0);
-  res.energy = energy_;
+  res.error = errors_to_caller(std::max(ridge_error, 0.0));
+  res.plain_error = errors_to_caller(std::max(ridge_error - lambda_ * wnorm, 0.0));
+  res.energy = errors_to_caller(energy_);
   res.damping = damping_;
-  res.lambda = lambda_;
+  res.lambda = to_caller_ridge(lambda_);
+  to_caller_units(res.weights, 1, -1);
+  to_caller_units(res.bias, 1, 0);
+  to_caller_units(res.error_path, 2, 0);
 }
 
 std::vector<double> Problem::intercept(const std::vector<double>& U, const std::vector<double>& V, Index r) const {

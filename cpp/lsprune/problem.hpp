@@ -70,9 +70,16 @@ struct SelectResult {
 };
 
 // Centred, damped working view of a problem restricted to a universe of columns.
+// Units: when the largest Gram diagonal or the target energy lies outside
+// 2^[-range::kUnitBand, kUnitBand], the problem works on x 2^-ex and y 2^-ey (powers of two,
+// exact; docs/design.md, "Numerics: scale"): every accessor below is in those working units,
+// and finish()/to_caller_units() convert results back, so selections do not depend on scale.
 class Problem {
  public:
   Problem(const ProblemInput& in, const Groups& groups);
+  // Not copyable: in_.gram may point into the problem's own gram_units_.
+  Problem(const Problem&) = delete;
+  Problem& operator=(const Problem&) = delete;
 
   Index D() const { return D_; }
   Index m() const { return m_; }
@@ -84,7 +91,7 @@ class Problem {
   void set_damping(double rel);
   bool fit_intercept() const { return in_.fit_intercept; }
   double count() const { return in_.count; }
-  const double* raw_gram() const { return in_.gram; }  // uncentred, undamped D x D
+  const double* raw_gram() const { return in_.gram; }  // uncentred, undamped D x D (working units)
   const std::vector<double>& mean_x() const { return mx_; }  // zeros without intercept
 
   // out[p] = Gd[j, cols[p]] for p < n (centred, damped Gram entry).
@@ -100,7 +107,13 @@ class Problem {
   // Intercept my - U V mx of a factorized layer (U: m x r, V: r x D); zeros without intercept.
   std::vector<double> intercept(const std::vector<double>& U, const std::vector<double>& V, Index r) const;
 
+  // Working -> caller units (exact): weights (y per x), targets (bias), errors/energies (y^2), ridge (x^2).
+  void to_caller_units(std::vector<double>& v, int y_power, int x_power) const;
+  double errors_to_caller(double e) const;
+  double to_caller_ridge(double lambda) const;
+
  private:
+  void normalize_units();
   ProblemInput in_;
   Groups groups_;
   Index D_, m_;
@@ -108,6 +121,8 @@ class Problem {
   std::vector<double> Bc_;  // D x m centred cross (all rows; independent mode: Gc W^T)
   std::vector<double> my_;  // mean target
   double energy_ = 0, mean_diag_ = 0, damping_ = 0, lambda_ = 0;
+  int ex_ = 0, ey_ = 0;            // working units: x 2^-ex_, y 2^-ey_
+  std::vector<double> gram_units_;  // the Gram in working units (only when ex_ != 0)
 };
 
 // Calls try_factor() (which rebuilds the damped matrix from `prob` and returns a

@@ -10,13 +10,14 @@ The NumPy-level API (no torch needed):
 * :func:`factorize` — LS factorization (reduced-rank regression) ``W ≈ U V``.
 
 Errors and warnings: :class:`NonFiniteInputError` (a ``ValueError``: NaN/Inf data),
+:class:`InputRangeError` (a ``ValueError``: data too small or large for float64 statistics),
 :class:`NumericalError` (an ``ArithmeticError``), :class:`CUDAUnavailableError`,
 :class:`DegenerateGroupWarning` and :class:`DampingRaisedWarning` (``RuntimeWarning`` subclasses).
 
 The PyTorch front-end lives in :mod:`lsprune.torch` (imported on demand); this package never imports torch.
 """
 from ._device import CUDAUnavailableError, cuda_available, cuda_device_count
-from ._errors import DampingRaisedWarning, DegenerateGroupWarning, NonFiniteInputError, NumericalError
+from ._errors import DampingRaisedWarning, DegenerateGroupWarning, InputRangeError, NonFiniteInputError, NumericalError
 from ._native import _core
 from .allocation import Allocation, allocate
 from .budget import Budget
@@ -39,5 +40,5 @@ def get_num_threads() -> int:
 
 __all__ = ["CUDAUnavailableError", "cuda_available", "cuda_device_count", "Statistics", "select", "refit", "Selection",
            "factorize", "Factorization", "allocate", "Allocation", "Budget", "NumericalError", "NonFiniteInputError",
-           "DegenerateGroupWarning", "DampingRaisedWarning", "METHODS", "set_num_threads", "get_num_threads",
+           "InputRangeError", "DegenerateGroupWarning", "DampingRaisedWarning", "METHODS", "set_num_threads", "get_num_threads",
            "__version__"]

@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from ._errors import NonFiniteInputError
+from ._native import _core
 
 _FLOAT_ITEMSIZES = (2, 4, 8)
 _DL_HOST = (1, 3)  # DLPack device types in host memory: kDLCPU, kDLCUDAHost
@@ -97,8 +98,60 @@ def as_f64(a, name: str, shape: tuple) -> np.ndarray:
     return arr
 
 
+#: Largest |G - Gᵀ| accepted in a Gram matrix given by the caller (raw ``select(gram=...)``,
+#: ``Statistics.from_sums``), relative to max |G|: room for the rounding of sums accumulated elsewhere.
+GRAM_SYMMETRY_RTOL = 1e-6
+
+
+def check_gram(G: np.ndarray, name: str = "gram") -> None:
+    """Checks a square C-contiguous float64 Gram matrix: NonFiniteInputError for NaN/Inf, ValueError when
+    it is not symmetric within :data:`GRAM_SYMMETRY_RTOL`."""
+    asym, scale = _core.symmetry_check(G)
+    if not np.isfinite(asym):
+        raise NonFiniteInputError(f"{name} contains NaN or Inf")
+    if asym > GRAM_SYMMETRY_RTOL * scale:
+        raise ValueError(f"{name} is not symmetric (max |G - Gᵀ| = {asym:.3g}, max |G| = {scale:.3g}; "
+                         f"tolerance {GRAM_SYMMETRY_RTOL:g} relative)")
+
+
+def is_int(v) -> bool:
+    """Whether ``v`` is an integer (Python or NumPy), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def int_list(v, name: str) -> list:
+    """``v`` (an int, or a possibly nested sequence or array of ints) as a flat list of Python ints.
+
+    Lists are read element by element, not through a NumPy dtype, which would turn ``[-1, 2**63]``
+    into floats or wrap huge values: every integer arrives exact, for the caller's range check.
+    Raises TypeError for anything that is not an integer.
+    """
+    if is_int(v):
+        return [int(v)]
+    if isinstance(v, np.ndarray):
+        if v.size and v.dtype.kind not in "iuO":
+            raise TypeError(f"{name} must hold integers, got dtype {v.dtype}")
+        items = v.reshape(-1).tolist()
+    elif isinstance(v, (str, bytes)):
+        raise TypeError(f"{name} must hold integers, got {type(v).__name__}")
+    else:
+        try:
+            items = list(v)
+        except TypeError:
+            raise TypeError(f"{name} must be an integer or a sequence of integers, got {type(v).__name__}") from None
+    out = []
+    for it in items:
+        if is_int(it):
+            out.append(int(it))
+        elif isinstance(it, (list, tuple, np.ndarray)):
+            out.extend(int_list(it, name))
+        else:
+            raise TypeError(f"{name} must hold integers, got {type(it).__name__}")
+    return out
+
+
 def check_int(v, name: str, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+    if not is_int(v):
         raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
     v = int(v)
     if (lo is not None and v < lo) or (hi is not None and v > hi):

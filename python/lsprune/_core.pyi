@@ -20,6 +20,9 @@ class NumericalError(ArithmeticError):
 class NonFiniteInputError(ValueError):
     """NaN/Inf in a streamed batch (lsp::NonFiniteInput)."""
 
+class InputRangeError(ValueError):
+    """Finite data whose float64 second-order sums overflow or underflow (lsp::InputOutOfRange)."""
+
 class Accumulator:
     """Adds batches into caller-owned float64 sums (float32 products flushed every 4,096 rows)."""
 
@@ -39,7 +42,8 @@ class Accumulator:
                sum_yy: F64) -> None:
         """x (N, D) and y (N, m) float16/32/64, any non-negative strides; adds into gram (D, D, upper
         triangle), cross (D, m), sum_x (D,), sum_y (m,), sum_yy (m,) in place. NaN/Inf raises
-        NonFiniteInputError and leaves the sums unchanged."""
+        NonFiniteInputError, sums out of float64's range InputRangeError; both leave the sums unchanged.
+        Concurrent calls on one Accumulator are serialised (the GIL is released)."""
 
 def select(gram: F64, cross: Optional[F64], weights_in: Optional[F64], bias_in: Optional[F64],
            sum_x: Optional[F64], sum_y: Optional[F64], target_energy: float, count: float, fit_intercept: bool,

@@ -1,7 +1,7 @@
 """The typed errors and warnings of lsprune (NumPy API and torch front-end alike).
 
 Code that reacts to a failure decides on these classes, never on message text.
-``NumericalError`` and ``NonFiniteInputError`` are created by the compiled engine
+``NumericalError``, ``NonFiniteInputError`` and ``InputRangeError`` are created by the compiled engine
 (so that its C++ exceptions arrive as them) and re-exported here.
 """
 from ._native import _core
@@ -19,6 +19,15 @@ NonFiniteInputError.__doc__ = (
     "nothing was added or computed from it. Subclass of ValueError."
 )
 NonFiniteInputError.__module__ = "lsprune"
+
+InputRangeError = _core.InputRangeError
+InputRangeError.__doc__ = (
+    "The data is finite but its float64 second-order sums would leave float64's range: squares that "
+    "overflow, or that underflow so far that the Gram matrix is lost (values below about 1e-150). "
+    "Nothing was added or computed from it; rescale the data (a power of two is exact). Selections do "
+    "not depend on the scale otherwise (docs/design.md, \"Numerics: scale\"). Subclass of ValueError."
+)
+InputRangeError.__module__ = "lsprune"
 
 
 class DegenerateGroupWarning(RuntimeWarning):

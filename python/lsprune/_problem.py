@@ -4,8 +4,6 @@ from __future__ import annotations
 import numpy as np
 
 from . import _arrays
-from ._errors import NonFiniteInputError
-from ._native import _core
 from .statistics import Statistics
 
 
@@ -14,26 +12,49 @@ def groups_spec(D, group_size, groups):
     if groups is not None:
         if group_size != 1:
             raise ValueError("give either group_size or groups, not both")
-        if isinstance(groups, np.ndarray) and groups.ndim == 2:
-            groups = list(groups)
-        try:
-            glist = [np.asarray(g).reshape(-1) for g in groups]
-        except TypeError:
-            raise TypeError("groups must be a sequence of integer index arrays") from None
-        if not glist:
-            raise ValueError("groups is empty")
-        for i, g in enumerate(glist):
-            if g.size and g.dtype.kind not in "iu":
-                raise TypeError(f"groups[{i}] must hold integer column indices, got dtype {g.dtype}")
+        glist = _group_columns(groups, D)
         sizes = np.array([g.size for g in glist], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        columns = np.concatenate(glist).astype(np.int64) if offsets[-1] else np.zeros(0, np.int64)
+        columns = np.concatenate(glist).astype(np.int64)
         return offsets.tolist(), columns.tolist(), len(glist)
     g = _arrays.check_int(group_size, "group_size", lo=1)
     if D % g:
         raise ValueError(f"n_features ({D}) is not a multiple of group_size ({g})")
     n = D // g
     return (np.arange(n + 1, dtype=np.int64) * g).tolist(), list(range(D)), n
+
+
+def _group_columns(groups, D):
+    """``groups`` as a list of int64 column arrays, checked here so that the engine never sees a column
+    outside [0, D): non-empty, disjoint, in range (ValueError); integers only (TypeError)."""
+    if isinstance(groups, np.ndarray) and groups.ndim == 2:
+        groups = list(groups)
+    try:
+        if isinstance(groups, (str, bytes)):
+            raise TypeError
+        items = list(groups)
+    except TypeError:
+        raise TypeError("groups must be a sequence of integer index arrays") from None
+    raw = [_arrays.int_list(g, f"groups[{i}] (integer column indices)") for i, g in enumerate(items)]
+    if not raw:
+        raise ValueError("groups is empty")
+    glist, seen = [], np.zeros(D, dtype=bool)
+    for i, cols in enumerate(raw):
+        if not cols:
+            raise ValueError(f"groups[{i}] is empty")
+        bad = [c for c in cols if not 0 <= c < D]
+        if bad:
+            raise ValueError(f"groups[{i}] has column {bad[0]} outside [0, {D}) (n_features={D})")
+        g = np.array(cols, dtype=np.int64)
+        u, counts = np.unique(g, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"groups[{i}] lists column {int(u[counts > 1][0])} twice")
+        if seen[g].any():
+            raise ValueError(f"column {int(g[seen[g]][0])} appears in more than one group (groups[{i}] and an "
+                             "earlier one)")
+        seen[g] = True
+        glist.append(g)
+    return glist
 
 
 def problem_args(stats, *, gram, cross, target_energy, mean_x, mean_y, count, weights_in, bias_in, fit_intercept,
@@ -87,11 +108,7 @@ def _raw_gram(gram):
     if garr.dtype.kind not in "fiu":
         raise TypeError(f"gram must be a float array, got dtype {garr.dtype}")
     G = np.ascontiguousarray(garr, dtype=np.float64)
-    asym, scale = _core.symmetry_check(G)
-    if not np.isfinite(asym):
-        raise NonFiniteInputError("gram contains NaN or Inf")
-    if asym > 1e-6 * scale:
-        raise ValueError(f"gram is not symmetric (max |G - Gᵀ| = {asym:.3g}, max |G| = {scale:.3g})")
+    _arrays.check_gram(G, "gram")
     return G, out_dtype
 
 

@@ -153,10 +153,18 @@ def _allowed_per_layer(paths, min_keep, max_keep, multiple):
 def _cost_function(costs, L: int, fixed_cost: float):
     """``cost(keep) -> float`` and the per-channel costs (L,) when they are linear (None for a callable)."""
     if callable(costs):
-        return (lambda k: float(costs(np.asarray(k, dtype=np.int64)))), None
+        def cost_fn(k):
+            c = float(costs(np.asarray(k, dtype=np.int64)))
+            if not math.isfinite(c):  # NaN compares False: the budget would be silently ignored
+                raise ValueError(f"the cost callable returned {c} for keep={np.asarray(k).tolist()}; it must return "
+                                 "a finite number")
+            return c
+        return cost_fn, None
     a = np.asarray(costs, dtype=np.float64).reshape(-1)
     if a.shape != (L,) or (a < 0).any() or not np.isfinite(a).all():
         raise ValueError(f"costs must be {L} non-negative per-channel costs (or a callable)")
+    if not math.isfinite(float(fixed_cost)):
+        raise ValueError(f"fixed_cost must be a finite number, got {fixed_cost}")
     return (lambda k: float(fixed_cost + a @ np.asarray(k, dtype=np.float64))), a
 
 

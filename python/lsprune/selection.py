@@ -218,7 +218,7 @@ def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, 
     nk = -1 if n_keep is None else _arrays.check_int(n_keep, "n_keep", lo=0, hi=n_groups)
     tl = -1.0 if tol is None else _arrays.check_float(tol, "tol", lo=0.0, hi=1.0)
     fl = [] if force is None else [_arrays.check_int(f, "force entry", lo=0, hi=n_groups - 1)
-                                   for f in np.asarray(force).reshape(-1).tolist()]
+                                   for f in _arrays.int_list(force, "force")]
     if len(set(fl)) != len(fl):
         raise ValueError("force lists a group twice")
     if nk >= 0 and len(fl) > nk:
@@ -246,7 +246,7 @@ def refit(stats: Optional[Statistics] = None, keep: Sequence[int] = (), *, group
                                    mean_y=mean_y, count=count, weights_in=weights_in, bias_in=bias_in,
                                    fit_intercept=fit_intercept, damping=damping)
     offsets, columns, n_groups = groups_spec(D, group_size, groups)
-    kl = [_arrays.check_int(k, "keep entry", lo=0, hi=n_groups - 1) for k in np.asarray(keep).reshape(-1).tolist()]
+    kl = [_arrays.check_int(k, "keep entry", lo=0, hi=n_groups - 1) for k in _arrays.int_list(keep, "keep")]
     if len(set(kl)) != len(kl):
         raise ValueError("keep lists a group twice")
     r = _core.refit(**kw, offsets=offsets, columns=columns, keep=kl, n_targets=m)

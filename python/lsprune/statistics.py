@@ -5,6 +5,7 @@ import hashlib
 import warnings
 import os
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -15,6 +16,48 @@ from ._native import _core
 
 FORMAT = "lsprune.statistics"
 FORMAT_VERSION = 1
+#: Largest |G - Gᵀ| accepted by :meth:`Statistics.from_sums`, relative to max |G| (rounding of sums
+#: accumulated elsewhere, e.g. on a GPU; the same bound as raw ``select(gram=...)`` input).
+GRAM_SYMMETRY_RTOL = _arrays.GRAM_SYMMETRY_RTOL
+
+# What reading a truncated or bit-flipped archive can raise, besides ValueError: zipfile reports a
+# flipped compression method or version as NotImplementedError and a flipped flag bit as
+# "encrypted" (RuntimeError); the deflate and the .npy header parser report their own errors.
+_CORRUPT_FILE_ERRORS = (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, NotImplementedError,
+                        RuntimeError, zlib.error, SyntaxError, OverflowError, MemoryError)
+
+
+def _read_npz(path) -> dict:
+    """The arrays of the ``.npz`` archive at ``path``; ValueError for anything else (a truncated or
+    corrupted archive, a bare ``.npy`` array) and FileNotFoundError for a missing file."""
+    try:
+        with open(path, "rb") as f:
+            z = np.load(f, allow_pickle=False)
+            if isinstance(z, np.lib.npyio.NpzFile):  # else a bare array: np.load of a .npy file
+                with z:
+                    return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise
+    except _CORRUPT_FILE_ERRORS as e:
+        raise ValueError(f"{path} is not a readable lsprune statistics file (truncated or corrupted?): {e}") from e
+    raise ValueError(f"{path} is not an lsprune statistics file: it holds a single NumPy array (.npy), not the "
+                     ".npz archive Statistics.save writes")
+
+
+def _header(data: dict, path) -> tuple:
+    """(version, n_features, n_targets, count) of a statistics archive's arrays; ValueError when they
+    are missing or are not integer scalars (a foreign or corrupted file)."""
+    need = {"format", "version", "n_features", "n_targets", "count", "checksum", "gram", "cross", "sum_x",
+            "sum_y", "sum_y_sq"}
+    if not need <= set(data) or str(data["format"]) != FORMAT:
+        raise ValueError(f"{path} is not an lsprune statistics file")
+    fields = [data[k] for k in ("version", "n_features", "n_targets", "count")]
+    if any(a.shape != () or a.dtype.kind not in "iu" for a in fields):
+        raise ValueError(f"{path}: corrupted header (version, n_features, n_targets and count must be integers)")
+    version, D, m, count = (int(a) for a in fields)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path} has statistics format version {version}; this lsprune reads {FORMAT_VERSION}")
+    return version, D, m, count
 
 
 class Statistics:
@@ -31,8 +74,13 @@ class Statistics:
     whenever the sums are read), so the error does not grow with the number of
     batches and small batches do not pay a D x D float64 addition each (measured
     relative error vs a float64 reference: see the README). A batch with a float64
-    ``x`` or ``y`` is multiplied in float64, as is one whose values are so large
-    that float32 products could overflow.
+    ``x`` or ``y`` is multiplied in float64. A float16/float32 batch of very small or
+    very large values is scaled by a power of two (exact) before its float32 products
+    are formed, so they neither underflow nor overflow; float64 data whose sums of
+    squares would leave float64's range raises :class:`lsprune.InputRangeError`
+    (docs/design.md, "Numerics: scale"). The sums themselves are always the plain
+    float64 sums. Concurrent ``update`` calls from several threads are safe and exact
+    up to the order of additions; read the sums once they have returned.
 
     Parameters
     ----------
@@ -92,7 +140,9 @@ class Statistics:
             Required iff ``n_targets > 0``.
 
         Returns ``self``. A batch holding NaN/Inf raises :class:`lsprune.NonFiniteInputError`
-        (a ``ValueError``) and the statistics stay exactly as they were.
+        (a ``ValueError``), one whose sums of squares leave float64's range
+        :class:`lsprune.InputRangeError` (a ``ValueError``); the statistics then stay exactly
+        as they were.
         """
         if self._dev is not None:
             return self._update_device(x, y)
@@ -106,10 +156,13 @@ class Statistics:
                 raise ValueError(f"x has {xa.shape[0]} rows but y has {ya.shape[0]}")
         elif y is not None:
             raise ValueError("these statistics were created with n_targets=0: y must be None")
-        if xa.shape[0] == 0:
+        rows = int(xa.shape[0])
+        if rows == 0:
             return self
+        # The engine serialises concurrent updates of these sums (it releases the GIL); the count is
+        # added after it returns, with the GIL held.
         self._acc.update(xa, ya, self._gram, self._cross, self._sum_x, self._sum_y, self._sum_yy)
-        self._count += int(xa.shape[0])
+        self._count += rows
         self._symmetric = False
         return self
 
@@ -231,7 +284,10 @@ class Statistics:
     def from_sums(cls, gram, cross, sum_x, sum_y, sum_y_sq, count) -> "Statistics":
         """Builds statistics from sums computed elsewhere (e.g. accumulated on a GPU):
         ``gram`` (D, D) = Σxxᵀ (symmetric), ``cross`` (D, m) = Σxyᵀ, ``sum_x`` (D,),
-        ``sum_y`` (m,), ``sum_y_sq`` (m,) = per-target Σy², ``count`` = number of rows."""
+        ``sum_y`` (m,), ``sum_y_sq`` (m,) = per-target Σy², ``count`` = number of rows.
+
+        Raises ``ValueError`` when ``gram`` is not symmetric within :data:`GRAM_SYMMETRY_RTOL` (relative to
+        its largest entry) or a sum of squares (the diagonal of ``gram``, ``sum_y_sq``) is negative."""
         g = np.asarray(gram)
         if g.ndim != 2 or g.shape[0] != g.shape[1]:
             raise ValueError(f"gram must be a square (D, D) matrix; got shape {g.shape}")
@@ -241,11 +297,15 @@ class Statistics:
             raise ValueError(f"cross must have shape ({D}, n_targets); got {c.shape}")
         m = c.shape[1]
         n = _arrays.check_int(count, "count", lo=0)
-        out = cls(D, m)
         # copies: later updates must never write into the caller's arrays
-        out._set_state(_arrays.as_f64(g, "gram", (D, D)).copy(), _arrays.as_f64(c, "cross", (D, m)).copy(),
-                       _arrays.as_f64(sum_x, "sum_x", (D,)).copy(), _arrays.as_f64(sum_y, "sum_y", (m,)).copy(),
-                       _arrays.as_f64(sum_y_sq, "sum_y_sq", (m,)).copy(), n)
+        G = _arrays.as_f64(g, "gram", (D, D)).copy()
+        syy = _arrays.as_f64(sum_y_sq, "sum_y_sq", (m,)).copy()
+        _arrays.check_gram(G, "gram")
+        if (np.diagonal(G) < 0).any() or (syy < 0).any():
+            raise ValueError("the diagonal of gram and sum_y_sq are sums of squares: they cannot be negative")
+        out = cls(D, m)
+        out._set_state(G, _arrays.as_f64(c, "cross", (D, m)).copy(), _arrays.as_f64(sum_x, "sum_x", (D,)).copy(),
+                       _arrays.as_f64(sum_y, "sum_y", (m,)).copy(), syy, n)
         return out
 
     def _set_state(self, gram, cross, sum_x, sum_y, sum_yy, count):
@@ -397,21 +457,8 @@ class Statistics:
         """Reads a file written by :meth:`save`. A truncated, corrupted or foreign
         file, or one of an unknown format version, raises ``ValueError``."""
         path = os.fspath(path)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except FileNotFoundError:
-            raise
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{path} is not a readable lsprune statistics file (truncated or corrupted?): {e}") from e
-        need = {"format", "version", "n_features", "n_targets", "count", "checksum", "gram", "cross", "sum_x",
-                "sum_y", "sum_y_sq"}
-        if not need <= set(data) or str(data["format"]) != FORMAT:
-            raise ValueError(f"{path} is not an lsprune statistics file")
-        version = int(data["version"])
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{path} has statistics format version {version}; this lsprune reads {FORMAT_VERSION}")
-        D, m, count = int(data["n_features"]), int(data["n_targets"]), int(data["count"])
+        data = _read_npz(path)
+        version, D, m, count = _header(data, path)
         shapes = {"gram": (D, D), "cross": (D, m), "sum_x": (D,), "sum_y": (m,), "sum_y_sq": (m,)}
         for k, s in shapes.items():
             if data[k].shape != s or data[k].dtype != np.float64:

@@ -64,18 +64,27 @@ def allowed(lo: np.ndarray, hi: np.ndarray, sizes: Sequence[int], multiple: int)
     return out
 
 
-def check_reachable(budget: Budget, costs, options: List[np.ndarray]) -> Tuple[float, float]:
+def check_reachable(budget: Budget, costs, options: List[np.ndarray],
+                    lo: Optional[np.ndarray] = None) -> Tuple[float, float]:
     """Raises ``ValueError`` with the reachable range (as fractions of the model) when the budget
-    is outside it; returns the (min, max) cost."""
+    is outside it, naming the cause: ``min_keep``, or ``multiple`` when the budget would be
+    reachable at the ``min_keep`` counts ``lo`` (per unit) but the multiple rounds them up to the
+    pairs' full counts. Returns the (min, max) cost."""
     lo_cost = costs(np.array([ks[0] for ks in options]))
     hi_cost = costs(np.array([ks[-1] for ks in options]))
     target = budget.fraction * costs.full
     lo_f, hi_f = lo_cost / costs.full, hi_cost / costs.full
     if target < lo_cost * (1 - 1e-12) or budget.fraction > 1.0:
+        reach = (f"this model can reach [{lo_f:.4g}, 1] of its {budget.kind} (all channels kept: {hi_f:.4g})")
+        if budget.fraction <= 1.0 and lo is not None and target >= costs(np.asarray(lo)) * (1 - 1e-12):
+            rounded = sum(int(ks[0]) > int(a) for ks, a in zip(options, lo))
+            raise ValueError(f"budget {budget.kind}={budget.fraction:g} is unreachable because of "
+                             f"multiple={budget.multiple}: kept counts are multiples of {budget.multiple} (or a "
+                             f"pair's full count), which holds {rounded} pair(s) above their min_keep, so {reach}; "
+                             f"lower multiple= (min_keep={budget.min_keep!r} is not the limit)")
         raise ValueError(f"budget {budget.kind}={budget.fraction:g} is unreachable: only the prunable pairs can "
-                         f"shrink, so with min_keep={budget.min_keep!r} and multiple={budget.multiple} this model "
-                         f"can reach [{lo_f:.4g}, 1] of its {budget.kind} (all channels kept: {hi_f:.4g}); lower "
-                         "min_keep to go further")
+                         f"shrink, so with min_keep={budget.min_keep!r} and multiple={budget.multiple} {reach}; "
+                         "lower min_keep to go further")
     return lo_cost, hi_cost
 
 

@@ -133,8 +133,10 @@ class Count(Constraint):
 
 class Seed(Constraint):
     def check(self, name, v):
-        if not _is_int(v) or v < 0:
+        if not _is_int(v):
             raise TypeError(f"{name} must be a non-negative int, got {v!r}")
+        if v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         return int(v)
 
 

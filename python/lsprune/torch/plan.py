@@ -63,7 +63,7 @@ def budget_bounds(budget: Budget, costs, sizes: Sequence[int], pinned: Optional[
     pinned = list(pinned) if pinned is not None else [None] * len(sizes)
     lo, hi = budgeting.keep_bounds(budget, sizes, pinned, fractions_of)
     options = budgeting.allowed(lo, hi, sizes, budget.multiple)
-    min_cost, hi_cost = budgeting.check_reachable(budget, costs, options)
+    min_cost, hi_cost = budgeting.check_reachable(budget, costs, options, lo)
     return BudgetBounds(budget, costs, list(sizes), pinned, lo, hi, options, min_cost, hi_cost)
 
 

@@ -67,7 +67,7 @@ def plan_channels(pairs: Sequence[Pair], channels: Mapping[str, int], *, ratio: 
                 raise ValueError(f"keep[{p.producer!r}]={k}: must be between 1 and the producer's {n} channels")
         lo, hi = budgeting.keep_bounds(budget, sizes, pinned)
         options = budgeting.allowed(lo, hi, sizes, budget.multiple)
-        min_cost, _ = budgeting.check_reachable(budget, costs, options)
+        min_cost, _ = budgeting.check_reachable(budget, costs, options, lo)
         alloc = None
         top = np.array([ks[-1] for ks in options])
         if costs(top) <= budget.fraction * costs.full:  # everything allowed fits: nothing to allocate
