@@ -9,6 +9,7 @@
 #include "lsprune/accumulate.hpp"
 #include "lsprune/blas.hpp"
 #include "lsprune/factorize.hpp"
+#include "lsprune/joint.hpp"
 #include "lsprune/policy.hpp"
 #include "lsprune/problem.hpp"
 #include "lsprune/threads.hpp"
@@ -140,6 +141,35 @@ auto solve_without_gil(const ProblemArgs& a, Index m, const lsp::Groups& groups,
   py::gil_scoped_release nogil;
   lsp::Problem prob(in, groups);
   return solve(prob);
+}
+
+// One problem of select_joint: a dict of problem_args' keys plus offsets, columns, n_targets.
+ProblemArgs problem_args_of(const py::dict& d) {
+  auto optional = [&](const char* key) -> std::optional<F64> {
+    py::object o = d[key];
+    if (o.is_none()) return std::nullopt;
+    return o.cast<F64>();
+  };
+  return ProblemArgs{d["gram"].cast<F64>(),       optional("cross"),  optional("weights_in"),
+                     optional("bias_in"),         optional("sum_x"),  optional("sum_y"),
+                     d["target_energy"].cast<double>(), d["count"].cast<double>(),
+                     d["fit_intercept"].cast<bool>(),   d["damping"].cast<double>()};
+}
+
+py::dict joint_to_dict(const lsp::JointResult& r, const std::vector<Index>& m) {
+  py::dict d;
+  d["selected"] = to_array(r.selected);
+  d["removed"] = to_array(r.removed);
+  d["error_path"] = to_array(r.error_path);
+  d["kept_path"] = to_array(r.kept_path);
+  d["skipped"] = to_array(r.skipped);
+  d["stopped_early"] = r.stopped_early;
+  d["weights"] = to_array(r.weights);
+  d["energy"] = r.energy;
+  py::list problems;
+  for (std::size_t i = 0; i < r.problems.size(); ++i) problems.append(to_dict(r.problems[i], m[i]));
+  d["problems"] = problems;
+  return d;
 }
 
 }  // namespace
@@ -287,6 +317,34 @@ static void bind_solvers(py::module_& mod) {
       py::arg("a"));
 }
 
+static void bind_joint(py::module_& mod) {
+  mod.def(
+      "select_joint",
+      [](const std::vector<py::dict>& problems, std::optional<std::vector<double>> weights, const std::string& method,
+         Index n_keep, double tol, std::vector<Index> force, double rcond) {
+        const lsp::SelectOptions opt = make_options(method, n_keep, tol, std::move(force), rcond);
+        std::vector<ProblemArgs> args;  // own the arrays the inputs point into
+        args.reserve(problems.size());
+        std::vector<lsp::ProblemInput> inputs;
+        std::vector<lsp::Groups> groups;
+        std::vector<Index> m;
+        for (const py::dict& d : problems) {
+          args.push_back(problem_args_of(d));
+          m.push_back(d["n_targets"].cast<Index>());
+          inputs.push_back(make_input(args.back(), m.back()));
+          groups.push_back(make_groups(d["offsets"].cast<std::vector<Index>>(), d["columns"].cast<std::vector<Index>>()));
+        }
+        lsp::JointResult r;
+        {
+          py::gil_scoped_release nogil;
+          r = lsp::select_joint(inputs, groups, weights.value_or(std::vector<double>{}), opt);
+        }
+        return joint_to_dict(r, m);
+      },
+      py::arg("problems"), py::arg("weights"), py::arg("method"), py::arg("n_keep"), py::arg("tol"),
+      py::arg("force"), py::arg("rcond"));
+}
+
 static void bind_cuda(py::module_& mod) {
 #ifdef LSPRUNE_HAVE_CUDA
   mod.def("cuda_device_count", []() { return lsp::cuda::device_count(); });
@@ -373,6 +431,7 @@ PYBIND11_MODULE(_core, mod) {
 
   bind_statistics(mod);
   bind_solvers(mod);
+  bind_joint(mod);
   bind_cuda(mod);
   bind_info(mod);
 }

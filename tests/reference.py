@@ -69,16 +69,21 @@ def exhaustive_best(P: Problem, k: int):
     return min(combinations(range(len(P.groups)), k), key=lambda S: P.error(list(S)))
 
 
+def residual(P: Problem, S):
+    """R = Bc - Gd_{:,S} Gd_SS⁻¹ Bc_S (D, m): the cross-correlation left after the kept groups S."""
+    c = P.cols(S)
+    if c.size == 0:
+        return P.B.copy()
+    A = P.G[np.ix_(c, c)] + P.lam * np.eye(c.size)
+    Gd_col = P.G[:, c] + P.lam * (np.arange(P.G.shape[0])[:, None] == c[None, :])
+    return P.B - Gd_col @ np.linalg.solve(A, P.B[c])
+
+
 def reference_omp(P: Problem, k: int):
     """Group simultaneous OMP: pick the group with the largest residual correlation ‖R_J‖²_F."""
     S, path = [], [P.error([])]
     for _ in range(k):
-        c = P.cols(S)
-        R = P.B.copy()
-        if c.size:
-            A = P.G[np.ix_(c, c)] + P.lam * np.eye(c.size)
-            Gd_col = P.G[:, c] + P.lam * (np.arange(P.G.shape[0])[:, None] == c[None, :])
-            R = P.B - Gd_col @ np.linalg.solve(A, P.B[c])
+        R = residual(P, S)
         scores = [-np.inf if g in S else float((R[P.groups[g]] ** 2).sum()) for g in range(len(P.groups))]
         best = int(np.argmax(scores))
         S.append(best)
@@ -101,6 +106,56 @@ def brute_backward(P: Problem, k: int):
         path.append(best_e)
     return sorted(S), removed, np.array(path)
 
+
+# Joint selection over problems that share their group index (group g of every
+# problem is one shared channel); the objective is Σ_r w_r E_r(S).
+
+def joint_error(Ps, w, S):
+    return sum(wr * P.error(list(S)) for wr, P in zip(w, Ps))
+
+
+def brute_joint_forward(Ps, w, k):
+    """Joint greedy forward selection that re-solves every problem for every candidate."""
+    S, path = [], [joint_error(Ps, w, [])]
+    for _ in range(k):
+        best, best_e = None, np.inf
+        for g in range(len(Ps[0].groups)):
+            if g in S:
+                continue
+            e = joint_error(Ps, w, S + [g])
+            if e < best_e:  # strict: ties go to the lowest index
+                best, best_e = g, e
+        S.append(best)
+        path.append(best_e)
+    return S, np.array(path)
+
+
+def reference_joint_omp(Ps, w, k):
+    """Joint group OMP: pick the group of largest Σ_r w_r ‖R_r,J‖²_F."""
+    S, path = [], [joint_error(Ps, w, [])]
+    for _ in range(k):
+        Rs = [residual(P, S) for P in Ps]
+        scores = [-np.inf if g in S else sum(wr * float((R[P.groups[g]] ** 2).sum()) for wr, P, R in zip(w, Ps, Rs))
+                  for g in range(len(Ps[0].groups))]
+        S.append(int(np.argmax(scores)))
+        path.append(joint_error(Ps, w, S))
+    return S, np.array(path)
+
+
+def brute_joint_backward(Ps, w, k):
+    """Joint backward elimination that re-solves every problem for every candidate removal."""
+    S = list(range(len(Ps[0].groups)))
+    removed, path = [], [joint_error(Ps, w, S)]
+    while len(S) > k:
+        best, best_e = None, np.inf
+        for g in S:
+            e = joint_error(Ps, w, [h for h in S if h != g])
+            if e < best_e:
+                best, best_e = g, e
+        S.remove(best)
+        removed.append(best)
+        path.append(best_e)
+    return sorted(S), removed, np.array(path)
 
 
 def reduced_rank(X, Y, rank, damping=0.0):

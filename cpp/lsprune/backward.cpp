@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 
 #include "blas.hpp"
 #include "kernels.hpp"
@@ -61,107 +62,178 @@ SelectResult backward_finish(Problem& P, const std::vector<char>& removed, Selec
   return fin;
 }
 
-SelectResult select_backward(Problem& P, const SelectOptions& opt) {
-  const Groups& grp = P.groups();
-  const Index NG = grp.size(), m = P.m(), Du = Index(grp.columns.size());
-  std::vector<Index> pos2col(grp.columns), wstart(grp.offsets.begin(), grp.offsets.end() - 1);
-  std::vector<char> removed(NG, 0), forced(NG, 0);
-  for (Index g : opt.force) forced[g] = 1;
+namespace {
 
-  BackwardStart start = backward_start(P, opt);
-  std::vector<double>& H = start.H;
-  std::vector<double>& W = start.W;
-  double E = start.E;
-  const double energy = P.energy();
-  SelectResult res;
-  res.error_path.push_back(E);
-  res.kept_path.push_back(NG);
-  Index kept = NG, Dact = Du, dead = 0;
-  const Index target = opt.n_keep >= 0 ? opt.n_keep : 0;
-  const Index gmax = grp.max_size();
-  std::vector<double> cost(NG), work(std::size_t(omp_get_max_threads()) * (gmax * gmax + gmax * m));
-  const std::vector<double> zero_tol(gmax, 0.0);
-  // Upper-triangle read of H.
-  auto h = [&](Index a, Index b) { return a <= b ? H[std::size_t(a) * Du + b] : H[std::size_t(b) * Du + a]; };
+// One problem's elimination state over its live candidate columns: H = Gd^{-1}
+// (upper triangle) and W = H Bc, in group order; removed groups are compacted away
+// lazily.
+class BackwardState {
+ public:
+  BackwardState(Problem& P, const SelectOptions& opt)
+      : grp_(P.groups()), m_(P.m()), Du_(Index(grp_.columns.size())), Dact_(Du_), gmax_(grp_.max_size()),
+        wstart_(grp_.offsets.begin(), grp_.offsets.end() - 1), zero_tol_(gmax_, 0.0) {
+    BackwardStart start = backward_start(P, opt);
+    H_ = std::move(start.H);
+    W_ = std::move(start.W);
+    E = start.E;
+    work_.resize(std::size_t(omp_get_max_threads()) * (gmax_ * gmax_ + gmax_ * m_));
+  }
 
-  while (kept > target) {
+  double E;  // ridge objective of the live columns
+
+  // cost[g] = tr(W_g^T H_gg^{-1} W_g) for the groups not in `skip`; infinite
+  // where H_gg is not positive definite (cannot happen for PD H: never removed).
+  void costs(const std::vector<char>& skip, std::vector<double>& cost) {
+    const Index NG = grp_.size(), stride = gmax_ * gmax_ + gmax_ * m_;
 #pragma omp parallel for schedule(dynamic, 4)
     for (Index g = 0; g < NG; ++g) {
-      if (removed[g] || forced[g]) continue;
-      const Index gs = grp.size_of(g), p = wstart[g];
-      double* Mg = &work[std::size_t(omp_get_thread_num()) * (gmax * gmax + gmax * m)];
+      if (skip[g]) continue;
+      const Index gs = grp_.size_of(g), p = wstart_[g];
+      double* Mg = &work_[std::size_t(omp_get_thread_num()) * stride];
       double* T = Mg + gs * gs;
       for (Index a = 0; a < gs; ++a)
         for (Index b = 0; b < gs; ++b) Mg[a * gs + b] = h(p + a, p + b);
-      if (!small::cholesky(Mg, gs, zero_tol.data())) {  // cannot happen for PD H; never remove it
+      if (!small::cholesky(Mg, gs, zero_tol_.data())) {
         cost[g] = std::numeric_limits<double>::infinity();
         continue;
       }
-      std::memcpy(T, &W[std::size_t(p) * m], sizeof(double) * gs * m);
-      small::solve_lower(Mg, gs, T, m, m);
-      cost[g] = kern::sumsq(T, gs * m);
-    }
-    Index J = -1;
-    for (Index g = 0; g < NG; ++g)
-      if (!removed[g] && !forced[g] && std::isfinite(cost[g]) && (J < 0 || cost[g] < cost[J])) J = g;
-    if (J < 0) {  // nothing removable left (all forced or numerically unusable)
-      res.stopped_early = opt.n_keep >= 0;
-      break;
-    }
-    if (opt.tol >= 0 && E + cost[J] > opt.tol * energy) break;
-
-    const Index gJ = grp.size_of(J), pj = wstart[J];
-    std::vector<double> MJ(gJ * gJ), Vt(std::size_t(gJ) * Dact), Y(&W[std::size_t(pj) * m], &W[std::size_t(pj) * m] + gJ * m);
-    for (Index a = 0; a < gJ; ++a)
-      for (Index b = 0; b < gJ; ++b) MJ[a * gJ + b] = h(pj + a, pj + b);
-    small::cholesky(MJ.data(), gJ, zero_tol.data());
-#pragma omp parallel for schedule(static)
-    for (Index p = 0; p < Dact; ++p)
-      for (Index i = 0; i < gJ; ++i) Vt[std::size_t(i) * Dact + p] = h(p, pj + i);
-    small::solve_lower(MJ.data(), gJ, Vt.data(), Dact, Dact);  // Vt = MJ^{-1} H_J:
-    small::solve_lower(MJ.data(), gJ, Y.data(), m, m);          // Y = MJ^{-1} W_J
-    blas::gemm(true, false, Dact, m, gJ, -1.0, Vt.data(), Dact, Y.data(), m, 1.0, W.data(), m);
-    blas::syrk_t(Dact, gJ, -1.0, Vt.data(), Dact, 1.0, H.data(), Du);
-    E += kern::sumsq(Y.data(), gJ * m);
-    removed[J] = 1;
-    --kept;
-    res.removed.push_back(J);
-    res.error_path.push_back(E);
-    res.kept_path.push_back(kept);
-    dead += gJ;
-
-    if (dead >= 64 && dead * 8 >= Dact) {  // compact H (upper), W and positions in place
-      std::vector<Index> live;
-      for (Index g = 0; g < NG; ++g)
-        if (!removed[g]) live.push_back(g);
-      std::sort(live.begin(), live.end(), [&](Index a, Index b) { return wstart[a] < wstart[b]; });
-      std::vector<Index> newrow(Dact, -1);
-      Index np = 0;
-      std::vector<std::pair<Index, Index>> moves;
-      for (Index g : live) {
-        moves.push_back({wstart[g], np});
-        for (Index i = 0; i < grp.size_of(g); ++i) newrow[wstart[g] + i] = np + i;
-        np += grp.size_of(g);
-      }
-      for (Index p = 0; p < Dact; ++p) {  // rows in increasing order: sources are never overwritten early
-        if (newrow[p] < 0) continue;
-        double* dst = &H[std::size_t(newrow[p]) * Du];
-        const double* src = &H[std::size_t(p) * Du];
-        for (std::size_t q = 0; q < live.size(); ++q)
-          std::memmove(dst + moves[q].second, src + moves[q].first, sizeof(double) * grp.size_of(live[q]));
-        std::memmove(&W[std::size_t(newrow[p]) * m], &W[std::size_t(p) * m], sizeof(double) * m);
-      }
-      for (std::size_t q = 0; q < live.size(); ++q) {
-        std::memmove(&pos2col[moves[q].second], &pos2col[moves[q].first], sizeof(Index) * grp.size_of(live[q]));
-        wstart[live[q]] = moves[q].second;
-      }
-      Dact = np;
-      dead = 0;
+      std::memcpy(T, &W_[std::size_t(p) * m_], sizeof(double) * gs * m_);
+      small::solve_lower(Mg, gs, T, m_, m_);
+      cost[g] = kern::sumsq(T, gs * m_);
     }
   }
-  H.clear();
-  H.shrink_to_fit();
-  return backward_finish(P, removed, std::move(res));
+
+  // Removes group J: W -= H_:J H_JJ^{-1} W_J, H -= H_:J H_JJ^{-1} H_J: (rank-gJ
+  // SYRK on the upper triangle); E grows by tr(W_J^T H_JJ^{-1} W_J).
+  void remove(Index J, const std::vector<char>& removed) {
+    const Index gJ = grp_.size_of(J), pj = wstart_[J];
+    std::vector<double> MJ(gJ * gJ), Vt(std::size_t(gJ) * Dact_), Y(&W_[std::size_t(pj) * m_], &W_[std::size_t(pj) * m_] + gJ * m_);
+    for (Index a = 0; a < gJ; ++a)
+      for (Index b = 0; b < gJ; ++b) MJ[a * gJ + b] = h(pj + a, pj + b);
+    small::cholesky(MJ.data(), gJ, zero_tol_.data());
+#pragma omp parallel for schedule(static)
+    for (Index p = 0; p < Dact_; ++p)
+      for (Index i = 0; i < gJ; ++i) Vt[std::size_t(i) * Dact_ + p] = h(p, pj + i);
+    small::solve_lower(MJ.data(), gJ, Vt.data(), Dact_, Dact_);  // Vt = MJ^{-1} H_J:
+    small::solve_lower(MJ.data(), gJ, Y.data(), m_, m_);           // Y = MJ^{-1} W_J
+    blas::gemm(true, false, Dact_, m_, gJ, -1.0, Vt.data(), Dact_, Y.data(), m_, 1.0, W_.data(), m_);
+    blas::syrk_t(Dact_, gJ, -1.0, Vt.data(), Dact_, 1.0, H_.data(), Du_);
+    E += kern::sumsq(Y.data(), gJ * m_);
+    dead_ += gJ;
+    if (dead_ >= 64 && dead_ * 8 >= Dact_) compact(removed);
+  }
+
+ private:
+  const Groups& grp_;
+  const Index m_, Du_;
+  Index Dact_, gmax_, dead_ = 0;
+  std::vector<Index> wstart_;
+  std::vector<double> H_, W_, work_;
+  const std::vector<double> zero_tol_;
+
+  double h(Index a, Index b) const { return a <= b ? H_[std::size_t(a) * Du_ + b] : H_[std::size_t(b) * Du_ + a]; }
+
+  // Moves the live groups' rows/columns of H (upper) and rows of W to the front, in place.
+  void compact(const std::vector<char>& removed) {
+    std::vector<Index> live;
+    for (Index g = 0; g < grp_.size(); ++g)
+      if (!removed[g]) live.push_back(g);
+    std::sort(live.begin(), live.end(), [&](Index a, Index b) { return wstart_[a] < wstart_[b]; });
+    std::vector<Index> newrow(Dact_, -1);
+    std::vector<std::pair<Index, Index>> moves;
+    Index np = 0;
+    for (Index g : live) {
+      moves.push_back({wstart_[g], np});
+      for (Index i = 0; i < grp_.size_of(g); ++i) newrow[wstart_[g] + i] = np + i;
+      np += grp_.size_of(g);
+    }
+    for (Index p = 0; p < Dact_; ++p) {  // rows in increasing order: sources are never overwritten early
+      if (newrow[p] < 0) continue;
+      double* dst = &H_[std::size_t(newrow[p]) * Du_];
+      const double* src = &H_[std::size_t(p) * Du_];
+      for (std::size_t q = 0; q < live.size(); ++q)
+        std::memmove(dst + moves[q].second, src + moves[q].first, sizeof(double) * grp_.size_of(live[q]));
+      std::memmove(&W_[std::size_t(newrow[p]) * m_], &W_[std::size_t(p) * m_], sizeof(double) * m_);
+    }
+    for (std::size_t q = 0; q < live.size(); ++q) wstart_[live[q]] = moves[q].second;
+    Dact_ = np;
+    dead_ = 0;
+  }
+};
+
+// The group of least weighted cost sum_r w_r cost_r(g) among those not in `skip`
+// (ties: lowest index; a cost infinite in any problem is never removed), or -1.
+Index cheapest(const std::vector<std::vector<double>>& cost, const std::vector<double>& w,
+               const std::vector<char>& skip) {
+  Index J = -1;
+  double best = 0;
+  for (Index g = 0; g < Index(skip.size()); ++g) {
+    if (skip[g]) continue;
+    double c = 0;  // one problem with w = 1: exactly its cost
+    for (std::size_t r = 0; r < w.size(); ++r) c += std::isfinite(cost[r][g]) ? w[r] * cost[r][g] : cost[r][g];
+    if (std::isfinite(c) && (J < 0 || c < best)) {
+      J = g;
+      best = c;
+    }
+  }
+  return J;
+}
+
+}  // namespace
+
+SelectResult EliminationPath::path_of(std::size_t r) const {
+  SelectResult res;
+  res.removed = order;
+  res.error_path = error_paths[r];
+  res.kept_path = kept_path;
+  res.stopped_early = stopped_early;
+  return res;
+}
+
+EliminationPath backward_eliminate(const std::vector<Problem*>& probs, const std::vector<double>& w,
+                                   const SelectOptions& opt) {
+  const std::size_t R = probs.size();
+  const Index NG = probs[0]->groups().size();
+  std::vector<std::unique_ptr<BackwardState>> st;
+  for (Problem* P : probs) st.push_back(std::make_unique<BackwardState>(*P, opt));
+  EliminationPath path;
+  path.removed.assign(NG, 0);
+  std::vector<char> skip(NG, 0);  // removed or forced
+  for (Index g : opt.force) skip[g] = 1;
+  double energy = 0;  // weighted; one problem with w = 1: exactly its energy
+  for (std::size_t r = 0; r < R; ++r) {
+    energy += w[r] * probs[r]->energy();
+    path.error_paths.push_back({st[r]->E});
+  }
+  path.kept_path.push_back(NG);
+  Index kept = NG;
+  const Index target = opt.n_keep >= 0 ? opt.n_keep : 0;
+  std::vector<std::vector<double>> cost(R, std::vector<double>(NG));
+  while (kept > target) {
+    for (std::size_t r = 0; r < R; ++r) st[r]->costs(skip, cost[r]);
+    const Index J = cheapest(cost, w, skip);
+    if (J < 0) {  // nothing removable left (all forced or numerically unusable)
+      path.stopped_early = opt.n_keep >= 0;
+      break;
+    }
+    double after = 0;
+    for (std::size_t r = 0; r < R; ++r)
+      if (w[r] > 0) after += w[r] * (st[r]->E + cost[r][J]);
+    if (opt.tol >= 0 && after > opt.tol * energy) break;
+    path.removed[J] = skip[J] = 1;
+    for (std::size_t r = 0; r < R; ++r) {
+      st[r]->remove(J, path.removed);
+      path.error_paths[r].push_back(st[r]->E);
+    }
+    path.order.push_back(J);
+    path.kept_path.push_back(--kept);
+  }
+  return path;  // the states (and their H) are freed before any re-fit
+}
+
+SelectResult select_backward(Problem& P, const SelectOptions& opt) {
+  const EliminationPath path = backward_eliminate({&P}, {1.0}, opt);
+  return backward_finish(P, path.removed, path.path_of(0));
 }
 
 }  // namespace lsp

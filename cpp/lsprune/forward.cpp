@@ -148,6 +148,7 @@ struct ForwardState final : ForwardStateBase {
   }
 
   bool is_active(Index g) const override { return state[g] == ACTIVE; }
+  double gain_of(Index g) const override { return gain[g]; }
   void after_step() override { maybe_compact(); }
   Index selected_columns() const override { return K; }
   void reserve(Index cap) override {
@@ -259,6 +260,19 @@ struct ForwardState final : ForwardStateBase {
 
 }  // namespace
 
+std::unique_ptr<ForwardStateBase> make_forward_state(Problem& P, bool omp, double rcond) {
+  return std::make_unique<ForwardState>(P, omp, rcond);
+}
+
+Index largest_columns(const Groups& grp, Index n) {
+  std::vector<Index> sizes;
+  for (Index g = 0; g < grp.size(); ++g) sizes.push_back(grp.size_of(g));
+  std::sort(sizes.rbegin(), sizes.rend());
+  Index cap = 0;
+  for (Index i = 0; i < std::min(n, Index(sizes.size())); ++i) cap += sizes[i];
+  return cap;
+}
+
 SelectResult select_forward(Problem& P, const SelectOptions& opt) {
   ForwardState S(P, opt.method == Method::Omp, opt.rcond);
   return run_forward(P, opt, S);
@@ -267,14 +281,7 @@ SelectResult select_forward(Problem& P, const SelectOptions& opt) {
 SelectResult run_forward(Problem& P, const SelectOptions& opt, ForwardStateBase& S) {
   const Groups& grp = P.groups();
   const Index NG = grp.size();
-  if (opt.n_keep >= 0) {  // room for the largest possible kept set
-    std::vector<Index> sizes;
-    for (Index g = 0; g < NG; ++g) sizes.push_back(grp.size_of(g));
-    std::sort(sizes.rbegin(), sizes.rend());
-    Index cap = 0;
-    for (Index i = 0; i < opt.n_keep; ++i) cap += sizes[i];
-    S.reserve(cap);
-  }
+  if (opt.n_keep >= 0) S.reserve(largest_columns(grp, opt.n_keep));  // room for the largest possible kept set
   SelectResult res;
   const double energy = P.energy();
   double E = energy;
@@ -306,15 +313,21 @@ SelectResult run_forward(Problem& P, const SelectOptions& opt, ForwardStateBase&
     take(J);
   }
   res.skipped = S.degenerate();
+  finish_forward(P, S, {}, E, res);
+  return res;
+}
 
+void finish_forward(Problem& P, ForwardStateBase& S, const std::vector<Index>& zero_cols, double E,
+                    SelectResult& res) {
   // W^T = L^{-T} Z on the chosen columns (selection order); finish() sorts them.
   std::vector<Index> cols;
   std::vector<double> L, Wt;
   S.factors(cols, L, Wt);
   const Index K = Index(cols.size());
   if (K > 0) blas::trsm_lower_t(K, P.m(), L.data(), K, Wt.data(), P.m());
+  cols.insert(cols.end(), zero_cols.begin(), zero_cols.end());
+  Wt.resize(std::size_t(cols.size()) * P.m(), 0.0);
   P.finish(cols, Wt, E, res);
-  return res;
 }
 
 }  // namespace lsp

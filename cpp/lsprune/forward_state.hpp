@@ -2,6 +2,8 @@
 // provide the state (Cholesky/Schur factors, residuals, gains) behind this interface.
 #pragma once
 
+#include <memory>
+#include <stdexcept>
 #include <vector>
 
 #include "problem.hpp"
@@ -26,10 +28,25 @@ class ForwardStateBase {
   virtual Index selected_columns() const = 0;
   virtual void factors(std::vector<Index>& cols, std::vector<double>& L, std::vector<double>& Z) = 0;
   virtual std::vector<Index> degenerate() = 0;
+  // The current criterion of active group g (forward: its exact error drop; omp:
+  // ||R_g||^2), read by the joint selection (cpp/lsprune/joint.cpp), which runs on
+  // the CPU state only; the CUDA state keeps its gains on the device.
+  virtual double gain_of(Index g) const { throw std::logic_error("internal: this forward state has no host gains"); }
 };
+
+// The CPU state (forward.cpp) for forward (omp = false) or OMP selection on `prob`.
+std::unique_ptr<ForwardStateBase> make_forward_state(Problem& prob, bool omp, double rcond);
+
+// Columns in the n largest groups: room for any kept set of n groups.
+Index largest_columns(const Groups& groups, Index n);
 
 // Runs forward selection / OMP on a state; fills the error path, the LS re-fit
 // (W^T = L^{-T} Z, then finish()) and the flags.
 SelectResult run_forward(Problem& P, const SelectOptions& opt, ForwardStateBase& S);
+
+// The LS re-fit of a finished state (W^T = L^{-T} Z, then Problem::finish) with
+// error E; `zero_cols` are kept columns outside the factor, which get zero weights.
+void finish_forward(Problem& P, ForwardStateBase& S, const std::vector<Index>& zero_cols, double E,
+                    SelectResult& res);
 
 }  // namespace lsp

@@ -162,6 +162,20 @@ struct BackwardStart {
 };
 BackwardStart backward_start(Problem& prob, const SelectOptions& opt);
 SelectResult backward_finish(Problem& prob, const std::vector<char>& removed, SelectResult&& path);
+// The removal path of backward elimination over problems that share their groups
+// (one problem with w = {1}: select's backward; several: the joint selection,
+// joint.cpp): removes the group of least weighted cost sum_r w_r cost_r(g) and
+// downdates every problem's H_r.
+struct EliminationPath {
+  std::vector<char> removed;                     // per group
+  std::vector<Index> order;                      // removal order
+  std::vector<Index> kept_path;                  // groups kept at each path entry
+  std::vector<std::vector<double>> error_paths;  // per problem: its error at each entry
+  bool stopped_early = false;
+  SelectResult path_of(std::size_t r) const;     // problem r's path, for backward_finish
+};
+EliminationPath backward_eliminate(const std::vector<Problem*>& probs, const std::vector<double>& w,
+                                   const SelectOptions& opt);
 SelectResult select_backward(Problem& prob, const SelectOptions& opt);
 SelectResult select(Problem& prob, const SelectOptions& opt);
 

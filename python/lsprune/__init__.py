@@ -5,6 +5,7 @@ The NumPy-level API (no torch needed):
 * :class:`Statistics` — streamed float64 second-order statistics of a layer.
 * :func:`select` — greedy LS channel selection (forward / omp / backward) with re-fit.
 * :func:`refit` — LS re-fit on a given set of channels.
+* :func:`select_joint` — one channel selection for several layers that read the same channels.
 * :func:`allocate` — per-layer channel counts under a global budget.
 * :class:`Budget` — a target fraction of a whole model's FLOPs or parameters (for :mod:`lsprune.torch`).
 * :func:`factorize` — LS factorization (reduced-rank regression) ``W ≈ U V``.
@@ -22,6 +23,7 @@ from ._native import _core
 from .allocation import Allocation, allocate
 from .budget import Budget
 from .factorization import Factorization, factorize
+from .joint import JointProblem, JointSelection, select_joint
 from .selection import METHODS, Selection, refit, select
 from .statistics import Statistics
 
@@ -39,6 +41,7 @@ def get_num_threads() -> int:
 
 
 __all__ = ["CUDAUnavailableError", "cuda_available", "cuda_device_count", "Statistics", "select", "refit", "Selection",
+           "select_joint", "JointProblem", "JointSelection",
            "factorize", "Factorization", "allocate", "Allocation", "Budget", "NumericalError", "NonFiniteInputError",
            "InputRangeError", "DegenerateGroupWarning", "DampingRaisedWarning", "METHODS", "set_num_threads", "get_num_threads",
            "__version__"]

@@ -2,7 +2,8 @@
 
 Internal: use the lsprune package. D = n_features, m = n_targets. Every float64 array
 is C-contiguous. The problem arguments (``gram`` ... ``damping``) are shared by
-:func:`select`, :func:`select_cuda`, :func:`refit` and :func:`factorize` and are built by
+:func:`select`, :func:`select_cuda`, :func:`refit`, :func:`factorize` (and each problem of
+:func:`select_joint`) and are built by
 ``lsprune._problem.problem_args``. Dicts returned by the solvers hold NumPy arrays.
 """
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -66,6 +67,15 @@ def refit(gram: F64, cross: Optional[F64], weights_in: Optional[F64], bias_in: O
           damping: float, offsets: Sequence[int], columns: Sequence[int], keep: Sequence[int],
           n_targets: int) -> Dict[str, Any]:
     """LS re-fit on the groups ``keep``; the same dict as :func:`select`."""
+
+def select_joint(problems: Sequence[Dict[str, Any]], weights: Optional[Sequence[float]], method: str, n_keep: int,
+                 tol: float, force: Sequence[int], rcond: float) -> Dict[str, Any]:
+    """Joint CPU selection over R problems that share their group index. Each problem is a dict of the
+    problem arguments of :func:`select` (gram ... damping) plus offsets, columns and n_targets; every problem
+    has the same number of groups. weights: None = relative (1 / energy_r), else R finite values >= 0.
+    Returns selected, removed, error_path (Σ_r w_r E_r), kept_path, skipped (degenerate in every problem),
+    stopped_early, weights (R,), energy (Σ_r w_r energy_r) and problems: one :func:`select` dict per problem
+    (its own error path and re-fit on the kept groups)."""
 
 def factorize(gram: F64, cross: Optional[F64], weights_in: Optional[F64], bias_in: Optional[F64],
               sum_x: Optional[F64], sum_y: Optional[F64], target_energy: float, count: float, fit_intercept: bool,

@@ -103,29 +103,37 @@ class Selection:
         return xa[:, self.columns] @ self.weights.T + self.bias
 
 
-def _result(method, r, out_dtype, return_path, requested_damping, n_groups, columns_of_group):
-    energy = float(r["energy"])
-    rel = (lambda e: e / energy) if energy > 0 else (lambda e: np.zeros_like(e) if isinstance(e, np.ndarray) else 0.0)
-    selected = np.asarray(r["selected"], dtype=np.int64)
-    skipped = np.asarray(r["skipped"], dtype=np.int64)
+def _warn_skipped(skipped, requested_damping, stacklevel):
     if skipped.size:
         warnings.warn(
             f"{skipped.size} group(s) were never selectable: their variance left after the selected groups is "
             f"below rcond times their own variance (constant, dead or duplicated channels; damping="
             f"{requested_damping:g}): {skipped[:20].tolist()}{' ...' if skipped.size > 20 else ''}",
-            DegenerateGroupWarning, stacklevel=3)
-    if r["stopped_early"]:
-        if method == "backward":
-            msg = (f"backward elimination stopped with {selected.size} group(s) kept: the remaining ones are "
-                   "forced or numerically unusable; the result is partial")
-        else:
-            msg = (f"selection stopped early after {selected.size} group(s): every remaining group is degenerate; "
-                   "the result is partial (use damping > 0 to select them anyway)")
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-    if r["damping"] != requested_damping:
+            DegenerateGroupWarning, stacklevel=stacklevel + 1)
+
+
+def _warn_stopped(method, n_selected, stacklevel):
+    if method == "backward":
+        msg = (f"backward elimination stopped with {n_selected} group(s) kept: the remaining ones are "
+               "forced or numerically unusable; the result is partial")
+    else:
+        msg = (f"selection stopped early after {n_selected} group(s): every remaining group is degenerate; "
+               "the result is partial (use damping > 0 to select them anyway)")
+    warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+def _warn_damping(used, requested_damping, stacklevel, where=""):
+    if used != requested_damping:
         warnings.warn(
-            f"the Gram matrix was singular at damping={requested_damping:g}; it was raised to "
-            f"damping={r['damping']:g}", DampingRaisedWarning, stacklevel=3)
+            f"{where}the Gram matrix was singular at damping={requested_damping:g}; it was raised to "
+            f"damping={used:g}", DampingRaisedWarning, stacklevel=stacklevel + 1)
+
+
+def _selection(method, r, out_dtype, return_path):
+    """The :class:`Selection` of an engine result dict (no warnings)."""
+    energy = float(r["energy"])
+    rel = (lambda e: e / energy) if energy > 0 else (lambda e: np.zeros_like(e) if isinstance(e, np.ndarray) else 0.0)
+    selected = np.asarray(r["selected"], dtype=np.int64)
     path = np.asarray(r["error_path"]) if return_path else None
     return Selection(
         method=method,
@@ -144,9 +152,32 @@ def _result(method, r, out_dtype, return_path, requested_damping, n_groups, colu
         target_energy=energy,
         damping=float(r["damping"]),
         ridge=float(r["lambda"]),
-        skipped=skipped,
+        skipped=np.asarray(r["skipped"], dtype=np.int64),
         stopped_early=bool(r["stopped_early"]),
     )
+
+
+def _result(method, r, out_dtype, return_path, requested_damping, n_groups, columns_of_group):
+    _warn_skipped(np.asarray(r["skipped"], dtype=np.int64), requested_damping, stacklevel=3)
+    if r["stopped_early"]:
+        _warn_stopped(method, len(r["selected"]), stacklevel=3)
+    _warn_damping(r["damping"], requested_damping, stacklevel=3)
+    return _selection(method, r, out_dtype, return_path)
+
+
+def check_options(n_keep, tol, force, n_groups):
+    """``(n_keep, tol, force)`` checked for the engine (-1 for the one not given)."""
+    if (n_keep is None) == (tol is None):
+        raise ValueError("give exactly one of n_keep (number of groups to keep) and tol (relative error)")
+    nk = -1 if n_keep is None else _arrays.check_int(n_keep, "n_keep", lo=0, hi=n_groups)
+    tl = -1.0 if tol is None else _arrays.check_float(tol, "tol", lo=0.0, hi=1.0)
+    fl = [] if force is None else [_arrays.check_int(f, "force entry", lo=0, hi=n_groups - 1)
+                                   for f in _arrays.int_list(force, "force")]
+    if len(set(fl)) != len(fl):
+        raise ValueError("force lists a group twice")
+    if nk >= 0 and len(fl) > nk:
+        raise ValueError(f"force names {len(fl)} groups but n_keep is {nk}")
+    return nk, tl, fl
 
 
 def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, tol: Optional[float] = None,
@@ -213,16 +244,7 @@ def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, 
                                    mean_y=mean_y, count=count, weights_in=weights_in, bias_in=bias_in,
                                    fit_intercept=fit_intercept, damping=damping)
     offsets, columns, n_groups = groups_spec(D, group_size, groups)
-    if (n_keep is None) == (tol is None):
-        raise ValueError("give exactly one of n_keep (number of groups to keep) and tol (relative error)")
-    nk = -1 if n_keep is None else _arrays.check_int(n_keep, "n_keep", lo=0, hi=n_groups)
-    tl = -1.0 if tol is None else _arrays.check_float(tol, "tol", lo=0.0, hi=1.0)
-    fl = [] if force is None else [_arrays.check_int(f, "force entry", lo=0, hi=n_groups - 1)
-                                   for f in _arrays.int_list(force, "force")]
-    if len(set(fl)) != len(fl):
-        raise ValueError("force lists a group twice")
-    if nk >= 0 and len(fl) > nk:
-        raise ValueError(f"force names {len(fl)} groups but n_keep is {nk}")
+    nk, tl, fl = check_options(n_keep, tol, force, n_groups)
     rc = _arrays.check_float(rcond, "rcond", lo=0.0)
     dev = parse_device(device)
     args = dict(kw, offsets=offsets, columns=columns, method=method, n_keep=nk, tol=tl, force=fl, rcond=rc, n_targets=m)
