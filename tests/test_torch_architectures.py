@@ -32,10 +32,28 @@ CASES = {
 }
 
 
+# name -> the coupled groups prune finds by default (their names: the first writer)
+GROUPS = {"resnet_basic": {"conv1", "layers.2.downsample.0"},
+          "resnet_bottleneck": {"conv1", "layers.0.downsample.0", "layers.2.downsample.0"},
+          "mobilenetv2": {"stem.0"}}
+
+
 def _build(name):
     torch.manual_seed(0)
     ctor, shape, expected = CASES[name]
     return ctor().eval(), ctor, shape, expected
+
+
+def _check_group_sizes(r, mods, k):
+    """Every member of a coupled group's report entry has ``k`` channels."""
+    for w in r.writers:
+        assert _channels(mods[w]) == k
+    for name, g in zip(r.readers, r.group_sizes):
+        cons = mods[name]
+        assert (cons.in_channels if isinstance(cons, nn.Conv2d) else cons.in_features // g) == k
+    for b in r.between:
+        bm = mods[b]
+        assert (bm.num_features if isinstance(bm, nn.BatchNorm2d) else bm.groups) == k
 
 
 def _channels(m):
@@ -48,6 +66,7 @@ def test_find_pairs(name):
     found = lt.find_pairs(model, torch.randn(*shape))
     got = [(p.producer, p.consumer, p.between, p.group_size) for p in found.pairs]
     assert sorted(got) == sorted(expected)
+    assert {g.name for g in found.groups} == GROUPS.get(name, set())
     for p in expected:  # every producer appears once: found or skipped with a reason
         assert p[0] not in {s.producer for s in found.skipped}
     assert all(s.reason for s in found.skipped)
@@ -65,11 +84,15 @@ def test_prune_architecture(name):
     # promised channel counts, physically
     mods = dict(pruned.named_modules())
     orig = dict(model.named_modules())
-    assert {p.producer for p in report.pairs} == {e[0] for e in expected}
+    assert {p.producer for p in report.pairs} == {e[0] for e in expected} | GROUPS.get(name, set())
     for r in report.pairs:
         C = _channels(orig[r.producer])
         k = C - round(C / 2)
         assert (r.channels_before, r.channels_after, r.status) == (C, k, "pruned")
+        assert 0 <= r.relative_error < 1 and r.samples > 0 and r.time_s >= 0
+        if r.writers:  # a coupled group
+            _check_group_sizes(r, mods, k)
+            continue
         assert _channels(mods[r.producer]) == k and len(r.kept) == k == len(set(r.kept))
         cons = mods[r.consumer]
         if isinstance(cons, nn.Conv2d):
@@ -172,7 +195,8 @@ def test_report_serialisation():
         assert key in d["pairs"][0]
     again = lt.PruneReport.from_dict(d)
     assert again.to_dict() == report.to_dict()
-    assert report.forward_passes < 2.5 and report.strategy == "graph" and report.n_batches == 2
+    # one sweep, plus one partial sweep that stops after the stem's coupled group
+    assert report.forward_passes < 3.5 and report.strategy == "graph" and report.n_batches == 2
     text = str(report)
     assert "blocks.0.conv.0" in text and "->" in text
     p = report.pairs[0]

@@ -189,7 +189,7 @@ def test_hooks_strategy_equals_graph_strategy(name, mode):
                     "transformer": (tm.Transformer(), (16, 6, 16))}[name]
     model.eval()
     cal = batches(shape, n=3, seed=5)
-    pg, rg = lt.prune(model, cal, ratio=0.5, mode=mode, progress=False)
+    pg, rg = lt.prune(model, cal, ratio=0.5, mode=mode, progress=False, coupled=False)  # hooks prune pairs only
     explicit = [lt.Pair(p.producer, p.consumer, tuple(p.between)) for p in rg.pairs]
     ph, rh = lt.prune(model, cal, ratio=0.5, mode=mode, pairs=explicit, strategy="hooks", progress=False)
     assert (rg.strategy, rh.strategy) == ("graph", "hooks")

@@ -151,7 +151,7 @@ def test_activation_estimate_follows_the_sweep():
 
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
     x = torch.randn(10, 8)
-    _, chains, gm, _, _ = _graph_discovery(model, x, default_forward)
+    _, chains, gm, _, _, _ = _graph_discovery(model, x, default_forward)
     consumers = {c.consumer_node: [n for n, _, _ in c.slices] for c in chains.values()}
     ind = memory.activation_profile(gm.graph, consumers, sequential=False, scale=3.0)
     seq = memory.activation_profile(gm.graph, consumers, sequential=True, scale=3.0)

@@ -15,8 +15,8 @@ def _reasons(search):
 
 def test_skip_reasons():
     model = tm.Branchy().eval()
-    search = lt.find_pairs(model, torch.randn(2, 3, 8, 8))
-    assert search.pairs == []
+    search = lt.find_pairs(model, torch.randn(2, 3, 8, 8), coupled=False)  # pairs only, as before coupled groups
+    assert search.pairs == [] and search.groups == []
     r = _reasons(search)
     assert "residual add" in r["a"] and "residual add" in r["b"]
     assert "concat" in r["c"] and "concat" in r["d"]
@@ -28,6 +28,14 @@ def test_skip_reasons():
     text = str(search)
     assert "0 prunable pair(s), 11 skipped" in text and "residual add" in text
     assert {s.consumer for s in search.skipped if s.producer == "g"} == {"h"}
+    # with coupled groups: a/b form a residual stream read by b, c, d; e feeds f1 and f2; f1 + f2 feed a concat
+    search = lt.find_pairs(model, torch.randn(2, 3, 8, 8))
+    groups = {g.name: g for g in search.groups}
+    assert set(groups) == {"a", "e"} and groups["e"].kind == "multi_consumer" and groups["a"].kind == "residual"
+    assert groups["a"].writers == ("a", "b") and groups["a"].readers == ("b", "c", "d")
+    r = _reasons(search)
+    assert "a" not in r and "e" not in r and "concat" in r["f1"] and "coupled residual group" in r["f2"]
+    assert "0 prunable pair(s), 2 coupled group(s), 8 skipped" in str(search)
 
 
 def test_depthwise_and_variants():
@@ -155,12 +163,16 @@ class _InPlace(nn.Module):
         return self.fc4(z)
 
 
-def test_inplace_ops_keep_eager_semantics():
+@pytest.mark.parametrize("coupled", [False, True])
+def test_inplace_ops_keep_eager_semantics(coupled):
     torch.manual_seed(0)
     model = _InPlace().eval()
     cal = [torch.randn(64, 6) for _ in range(2)]
-    pruned, report = lt.prune(model, cal, ratio=0.5, progress=False)
-    assert [p.producer for p in report.pairs] == ["fc1"]
+    pruned, report = lt.prune(model, cal, ratio=0.5, progress=False, coupled=coupled)
+    # fc2 and fc3 write z (the in-place add), fc4 reads it: a residual group when coupled
+    assert [p.producer for p in report.pairs] == (["fc1", "fc2"] if coupled else ["fc1"])
+    if coupled:
+        assert report.pair("fc2").writers == ["fc2", "fc3"] and report.pair("fc2").readers == ["fc4"]
     num = den = 0.0
     with torch.no_grad():
         for x in cal:

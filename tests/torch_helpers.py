@@ -62,8 +62,8 @@ def output_error(pruned: nn.Module, original: nn.Module, data) -> float:
 
 
 def no_refit_copy(model: nn.Module, report) -> nn.Module:
-    """The original model with the report's channels removed but no re-fit: the consumer's
-    original weights are sliced to the kept channels (its original bias stays)."""
+    """The original model with the report's channels removed but no re-fit: the consumers' (a coupled
+    group's readers') original weights are sliced to the kept channels (their original biases stay)."""
     from lsprune.torch.surgery import shrink_channels, shrink_in, shrink_out
 
     m = copy.deepcopy(model)
@@ -72,8 +72,37 @@ def no_refit_copy(model: nn.Module, report) -> nn.Module:
         for p in report.pairs:
             if p.status != "pruned":
                 continue
-            shrink_out(mods[p.producer], p.kept)
+            for w in p.writers or [p.producer]:  # a coupled group: every writer and reader
+                shrink_out(mods[w], p.kept)
             for b in p.between:
                 shrink_channels(mods[b], p.kept)
-            shrink_in(mods[p.consumer], p.kept, p.group_size)
+            for c, g in zip(p.readers or [p.consumer], p.group_sizes or [p.group_size]):
+                shrink_in(mods[c], p.kept, g)
     return m
+
+
+def digits_data(seed: int = 0):
+    """sklearn's 8x8 digits as (N, 1, 8, 8) float32 in [0, 1] and labels, split 1,297 train / 500 test
+    (shuffled with ``seed``)."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    X = torch.as_tensor(X, dtype=torch.float32)[perm].reshape(-1, 1, 8, 8) / 16.0
+    y = torch.as_tensor(y)[perm]
+    return (X[:1297], y[:1297]), (X[1297:], y[1297:])
+
+
+def train_briefly(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 8, seed: int = 0,
+                  lr: float = 3e-3) -> nn.Module:
+    """A few epochs of Adam on (x, y) with cross-entropy; returns the model in eval mode."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y)).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()

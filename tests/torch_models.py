@@ -304,6 +304,60 @@ class TinyTextModel(nn.Module):
         return self.head((x * m).sum(1) / m.sum(1))
 
 
+class SmallResNet(nn.Module):
+    """A ResNet-style CNN for coupled groups: stem conv+BN, three basic blocks (the third with a stride-2
+    downsample), global pooling, Linear head. Two residual streams: the stem's (read by every block of
+    width ``w``) and the third block's (read by the head)."""
+
+    def __init__(self, c_in=1, w=16, w2=32, n_out=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, w, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.relu = nn.ReLU(inplace=True)
+        self.layers = nn.Sequential(BasicBlock(w, w), BasicBlock(w, w), BasicBlock(w, w2, stride=2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(w2, n_out)
+
+    def forward(self, x):
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class TwoHeadMLP(nn.Module):
+    """One hidden layer read by two Linear heads (a multi-consumer group); the heads' outputs are concatenated."""
+
+    def __init__(self, d_in=12, hidden=32, d_out=4):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.act = nn.GELU()
+        self.head1 = nn.Linear(hidden, d_out)
+        self.head2 = nn.Linear(hidden, d_out, bias=False)
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        return torch.cat([self.head1(h), self.head2(h)], 1)
+
+
+class InceptionToy(nn.Module):
+    """A stem (conv+BN+ReLU) feeding a 1x1 and a 3x3 branch (a multi-consumer group); each branch is pooled
+    and read by its own Linear (pairs); the two logits are summed."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.a = nn.Conv2d(c, 6, 1)
+        self.b = nn.Conv2d(c, 6, 3, padding=1, bias=False)
+        self.fa = nn.Linear(6 * 4, 5)
+        self.fb = nn.Linear(6 * 4, 5)
+
+    def forward(self, x):
+        s = F.relu(self.bn(self.stem(x)))
+        a = torch.flatten(F.adaptive_avg_pool2d(F.relu(self.a(s)), 2), 1)
+        b = torch.flatten(F.adaptive_avg_pool2d(torch.tanh(self.b(s)), 2), 1)
+        return self.fa(a) + self.fb(b)
+
+
 def init_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial BatchNorm statistics and affine parameters (random init would make BN the identity)."""
     g = torch.Generator().manual_seed(seed)

@@ -121,6 +121,8 @@ def _prune_options(args) -> dict:
               memory_limit=_memory_limit(args.memory_limit))
     if args.no_refit:
         kw["refit"] = False
+    if args.no_coupled:
+        kw["coupled"] = False
     if args.ratio is not None:
         kw["ratio"] = args.ratio
     else:

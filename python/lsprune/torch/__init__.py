@@ -8,7 +8,8 @@
 * :func:`apply_structure` — shrink a freshly built model to a report's channel counts (to load a pruned state_dict).
 * :func:`count_flops_params` — parameters and multiply-accumulates (MACs) of a model.
 * :class:`PruneReport`, :class:`PairReport`, :class:`FactorizeReport`, :class:`LayerFactorReport`, :class:`Pair`,
-  :class:`SkippedPair`, :class:`PairSearch`; :class:`Budget` (= :class:`lsprune.Budget`).
+  :class:`CoupledGroup` (layers that share one channel index), :class:`SkippedPair`, :class:`PairSearch`;
+  :class:`Budget` (= :class:`lsprune.Budget`).
 * :class:`MemoryLimitError` (the memory guard refused), :class:`DistributedError` (another rank failed),
   :class:`NoPrunablePairsError` (nothing to prune; carries the skipped candidates and their reasons).
 
@@ -28,7 +29,7 @@ from .factorize import factorize
 from .flops import FlopsCount, count_flops_params
 from .graph import NotTraceableError
 from .memory import MemoryLimitError
-from .pairs import NoPrunablePairsError, Pair, PairSearch, SkippedPair
+from .pairs import CoupledGroup, NoPrunablePairsError, Pair, PairSearch, SkippedPair
 from .report import PairReport, PruneReport
 from .blockwise import BlocksNotFoundError
 from .layouts import Unit, find_units
@@ -38,4 +39,4 @@ from .surgery import apply_structure
 __all__ = ["prune", "factorize", "Budget", "find_pairs", "apply_structure", "count_flops_params", "FlopsCount", "Pair",
            "PairSearch", "SkippedPair", "PairReport", "PruneReport", "FactorizeReport", "LayerFactorReport",
            "NotTraceableError", "MemoryLimitError", "DistributedError", "DEFAULT_MAX_POSITIONS", "save_pruned",
-           "load_pruned", "find_units", "Unit", "BlocksNotFoundError", "NoPrunablePairsError"]
+           "load_pruned", "find_units", "Unit", "BlocksNotFoundError", "NoPrunablePairsError", "CoupledGroup"]

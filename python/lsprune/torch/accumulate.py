@@ -317,6 +317,14 @@ class Sums:
         self._result: Optional[lsprune.Statistics] = None  # after statistics(): the (reduced) statistics
         self._local_rows: Optional[int] = None  # rows of this process, frozen by statistics()
 
+    def with_targets(self, n_targets: int) -> "Sums":
+        """Empty sums of the same back-end for ``n_targets`` targets (a consumer that lost output rows)."""
+        if self._b is not None or self._result is not None:
+            raise RuntimeError("the targets of sums that already hold rows cannot change")
+        out = Sums(self.D, n_targets, self.device, dist=self.dist)
+        out.engine_dev, out.use_torch = self.engine_dev, self.use_torch
+        return out
+
     def _new_backend(self):
         if self.engine_dev is not None:
             return _CudaEngineSums(self.D, self.m, self.engine_dev)

@@ -31,7 +31,7 @@ logger = logging.getLogger("lsprune.torch")
 
 # ---------------------------------------------------------------------------------------------- find_pairs
 def find_pairs(model: nn.Module, example_input, *, forward_fn: Optional[Callable] = None, units=None,
-               blocks: Optional[str] = None) -> PairSearch:
+               blocks: Optional[str] = None, coupled: bool = True) -> PairSearch:
     """Lists what :func:`prune` would prune in a model, and why other layers are skipped.
 
     A model with a list of transformer blocks (see ``prune(strategy="blocks")``) lists its units:
@@ -49,11 +49,15 @@ def find_pairs(model: nn.Module, example_input, *, forward_fn: Optional[Callable
         ``forward_fn(model, batch)``, see :func:`prune`.
     units, blocks
         As in :func:`prune` (transformers).
+    coupled : bool, default True
+        Also list the coupled channel groups (:class:`CoupledGroup`: a producer read by several
+        consumers, a residual stream), as :func:`prune` with ``coupled=True`` prunes them.
 
     Returns
     -------
     PairSearch
-        ``.pairs`` (in forward order) and ``.skipped`` (with reasons); ``print()`` it for a table.
+        ``.pairs`` (in forward order), ``.groups`` (coupled groups) and ``.skipped`` (with reasons);
+        ``print()`` it for a table.
 
     Raises
     ------
@@ -64,6 +68,7 @@ def find_pairs(model: nn.Module, example_input, *, forward_fn: Optional[Callable
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if forward_fn is not None and not callable(forward_fn):
         raise TypeError("forward_fn must be callable: forward_fn(model, batch)")
+    coupled = Flag().check("coupled", coupled)
     kinds = normalize_units(units)
     try:
         return unit_search(model, blocks, kinds)
@@ -74,8 +79,8 @@ def find_pairs(model: nn.Module, example_input, *, forward_fn: Optional[Callable
     try:
         model.eval()
         with torch.no_grad():
-            search, _, _, _, _ = _graph_discovery(model, to_device(example_input, first_tensor_device(model)),
-                                                  forward_fn or default_forward)
+            search = _graph_discovery(model, to_device(example_input, first_tensor_device(model)),
+                                      forward_fn or default_forward, coupled=coupled)[0]
     finally:
         state.restore(model)
     return search
@@ -90,13 +95,15 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
           max_positions: Optional[int] = DEFAULT_MAX_POSITIONS, seed: int = 0,
           strategy: str = "auto", distributed: Optional[bool] = None, checkpoint=None,
           checkpoint_interval: float = 60.0, memory_limit="auto", units=None, targets: str = "layer",
-          blocks: Optional[str] = None) -> Tuple[nn.Module, PruneReport]:
+          blocks: Optional[str] = None, coupled: bool = True) -> Tuple[nn.Module, PruneReport]:
     """Structurally prunes a trained model by layerwise least squares (no labels, no fine-tuning).
 
     For every prunable pair producer -> (BatchNorm, activation, pooling, depthwise conv,
     flatten) -> consumer, chooses the producer's output channels that best reproduce the
     consumer's original outputs on the calibration data, re-fits the consumer by least
-    squares and physically removes the other channels.
+    squares and physically removes the other channels. Coupled channel groups (a producer read
+    by several consumers, a residual stream: ``coupled``) lose the same channels in every member,
+    chosen jointly for all their readers.
 
     Parameters
     ----------
@@ -144,9 +151,10 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
         tqdm progress bars.
     pairs : list, optional
         Pairs to prune: :class:`Pair` objects or ``(producer, consumer)`` / ``(producer, consumer,
-        [between...])`` tuples of module names. On a traceable model they must be among the
-        pairs :func:`find_pairs` finds; on a model torch.fx cannot trace they are required and are
-        checked with hooks on the first batch (see the README).
+        [between...])`` tuples of module names, and :class:`CoupledGroup` objects. On a traceable
+        model they must be among the pairs and groups :func:`find_pairs` finds (a declared group whose
+        members disagree on width raises ``ValueError``); on a model torch.fx cannot trace pairs are
+        required and are checked with hooks on the first batch (see the README).
     forward_fn : callable, optional
         ``forward_fn(model, batch)`` runs one batch; it must call ``model(...)`` once. Default:
         ``model(x)``, ``model(batch[0])`` for tuples/lists, ``model(**batch)`` for dicts.
@@ -182,6 +190,14 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
     blocks : str, optional
         Blocks strategy: the name of the ``nn.ModuleList`` of repeated blocks (e.g.
         ``"model.layers"``); found automatically when omitted.
+    coupled : bool, default True
+        Graph strategy: also prune coupled channel groups (:class:`CoupledGroup`, see
+        :func:`find_pairs`): a producer whose output feeds several consumers, and residual streams
+        (every writer into the stream by elementwise add and every reader of it). Channel ``j`` leaves
+        every member; the channels are chosen jointly over the readers' LS problems
+        (:func:`lsprune.select_joint`) and each reader is re-fitted. ``False``: only pairs, as before.
+        Methods with a group variant: forward, omp, backward, magnitude (group magnitude), random;
+        with the others the groups are left alone (``report.skipped``).
 
     distributed : bool or None
         ``None`` (default): distributed calibration when ``torch.distributed`` is initialised with

@@ -25,12 +25,16 @@ from lsprune import _policy
 NORMS = ("l1", "l2")
 
 
-def magnitude_order(producer: nn.Module, norm: str = "l1") -> np.ndarray:
-    """Producer channels by decreasing filter norm (ties: lowest index first), shape (C,)."""
+def filter_norms(producer: nn.Module, norm: str = "l1") -> np.ndarray:
+    """The L1 or L2 norm of each output channel's filter (weight row), shape (C,)."""
     w = producer.weight.detach().to("cpu", torch.float64)
     w = w.reshape(w.shape[0], -1).numpy()
-    score = np.abs(w).sum(1) if norm == "l1" else np.sqrt((w * w).sum(1))
-    return np.argsort(-score, kind="stable")
+    return np.abs(w).sum(1) if norm == "l1" else np.sqrt((w * w).sum(1))
+
+
+def magnitude_order(producer: nn.Module, norm: str = "l1") -> np.ndarray:
+    """Producer channels by decreasing filter norm (ties: lowest index first), shape (C,)."""
+    return np.argsort(-filter_norms(producer, norm), kind="stable")
 
 
 def random_order(n: int, seed: int, index: int) -> np.ndarray:

@@ -82,9 +82,9 @@ def check_reachable(budget: Budget, costs, options: List[np.ndarray],
                              f"multiple={budget.multiple}: kept counts are multiples of {budget.multiple} (or a "
                              f"pair's full count), which holds {rounded} pair(s) above their min_keep, so {reach}; "
                              f"lower multiple= (min_keep={budget.min_keep!r} is not the limit)")
-        raise ValueError(f"budget {budget.kind}={budget.fraction:g} is unreachable: only the prunable pairs can "
-                         f"shrink, so with min_keep={budget.min_keep!r} and multiple={budget.multiple} {reach}; "
-                         "lower min_keep to go further")
+        raise ValueError(f"budget {budget.kind}={budget.fraction:g} is unreachable: only the prunable pairs (and "
+                         f"coupled groups) can shrink, so with min_keep={budget.min_keep!r} and "
+                         f"multiple={budget.multiple} {reach}; lower min_keep to go further")
     return lo_cost, hi_cost
 
 

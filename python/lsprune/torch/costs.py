@@ -8,13 +8,13 @@ so the predicted cost of a plan equals the pruned model's measured ``flops_after
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch.nn as nn
 
 from .flops import module_macs, own_params, total_params
-from .pairs import Pair, is_depthwise
+from .pairs import CoupledGroup, Pair, is_depthwise
 
 KINDS = ("flops", "params")
 
@@ -32,20 +32,29 @@ def _per_channel_params(m: nn.Module) -> int:
     return 1 if getattr(m, "bias", None) is not None else 0
 
 
-class PairCosts:
-    """``cost(keep)``: the whole model's MACs per sample or parameters when pair ``i`` of
-    ``pairs`` keeps ``keep[i]`` channels.
+def unit_members(unit) -> Tuple[Sequence[str], Sequence[str], Sequence[Tuple[str, int]]]:
+    """(writers, per-channel modules, [(reader, group size)]) of a :class:`Pair` or :class:`CoupledGroup`."""
+    if isinstance(unit, CoupledGroup):
+        return unit.writers, unit.between, list(zip(unit.readers, unit.group_sizes))
+    return (unit.producer,), unit.between, [(unit.consumer, int(unit.group_size or 1))]
 
-    Modules outside the pairs are a constant. A producer's output size, a consumer's input
-    size (``k * group_size`` for a Linear after a flatten), a depthwise conv's channels and a
-    BatchNorm/PReLU's channels follow the pair's count; a module that is the consumer of one
-    pair and the producer of the next costs ``k_in * k_out`` (bilinear).
+
+class PairCosts:
+    """``cost(keep)``: the whole model's MACs per sample or parameters when unit ``i`` of
+    ``pairs`` (a pair or a coupled group) keeps ``keep[i]`` channels.
+
+    Modules outside the units are a constant. A producer's (every writer's) output size, a
+    consumer's (every reader's) input size (``k * group_size`` for a Linear after a flatten), a
+    depthwise conv's channels and a BatchNorm/PReLU's channels follow the unit's count; a module
+    whose input is one unit's and output another's (the consumer of one pair and the producer of
+    the next, a residual block's first conv) costs ``k_in * k_out`` (bilinear), also when both are
+    the same group (a conv that reads and writes one stream).
 
     Parameters
     ----------
     model : nn.Module
         The original model.
-    pairs : sequence of Pair
+    pairs : sequence of Pair or CoupledGroup
         With ``group_size`` resolved.
     channels : dict producer -> int
     positions : dict module name -> float
@@ -67,11 +76,13 @@ class PairCosts:
         out_of: Dict[str, int] = {}
         in_of: Dict[str, tuple] = {}
         for i, p in enumerate(pairs):
-            out_of[p.producer] = i
-            for b in p.between:
-                out_of[b] = i  # BatchNorm, PReLU, depthwise conv: their channels are the pair's
-            cons = mods[p.consumer]
-            in_of[p.consumer] = (i, 1 if isinstance(cons, nn.Conv2d) else int(p.group_size or 1))
+            writers, between, readers = unit_members(p)
+            for w in writers:
+                out_of[w] = i
+            for b in between:
+                out_of[b] = i  # BatchNorm, PReLU, depthwise conv: their channels are the unit's
+            for r, g in readers:
+                in_of[r] = (i, 1 if isinstance(mods[r], nn.Conv2d) else g)
         affected = sorted(set(out_of) | set(in_of))
         rec: List[tuple] = []  # (pos, out_pair, out_const, in_pair, in_mult, in_const, kernel, per_channel, add_pair)
         const = 0.0

@@ -108,7 +108,7 @@ class LayerFactorize:
         self.ref = s.reference()
         batch0, _ = s.example()
         try:
-            _, _, gm, self.positions, inputs0 = graph_discovery(self.ref, batch0, s.run)
+            _, _, gm, self.positions, inputs0, _ = graph_discovery(self.ref, batch0, s.run)
         except NotTraceableError as e:
             raise ValueError(f"{e}\nfactorize needs a model torch.fx can trace") from e
         self.graph = gm.graph

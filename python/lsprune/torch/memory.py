@@ -40,7 +40,7 @@ import torch
 import torch.fx as fx
 
 from .accumulate import CHUNK_BYTES
-from .pairs import producer_channels
+from .pairs import CoupledGroup, producer_channels
 from .pruning import consumer_width
 
 logger = logging.getLogger("lsprune.torch")
@@ -312,7 +312,8 @@ class Guard:
     ref_modules : dict
         Modules of the original network.
     chains : dict or None
-        Graph strategy: the pairs' chains (consumer node, sliced nodes).
+        Graph strategy: the pairs' chains (consumer node, sliced nodes) by producer, and the coupled
+        groups' :class:`.coupling.GroupChain` by group name.
     graph : fx.Graph or None
         Graph strategy: the traced graph (node bytes recorded by ``record_shapes``).
     method, refit
@@ -346,19 +347,35 @@ class Guard:
         self.report = MemoryReport(self.limit.bytes, self.limit.source, self.limit.available, model_copy=self.fixed)
 
     def _need(self, pair, count: int, *, sequential: bool) -> PairNeed:
-        cons = self.modules[pair.consumer]
+        if isinstance(pair, CoupledGroup):
+            return self._group_need(pair, count, sequential=sequential)
+        g = consumer_width(self.modules[pair.consumer]) // max(1, producer_channels(self.modules[pair.producer]))
+        node = self.chains[pair.producer].consumer_node if self.chains is not None else None
+        return self._reader_need(pair.producer, pair.consumer, g, count, node, sequential=sequential)
+
+    def _reader_need(self, name: str, consumer: str, g: int, count: int, node, *, sequential: bool) -> PairNeed:
+        """One consumer's statistics and solver, keeping ``count`` channels of ``g`` columns each."""
+        cons = self.modules[consumer]
         D = consumer_width(cons)
         m = int(cons.weight.shape[0])
-        g = D // max(1, producer_channels(self.modules[pair.producer]))
         fp32 = cons.weight.dtype != torch.float64  # float64 activations skip the float32 scratch
-        node = self.chains[pair.producer].consumer_node if self.chains is not None else None
         chunk = CHUNK_BYTES
         if node is not None and node.args and isinstance(node.args[0], fx.Node):  # one batch of unfolded inputs
             chunk = min(chunk, int(node.args[0].meta.get("nbytes", chunk) * g))
-        return PairNeed(pair.producer, node,
+        return PairNeed(name, node,
                         statistics_bytes(D, m if sequential else 0, fp32_scratch=fp32, on_device=self.on_device),
                         solver_bytes(D, m, int(count) * g, method=self.method, refit=self.refit,
                                      independent=not sequential), TRANSIENT_CHUNKS * chunk)
+
+    def _group_need(self, group: CoupledGroup, count: int, *, sequential: bool) -> PairNeed:
+        """A coupled group holds every reader's statistics at once and solves them jointly (one forward
+        state per reader): the readers' needs summed, alive at its last reader."""
+        chain = self.chains[group.name] if self.chains is not None else None
+        needs = [self._reader_need(group.name, r, g, count, None, sequential=sequential)
+                 for r, g in zip(group.readers, group.group_sizes)]
+        stats = {k: sum(n.statistics[k] for n in needs) for k in needs[0].statistics}
+        return PairNeed(group.name, chain.consumer_node if chain is not None else None, stats,
+                        sum(n.solver for n in needs), max(n.transient for n in needs))
 
     def plan(self, what: str, pairs, counts, names, *, sequential: bool, replace: bool = False) -> PassPlan:
         """Estimates a pass over the pairs ``names`` (keeping ``counts[producer]`` channels) and splits an

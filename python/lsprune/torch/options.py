@@ -26,8 +26,8 @@ from lsprune.budget import Budget, as_budget
 
 from .baselines import NORMS
 from .layouts import UNIT_KINDS, normalize_units
-from .pairs import (Pair, channel_passthrough_kind, check_consumer, check_producer, normalize_pairs, producer_channels,
-                    shared_state)
+from .pairs import (CoupledGroup, Pair, channel_passthrough_kind, check_consumer, check_producer, group_width_reason,
+                    normalize_pairs, producer_channels, shared_state)
 from .pruning import SELECTORS
 
 MODES = ("sequential", "independent")
@@ -289,7 +289,8 @@ def _check_names(what: str, names, modules) -> None:
 
 # ---------------------------------------------------------------------------------------------- prune
 #: Options that change the result: a checkpoint must have been written with the same values.
-FINGERPRINT = ("ratio", "keep", "budget", "method", "refit", "norm", "mode", "damping", "max_positions", "seed")
+FINGERPRINT = ("ratio", "keep", "budget", "method", "refit", "norm", "mode", "damping", "max_positions", "seed",
+               "coupled")
 #: Options every rank of a distributed prune must agree on (device and memory limit may differ per rank).
 AGREED = FINGERPRINT + ("pairs", "units", "targets", "blocks")
 
@@ -298,7 +299,8 @@ AGREED = FINGERPRINT + ("pairs", "units", "targets", "blocks")
 class PruneOptions:
     """Every keyword of :func:`lsprune.torch.prune`, normalized: ``ratio`` a float, ``keep`` a dict of ints,
     ``budget`` a :class:`lsprune.Budget`, ``device`` a torch.device (None: the model's), ``pairs`` a list of
-    :class:`Pair` (None: every pair found), ``units`` a tuple of unit kinds (None: not given)."""
+    :class:`Pair` / :class:`CoupledGroup` (None: every pair and group found), ``units`` a tuple of unit kinds
+    (None: not given), ``coupled`` whether coupled channel groups are pruned too."""
 
     ratio: Optional[float] = param(Fraction("it is the fraction of channels removed per pair"))
     keep: Optional[Dict[str, int]] = param(Keep())
@@ -325,6 +327,7 @@ class PruneOptions:
     units: Optional[Tuple[str, ...]] = param(Converted(normalize_units))
     targets: str = param(OneOf(TARGETS))
     blocks: Optional[str] = param(NameOrNone("the name of the model's list of blocks"))
+    coupled: bool = param(Flag())
 
     @classmethod
     def create(cls, model: nn.Module, **kwargs) -> "PruneOptions":
@@ -346,6 +349,9 @@ class PruneOptions:
     def _check_names(self, modules, ties) -> None:
         _check_names("keep", self.keep or (), modules)
         for p in self.pairs or ():
+            if isinstance(p, CoupledGroup):
+                _check_group(p, modules, ties)
+                continue
             _check_names("pairs", (p.producer, p.consumer, *p.between), modules)
             reason = check_producer(modules[p.producer]) or check_consumer(modules[p.consumer])
             if reason:
@@ -385,7 +391,16 @@ class PruneOptions:
         """The options a :class:`PruneReport` records."""
         return dict(mode=self.mode, method=self.method, ratio=self.ratio, refit=self.refit,
                     norm=self.norm if self.method == "magnitude" else None, damping=float(self.damping),
-                    max_positions=self.max_positions, seed=self.seed)
+                    max_positions=self.max_positions, seed=self.seed, coupled=self.coupled)
+
+
+def _check_group(group: CoupledGroup, modules, ties) -> None:
+    """A declared coupled group: known modules, kinds and widths that agree, no tied weights."""
+    _check_names(f"coupled group {group.name}", group.members, modules)
+    reason = group_width_reason(modules, group)
+    tied = [f"{n}: {ties[n]}" for n in group.members if n in ties]
+    if reason or tied:
+        raise ValueError(f"coupled group {group.name}: {reason or tied[0]}")
 
 
 # ---------------------------------------------------------------------------------------------- factorize

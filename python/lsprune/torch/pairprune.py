@@ -1,14 +1,18 @@
 """``prune()`` with the graph or hooks strategy, stage by stage.
 
-find the pairs (:mod:`.discovery`) -> bound the budget and plan the counts (:mod:`.plan`) -> checkpoint ->
-memory guard -> [a global budget's independent pass, then the allocation] -> the pruning pass (the graph
-sweep of :mod:`.sweep` or the module hooks of :mod:`.hooks`; each pair finished by :func:`.pruning.finish`)
--> the report (:mod:`.reporting`). Nothing is modified before the checkpoint and memory checks pass.
+find the pairs and coupled groups (:mod:`.discovery`, :mod:`.coupling`) -> bound the budget and plan the
+counts (:mod:`.plan`) -> checkpoint -> memory guard -> [a global budget's independent pass, then the
+allocation] -> the pruning pass (the graph sweep of :mod:`.sweep` or the module hooks of :mod:`.hooks`; each
+pair finished by :func:`.pruning.finish`, each group by :func:`.grouppruning.finish_group`) -> the report
+(:mod:`.reporting`). Nothing is modified before the checkpoint and memory checks pass.
+
+A *unit* is a pair or a coupled group; both are keyed by ``unit.producer`` (a group's name). In sequential
+mode with groups the pruning pass is a series of sweeps, one per group (docs/design.md, "Coupled groups").
 """
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch.nn as nn
 
@@ -16,12 +20,13 @@ from . import budget as budgeting
 from .batches import batch_size
 from .checkpoint import Checkpoint, fingerprint
 from .costs import PairCosts
-from .discovery import check_keep, find_prunable
+from .discovery import check_keep, find_prunable, skip_groups_for_method
 from .distributed import Dist
+from .grouppruning import GROUP_METHODS, GroupJob, finish_group, group_error_path, make_group_job
 from .hooks import pruned_failure, run_hooks
 from .memory import Guard
 from .options import PruneOptions
-from .pairs import producer_channels
+from .pairs import CoupledGroup, producer_channels
 from .plan import budget_bounds, plan_channels
 from .pruning import PairJob, error_path, finish, make_job
 from .report import PruneReport
@@ -40,7 +45,7 @@ class PairPrune:
         self.timer = session.timer
         self.bounds = self.plan = self.ckpt = None
         self.paths: Optional[Dict[str, object]] = None
-        self.pre_jobs: Dict[str, PairJob] = {}
+        self.pre_jobs: Dict[str, Union[PairJob, GroupJob]] = {}
 
     def run(self) -> Tuple[nn.Module, PruneReport]:
         self.ref = self.s.reference()
@@ -68,10 +73,14 @@ class PairPrune:
         """The pairs (nothing is modified before this is done), their channels and the example's FLOPs."""
         opts, dist = self.opts, self.dist
         self.found = f = find_prunable(self.ref, self.batch0, self.s.run, strategy=opts.strategy,
-                                       explicit=opts.pairs, seed=opts.seed)
-        self.chosen = f.pairs
+                                       explicit=opts.pairs, seed=opts.seed, coupled=opts.coupled)
+        skip_groups_for_method(f, opts.method, GROUP_METHODS)
+        self.group_chains = {c.group.name: c for c in f.groups}
+        # units: the pairs (forward order), then the groups; pairs keep their indices (seeds) as without groups
+        self.chosen = f.pairs + [c.group for c in f.groups]
         self.ref_mods = dict(self.ref.named_modules())
-        self.channels = {p.producer: producer_channels(self.ref_mods[p.producer]) for p in self.chosen}
+        self.channels = {p.producer: p.channels if isinstance(p, CoupledGroup) else
+                         producer_channels(self.ref_mods[p.producer]) for p in self.chosen}
         b0 = batch_size(self.batch0) or 1
         self.scale = self.s.n_samples / b0  # calibration set / the recorded batch
         if dist.active:  # FLOPs (report, budget) counted on one rank's batch, so that all ranks plan alike
@@ -116,7 +125,8 @@ class PairPrune:
     def _plan_memory(self) -> None:
         """The memory guard: every pass is estimated before any statistics exist."""
         o, f, chosen, seq = self.opts, self.found, self.chosen, self.opts.sequential
-        self.guard = Guard(o.memory_limit, self.dist, self.s.dev, self.ref_mods, f.chains if f.use_graph else None,
+        self.guard = Guard(o.memory_limit, self.dist, self.s.dev, self.ref_mods,
+                           {**f.chains, **self.group_chains} if f.use_graph else None,
                            f.gm.graph if f.use_graph else None, method=o.method, refit=o.refit, scale=self.scale,
                            model_copies=2 if self.s.copies_model else 1)
         b = self.bounds
@@ -125,7 +135,9 @@ class PairPrune:
         self.pre_plan = self.guard.plan("the budget's independent pass", chosen,
                                         {p.producer: int(b.hi[i]) for i, p in enumerate(chosen)}
                                         if self.global_pass else {}, self.pre_names, sequential=False)
-        self.reuse = self.global_pass and not seq and len(self.pre_plan.waves) == 1  # budget statistics prune too
+        # the budget statistics prune too (a resumed group has no statistics saved: it takes a pass)
+        self.reuse = self.global_pass and not seq and len(self.pre_plan.waves) == 1 and \
+            not (self.group_chains and self.ckpt is not None)
         self.main_what = "the sequential pass" if seq else "the independent pass"
         # a global budget's counts are known after its pass: until then, the least any plan needs (min_keep)
         least = self.plan if self.plan is not None else {p.producer: int(b.lo[i]) for i, p in enumerate(chosen)}
@@ -140,30 +152,91 @@ class PairPrune:
             else ([], [])
         self.pruned = s.working_copy()
         self.pr_mods = dict(self.pruned.named_modules())
-        s.protect([self.pr_mods[n] for p in self.chosen for n in (p.producer, *p.between, p.consumer)])
+        s.protect([self.pr_mods[n] for p in self.chosen for n in _members(p)])
         dist = self.dist if self.dist.active else None
         self.job_kw = dict(device=s.dev, use_torch_sums=None, seed=o.seed, max_positions=o.max_positions,
                            n_samples=max(1, int(self.dist.reduce_numbers([s.n_samples])[0])), refit=o.refit,
                            norm=o.norm, dist=dist, ckpt=self.ckpt)
+        # output rows each module still has, shared by the jobs (only coupled groups remove a consumer's rows)
+        self.rows: Optional[Dict[str, object]] = {} if self.group_chains else None
         self.common = dict(complete=self._finish, progress=o.progress, timer=self.timer)
         self.passes = s.per_batch if f.use_graph else (1.0 + len(f.probes)) * s.per_batch
 
-    def _pass(self, jobs: Dict[str, PairJob], *, seq: bool, collect_only: bool = False) -> Optional[float]:
+    def _pass(self, jobs: Dict[str, Job], *, seq: bool, collect_only: bool = False) -> Optional[float]:
         """One pass of the strategy over the calibration data; returns the output error (graph, sequential)
-        or None."""
+        or None. A sequential pass with coupled groups is a series of sweeps (:meth:`_segments`)."""
         f = self.found
         if f.use_graph:
-            res = sweep(f.gm.graph, self.ref, self.pruned, self.inputs, self.masks, jobs, f.chains, sequential=seq,
-                        collect_only=collect_only, dist=self.job_kw["dist"], **self.common)
-            self.passes += 1.0 + res["pruned_pass_fraction"]
-            return res["output_relative_error"]
+            if seq and any(isinstance(j, GroupJob) for j in jobs.values()):
+                return self._segments(jobs)
+            return self._sweep(jobs, seq=seq, collect_only=collect_only)["output_relative_error"]
         self.passes += run_hooks(self.ref, self.pruned, self.s.batches, self.s.dev, self.s.run, self.s.mask_fn,
                                  list(jobs.values()), sequential=seq, collect_only=collect_only, **self.common)
         return None
 
-    def _finish(self, job: PairJob):
-        """Selects, re-fits and shrinks a pair whose statistics are complete; returns its report."""
+    def _sweep(self, jobs: Dict[str, Job], *, seq: bool, collect_only: bool = False, modified=None) -> dict:
+        """One graph sweep; a group's readers are streamed as jobs of their own, at their reader nodes."""
+        f = self.found
+        flat: Dict[str, PairJob] = {}
+        nodes = {}
+        for name, job in jobs.items():
+            if isinstance(job, GroupJob):
+                for r, (reader, node) in enumerate(zip(job.readers, job.chain.reader_nodes)):
+                    flat[f"{name}#{r}"] = reader
+                    nodes[f"{name}#{r}"] = node
+            else:
+                flat[name] = job
+        res = sweep(f.gm.graph, self.ref, self.pruned, self.inputs, self.masks, flat, f.chains, sequential=seq,
+                    collect_only=collect_only, job_nodes=nodes, dist=self.job_kw["dist"], modified=modified,
+                    **self.common)
+        self.passes += res["pass_fraction"] + res["pruned_pass_fraction"]
+        return res
+
+    def _segments(self, jobs: Dict[str, Job]) -> Optional[float]:
+        """Sequential mode with coupled groups: one sweep per group, in the order of their first readers.
+        A sweep prunes the pairs whose consumer comes before the group's first reader, streams the group's
+        readers on the model pruned so far and stops once the group is pruned at its last reader (the pairs
+        in between wait for the next sweep, so that they see the pruned stream); a last sweep prunes the
+        remaining pairs and measures the output error."""
+        order = {n: i for i, n in enumerate(self.found.gm.graph.nodes)}
+        pairs = {n: j for n, j in jobs.items() if not isinstance(j, GroupJob)}
+        groups = sorted((j for j in jobs.values() if isinstance(j, GroupJob)),
+                        key=lambda g: order[g.chain.first_node])
+        modified: set = set()
+        for g in [*groups, None]:
+            first = order[g.chain.first_node] if g is not None else len(order)
+            seg = {n: j for n, j in pairs.items() if order[self.found.chains[n].consumer_node] < first}
+            for n in seg:
+                del pairs[n]
+            if g is not None:
+                seg[g.group.name] = g
+            res = self._sweep(seg, seq=True, modified=set(modified))
+            modified.update(n for j in seg.values() for n in _members(j.pair))
+        return res["output_relative_error"]
+
+    def _finish(self, job: Job):
+        """Selects, re-fits and shrinks a pair or group whose statistics are complete; returns its report."""
+        if isinstance(job, GroupJob):
+            return finish_group(job, method=self.opts.method, damping=float(self.opts.damping), timer=self.timer)
         return finish(job, method=self.opts.method, damping=float(self.opts.damping), timer=self.timer)
+
+    def _job(self, i: int, unit, n_keep: int, *, independent: bool, stage: str = "prune") -> Job:
+        """A pair's or a coupled group's job (index ``i`` seeds its position sampling)."""
+        if isinstance(unit, CoupledGroup):
+            return make_group_job(i, self.group_chains[unit.name], n_keep, self.ref_mods, self.pr_mods,
+                                  rows=self.rows, independent=independent, stage=stage, **self.job_kw)
+        job = make_job(i, unit, self.channels[unit.producer], n_keep, self.ref_mods, self.pr_mods,
+                       independent=independent, stage=stage, **self.job_kw)
+        job.rows = self.rows
+        return job
+
+    def _error_path(self, job: Job, i: int) -> object:
+        """Unit ``i``'s relative error for every kept count (a group's: the joint path)."""
+        o, b = self.opts, self.bounds
+        lo, hi = int(b.lo[i]), int(b.hi[i])
+        if isinstance(job, GroupJob):
+            return group_error_path(job, o.method, float(o.damping), lo, hi)
+        return error_path(job, o.method, float(o.damping), lo, hi, keep=not o.sequential)
 
     def _budget_pass(self) -> None:
         """A global budget: error paths from an independent pass (in waves if need be), then the allocation."""
@@ -172,8 +245,7 @@ class PairPrune:
         o, b, chosen = self.opts, self.bounds, self.chosen
         for i, p in enumerate(chosen):
             if p.producer in self.pre_names:
-                self.pre_jobs[p.producer] = make_job(i, p, self.channels[p.producer], int(b.hi[i]), self.ref_mods,
-                                                     self.pr_mods, independent=True, stage="budget", **self.job_kw)
+                self.pre_jobs[p.producer] = self._job(i, p, int(b.hi[i]), independent=True, stage="budget")
         self.paths = {}
         self.guard.announce(self.pre_plan)
         for wave in self.pre_plan.waves:
@@ -183,52 +255,60 @@ class PairPrune:
             with self.timer("allocation"):
                 for i, p in enumerate(chosen):
                     if p.producer in wave_jobs and b.pinned[i] is None:
-                        self.paths[p.producer] = error_path(wave_jobs[p.producer], o.method, float(o.damping),
-                                                            int(b.lo[i]), int(b.hi[i]), keep=not o.sequential)
+                        self.paths[p.producer] = self._error_path(wave_jobs[p.producer], i)
             if not self.reuse:
                 for j in wave_jobs.values():
-                    j.sums.release()
+                    _release(j)
         with self.timer("allocation"):
             fc = b.costs if o.budget.kind == "flops" else self._costs("flops")
             weights = budgeting.error_weights(o.budget, [p.producer for p in chosen], fc)
             self.plan = self._plan_channels(self.paths, weights)
 
-    def _make_jobs(self) -> Dict[str, PairJob]:
-        """A job per pair that loses channels (the budget pass's own, in independent mode)."""
-        jobs: Dict[str, PairJob] = {}
+    def _make_jobs(self) -> Dict[str, Job]:
+        """A job per pair or group that loses channels (the budget pass's own, in independent mode)."""
+        jobs: Dict[str, Job] = {}
         for i, p in enumerate(self.chosen):
             if self.plan[p.producer] < self.channels[p.producer]:
                 if self.reuse:
                     jobs[p.producer] = job = self.pre_jobs[p.producer]
-                    job.n_keep = self.plan[p.producer]
+                    _set_keep(job, self.plan[p.producer])
                     job.reuse_for_pruning()
                 else:
-                    jobs[p.producer] = make_job(i, p, self.channels[p.producer], self.plan[p.producer], self.ref_mods,
-                                                self.pr_mods, independent=not self.opts.sequential, **self.job_kw)
+                    jobs[p.producer] = self._job(i, p, self.plan[p.producer], independent=not self.opts.sequential)
         for job in self.pre_jobs.values():
             if job.pair.producer not in jobs:
-                job.sums.release()
+                _release(job)
         if self.global_pass and not self.reuse:  # the counts are known now: plan the pruning pass with them
             self.main_plan = self.guard.plan(self.main_what, self.chosen, self.plan, list(jobs),
                                              sequential=self.opts.sequential, replace=True)
         return jobs
 
-    def _prune_pass(self, jobs: Dict[str, PairJob]) -> Optional[float]:
-        """Streams, selects and shrinks every pair (in waves if need be); returns the output error or None."""
+    def _prune_pass(self, jobs: Dict[str, Job]) -> Optional[float]:
+        """Streams, selects and shrinks every pair and group (in waves if need be); returns the output error
+        or None."""
         out_err = None
         if self.reuse:  # independent mode after the budget pass: the statistics are complete
-            for job in jobs.values():
+            for job in self._in_sweep_order(jobs):
                 self._finish(job)
         elif jobs:
             self.guard.announce(self.main_plan)
             for wave in self.main_plan.waves:
                 wave_jobs = {n: jobs[n] for n in wave if n in jobs}
                 if not self.opts.sequential and all(j.saved is not None for j in wave_jobs.values()):
-                    for job in wave_jobs.values():  # finished by an earlier run: no pass needed
+                    for job in self._in_sweep_order(wave_jobs):  # finished by an earlier run: no pass needed
                         self._finish(job)
                 elif wave_jobs:
                     out_err = self._pass(wave_jobs, seq=self.opts.sequential)
         return out_err
+
+    def _in_sweep_order(self, jobs: Dict[str, Job]) -> List[Job]:
+        """Jobs in the order an independent sweep completes them (a pair at its consumer, a group at its last
+        reader): a saved re-fit has the rows its consumer had then, so it is installed in the same order."""
+        if not self.found.use_graph or not self.group_chains:
+            return list(jobs.values())
+        order = {n: i for i, n in enumerate(self.found.gm.graph.nodes)}
+        chains = {**self.found.chains, **self.group_chains}
+        return sorted(jobs.values(), key=lambda j: order[chains[j.pair.producer].consumer_node])
 
     def _report(self, jobs, out_err) -> PruneReport:
         f = self.found
@@ -239,3 +319,25 @@ class PairPrune:
         if self.opts.budget is not None:
             record_budget(report, self.plan.budget, self.opts.budget, self.paths)
         return report
+
+
+#: What a pass works on: a pair's job or a coupled group's.
+Job = Union[PairJob, GroupJob]
+
+
+def _members(unit) -> List[str]:
+    """Every module of a pair (producer, between, consumer) or a coupled group (its members)."""
+    return list(unit.members) if isinstance(unit, CoupledGroup) else [unit.producer, *unit.between, unit.consumer]
+
+
+def _set_keep(job: Job, n_keep: int) -> None:
+    if isinstance(job, GroupJob):
+        job.set_keep(n_keep)
+    else:
+        job.n_keep = n_keep
+
+
+def _release(job: Job) -> None:
+    """Frees a job's sums (a group's: every reader's)."""
+    for j in (job.readers if isinstance(job, GroupJob) else [job]):
+        j.sums.release()

@@ -55,6 +55,71 @@ class Pair:
         return f"{self.producer} -> {mid + ' -> ' if mid else ''}{self.consumer}"
 
 
+#: Kinds of coupled channel groups: one producer read by several consumers, or a residual stream.
+GROUP_KINDS = ("multi_consumer", "residual")
+
+
+@dataclass(frozen=True)
+class CoupledGroup:
+    """Layers that share one channel index and must lose the same channels (issue 19, first slice).
+
+    Removing channel ``j`` removes output row ``j`` of every writer, entry ``j`` of every module in
+    ``between`` (BatchNorm, per-channel PReLU, depthwise conv on the shared values) and input group
+    ``j`` of every reader, which is re-fitted by LS. The channels are chosen jointly
+    (:func:`lsprune.select_joint` over the readers' problems).
+
+    Attributes
+    ----------
+    name : str
+        The group's key: its first writer (graph order), as a pair is keyed by its producer
+        (``keep=``, budget weights, :meth:`PruneReport.pair`).
+    kind : {"multi_consumer", "residual"}
+        One writer read by several consumers, or writers added into a stream (elementwise add).
+    writers : tuple of str
+        ``nn.Conv2d`` / ``nn.Linear`` modules whose output channels are removed.
+    readers : tuple of str
+        ``nn.Conv2d`` (groups=1) / ``nn.Linear`` modules that read the channels and are re-fitted.
+    group_sizes : tuple of int
+        Per reader, its input columns per channel (``kh*kw``, ``H*W`` after a flatten, or 1).
+    between : tuple of str
+        Modules on the shared values that hold one value per channel.
+    channels : int
+        The shared width C.
+    via : tuple of str
+        Human-readable ops on the shared values (informational).
+    """
+
+    name: str
+    kind: str
+    writers: Tuple[str, ...]
+    readers: Tuple[str, ...]
+    group_sizes: Tuple[int, ...]
+    between: Tuple[str, ...] = ()
+    channels: int = 0
+    via: Tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for f in ("writers", "readers", "group_sizes", "between", "via"):
+            object.__setattr__(self, f, tuple(getattr(self, f)))
+        if self.kind not in GROUP_KINDS:
+            raise ValueError(f"CoupledGroup kind must be one of {GROUP_KINDS}, got {self.kind!r}")
+        if not self.writers or not self.readers or len(self.readers) != len(self.group_sizes):
+            raise ValueError("a CoupledGroup needs writers, readers and one group size per reader")
+
+    @property
+    def producer(self) -> str:
+        """The key the channel plan, ``keep=`` and budgets use (as :attr:`Pair.producer`)."""
+        return self.name
+
+    @property
+    def members(self) -> Tuple[str, ...]:
+        """Every module that loses channel ``j``: writers, between, readers (each once)."""
+        return tuple(dict.fromkeys((*self.writers, *self.between, *self.readers)))
+
+    def __str__(self):
+        return f"{self.kind} group {self.name}: {', '.join(self.writers)} -> {', '.join(self.readers)}"
+
+
 @dataclass(frozen=True)
 class SkippedPair:
     """A candidate producer that is not pruned, and why."""
@@ -69,11 +134,13 @@ class SkippedPair:
 
 @dataclass
 class PairSearch:
-    """Result of :func:`lsprune.torch.find_pairs`: ``pairs`` (prunable, in forward order)
-    and ``skipped`` (candidate producers left alone, with a reason). Iterating yields the pairs."""
+    """Result of :func:`lsprune.torch.find_pairs`: ``pairs`` (prunable, in forward order),
+    ``skipped`` (candidate producers left alone, with a reason) and ``groups`` (coupled channel
+    groups, :class:`CoupledGroup`, in the order they complete). Iterating yields the pairs."""
 
     pairs: List[Pair] = field(default_factory=list)
     skipped: List[SkippedPair] = field(default_factory=list)
+    groups: List[CoupledGroup] = field(default_factory=list)
 
     def __iter__(self):
         return iter(self.pairs)
@@ -89,6 +156,9 @@ class PairSearch:
         rows = [("producer", "consumer", "group", "between / reason")]
         for p in self.pairs:
             rows.append((p.producer, p.consumer, str(p.group_size), ", ".join(p.via) or "-"))
+        for g in self.groups:
+            rows.append((", ".join(g.writers), ", ".join(g.readers), ",".join(map(str, g.group_sizes)),
+                         f"{g.kind} group {g.name}" + (f": {', '.join(g.between)}" if g.between else "")))
         for s in self.skipped:
             rows.append((s.producer, s.consumer or "-", "skipped", s.reason))
         w = [max(len(r[i]) for r in rows) for i in range(3)]
@@ -97,7 +167,8 @@ class PairSearch:
         return "\n".join(lines)
 
     def __str__(self):
-        return f"{len(self.pairs)} prunable pair(s), {len(self.skipped)} skipped\n{self.table()}"
+        groups = f"{len(self.groups)} coupled group(s), " if self.groups else ""
+        return f"{len(self.pairs)} prunable pair(s), {groups}{len(self.skipped)} skipped\n{self.table()}"
 
 
 class NoPrunablePairsError(ValueError):
@@ -139,11 +210,12 @@ def shared_state(model: nn.Module, *, aliases: bool = False) -> Dict[str, str]:
 
 def normalize_pairs(pairs) -> List[Pair]:
     """Turns the user's ``pairs=`` argument into a list of :class:`Pair` (no model checks)."""
-    if isinstance(pairs, (str, bytes, Pair, dict)) or not hasattr(pairs, "__iter__"):
-        raise TypeError("pairs must be a list of Pair objects or (producer, consumer[, between]) tuples")
+    if isinstance(pairs, (str, bytes, Pair, CoupledGroup, dict)) or not hasattr(pairs, "__iter__"):
+        raise TypeError("pairs must be a list of Pair / CoupledGroup objects or (producer, consumer[, between]) "
+                        "tuples")
     out = []
     for i, p in enumerate(pairs):
-        if isinstance(p, Pair):
+        if isinstance(p, (Pair, CoupledGroup)):
             out.append(p)
             continue
         if not isinstance(p, (tuple, list)) or len(p) not in (2, 3):
@@ -216,6 +288,41 @@ def check_consumer(module: nn.Module) -> Optional[str]:
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         return (f"consumer conv has groups={module.groups}: its re-fit would mix channels across groups "
                 "(only groups=1 consumers are re-fitted)")
+    return None
+
+
+def group_width_reason(modules: Dict[str, nn.Module], group: CoupledGroup) -> Optional[str]:
+    """Why ``group`` cannot be pruned as declared (module kinds, widths, group sizes), or None: every writer
+    has ``C`` outputs (``C = group.channels``, or the first writer's when 0), every reader reads ``C``
+    channels of ``group_sizes[r]`` columns, every ``between`` module holds ``C`` channels."""
+    for n in group.members:
+        if n not in modules:
+            return f"the model has no module {n!r}"
+    first = modules[group.writers[0]]
+    C = group.channels or (producer_channels(first) if isinstance(first, PRODUCER_TYPES) else 0)
+    for w in group.writers:
+        reason = check_producer(modules[w])
+        if reason:
+            return f"writer {w}: {reason}"
+        if producer_channels(modules[w]) != C:
+            return f"the members disagree on width: writer {w} has {producer_channels(modules[w])} output " \
+                   f"channels, the group {C}"
+    for r, g in zip(group.readers, group.group_sizes):
+        m = modules[r]
+        reason = check_consumer(m)
+        if reason:
+            return f"reader {r}: {reason}"
+        per = m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else None
+        if per is not None and (m.in_channels != C or g != per):
+            return f"the members disagree on width: reader {r} has {m.in_channels} input channels of {per} " \
+                   f"columns, the group {C} channels of {g}"
+        if per is None and m.in_features != C * g:
+            return f"the members disagree on width: reader {r} has {m.in_features} input features, the group " \
+                   f"{C} channels of {g} columns"
+    for b in group.between:
+        reason = channel_passthrough_kind(modules[b], C)
+        if reason:
+            return f"between module {b}: {reason}"
     return None
 
 

@@ -152,7 +152,7 @@ def job_order(job: "PairJob", method: str, stats: Optional[lsprune.Statistics] =
     """The channel ranking of an order-based baseline for a pair: from the original producer (magnitude),
     seeded (random), or from the consumer's original weights and the input statistics (Wanda-sp, FLAP)."""
     if method in STATS_ORDER_METHODS:
-        W, _ = consumer_matrix(job.ref_consumer)
+        W, _ = target_matrix(job)
         if method == "wanda_sp":
             return wanda_sp_order(stats, W, job.group_size, norm=job.norm)
         # FLAP's reference implementation squares the per-column metric of attention heads
@@ -241,6 +241,10 @@ class PairJob:
     saved: Optional[dict] = None  # checkpoint entry of a pair finished by an earlier run
     unit: Optional[Unit] = None  # a transformer unit (heads, MLP neurons): its own producer surgery
     what: str = "pair"  # how messages name the job: "pair" (producer -> consumer) or "layer" (factorize)
+    # the prune's registry {module: output rows it still has, original numbering}: a consumer whose rows a
+    # coupled group removed reproduces only those rows (None: no registry, every row stays)
+    rows: Optional[Dict[str, np.ndarray]] = None
+    group: Optional[object] = None  # the GroupJob this job is a reader of (None: a pair)
 
     @property
     def key(self) -> str:
@@ -286,6 +290,19 @@ class PairJob:
     @property
     def modules(self) -> List[nn.Module]:
         return [self.producer, *self.between, self.consumer]
+
+    @property
+    def out_rows(self) -> Optional[np.ndarray]:
+        """The consumer's remaining output rows (original numbering), or None when it has all of them."""
+        return self.rows.get(self.pair.consumer) if self.rows is not None else None
+
+
+def target_matrix(job: PairJob):
+    """The original consumer's weights (m, D) and bias (m,) as float64 NumPy, restricted to the output
+    rows the consumer still has: the map its re-fit reproduces (independent targets, no-re-fit errors)."""
+    W, b = consumer_matrix(job.ref_consumer)
+    rows = job.out_rows
+    return (W, b) if rows is None else (W[rows], b[rows])
 
 
 def consumer_width(module: nn.Module) -> int:
@@ -342,6 +359,7 @@ def accumulate(job: PairJob, x: torch.Tensor, y: Optional[torch.Tensor], mask, t
         return
     t = time.perf_counter()
     with timer("statistics"):
+        y = _kept_targets(job, y)
         _resume(job)
         try:
             for xr, yr, wr in iter_rows(job.ref_consumer, job.pair.consumer, x, None if job.independent else y,
@@ -352,6 +370,18 @@ def accumulate(job: PairJob, x: torch.Tensor, y: Optional[torch.Tensor], mask, t
         if job.ckpt is not None and job.ckpt.want_partial(job.key, job.sums.pending_rows):
             job.ckpt.save_partial(job.key, job.stem, job.sums.snapshot(), batch + 1, job.generator)
     job.seconds += time.perf_counter() - t
+
+
+def _kept_targets(job: PairJob, y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The original outputs of the rows the consumer still has (all of them unless a coupled group removed
+    rows of a consumer that writes into it); the sums take that many targets."""
+    rows = job.out_rows
+    if rows is None or y is None or job.independent:
+        return y
+    if job.sums.m != rows.size:
+        job.sums = job.sums.with_targets(int(rows.size))
+    dim = 1 if isinstance(job.ref_consumer, nn.Conv2d) else y.ndim - 1
+    return y.index_select(dim, torch.as_tensor(rows, dtype=torch.long, device=y.device))
 
 
 def _nan_error(job: PairJob, e: Exception) -> lsprune.NonFiniteInputError:
@@ -381,7 +411,7 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairRe
         damping = effective_damping(job, stats.count, damping)
         kw = dict(group_size=job.group_size, damping=damping, job=job)
         if job.independent:
-            W, b = consumer_matrix(job.ref_consumer)
+            W, b = target_matrix(job)
             kw.update(weights_in=W, bias_in=b)
         try:
             with log_engine_warnings(job.name):
@@ -441,7 +471,7 @@ def error_path(job, method: str, damping: float, lo: int, hi: int, keep: bool = 
     if stats.count == 0:
         raise ValueError(f"{job.label}: no calibration rows reached the statistics")
     damping = effective_damping(job, stats.count, damping)
-    W, b = consumer_matrix(job.ref_consumer)
+    W, b = target_matrix(job)
     order = job_order(job, method, stats) if method in ORDER_METHODS else None
     with log_engine_warnings(job.name):
         path = budgeting.pair_error_path(stats, method=method, refit=job.refit, n_channels=job.channels,
@@ -455,7 +485,7 @@ def error_path(job, method: str, damping: float, lo: int, hi: int, keep: bool = 
 def _kept_weights_error(job: PairJob, stats, kept: np.ndarray, method: str):
     """``refit=False``: the error of the consumer's original weights on the kept channels, and the new bias
     (FLAP's bias compensation keeps the removed channels' mean contribution; others keep the bias)."""
-    W, b = consumer_matrix(job.ref_consumer)
+    W, b = target_matrix(job)
     b0 = b if job.ref_consumer.bias is not None else None
     if method != "flap":
         return no_refit_error(stats, W, b0, kept, job.group_size), None
@@ -474,6 +504,9 @@ def shrink_producers(job: PairJob, kept: np.ndarray) -> None:
     shrink_out(job.producer, kept)
     for m in job.between:
         shrink_channels(m, kept)
+    if job.rows is not None:
+        prev = job.rows.get(job.pair.producer)
+        job.rows[job.pair.producer] = np.asarray(kept, dtype=np.int64) if prev is None else prev[kept]
 
 
 def _apply_saved(job: PairJob, timer: Timer) -> PairReport:
@@ -506,7 +539,7 @@ def _fill_up(stats, sel, job: PairJob, damping: float):
                    job.n_keep - sel.kept.size)
     kw = {}
     if job.independent:
-        W, b = consumer_matrix(job.ref_consumer)
+        W, b = target_matrix(job)
         kw.update(weights_in=W, bias_in=b)
     try:
         return lsprune.refit(stats, keep, group_size=g, damping=_policy.fill_up_damping(damping), **kw)
@@ -525,7 +558,7 @@ def _constant_inputs(stats, job: PairJob, damping: float, err: Exception):
     g = job.group_size
     var = np.diag(stats.cov_x).reshape(-1, g).sum(1)
     kept = np.sort(np.argsort(-var, kind="stable")[: job.n_keep])
-    W, b = consumer_matrix(job.ref_consumer)
+    W, b = target_matrix(job)
     bias = flap_bias(stats, W, b if job.ref_consumer.bias is not None else None, kept, g)
     cols = (kept[:, None] * g + np.arange(g)).reshape(-1)
     if stats.n_targets == 0:

@@ -59,8 +59,22 @@ class PairReport:
         (from the independent pass's error path; a sequential pass usually does better).
     kind : str
         ``"pair"`` (producer -> consumer), ``"mlp"`` (MLP neurons of a transformer block; ``producer``
-        names the MLP module) or ``"heads"`` (attention heads, or whole KV groups under GQA;
-        ``producer`` names the attention module and channels count heads or groups).
+        names the MLP module), ``"heads"`` (attention heads, or whole KV groups under GQA;
+        ``producer`` names the attention module and channels count heads or groups), or a coupled
+        group (:class:`lsprune.torch.CoupledGroup`): ``"multi_consumer"`` / ``"residual"``; then
+        ``producer`` is the group's name (its first writer), ``consumer`` its first reader,
+        ``between`` its per-channel modules, ``group_size`` the first reader's, ``relative_error``
+        the joint relative error ``Σ_r w_r E_r / Σ_r w_r energy_r`` (``w_r = 1/energy_r``: the mean
+        of the readers' relative errors), ``error_path`` the joint path, ``samples`` the readers'
+        rows summed, ``bias_added`` whether any reader gained a bias.
+    writers, readers : list of str
+        Coupled groups: every writer (rows removed) and reader (re-fitted), in graph order.
+    group_sizes : list of int
+        Coupled groups: each reader's input columns per channel.
+    reader_errors : list of float
+        Coupled groups: each reader's relative error ``‖Y_r - Ŷ_r‖² / ‖Y_r - Ȳ_r‖²``.
+    biases_added : list of bool
+        Coupled groups: per reader, whether it gained a bias (the LS intercept).
     """
 
     producer: str
@@ -86,6 +100,18 @@ class PairReport:
     refit: bool = True
     predicted_error: Optional[float] = None
     kind: str = "pair"
+    writers: List[str] = field(default_factory=list)
+    readers: List[str] = field(default_factory=list)
+    group_sizes: List[int] = field(default_factory=list)
+    reader_errors: List[float] = field(default_factory=list)
+    biases_added: List[bool] = field(default_factory=list)
+
+    @property
+    def members(self) -> List[str]:
+        """Every module of this entry: producer/writers, between, consumer/readers (each once)."""
+        if self.writers:
+            return list(dict.fromkeys([*self.writers, *self.between, *self.readers]))
+        return list(dict.fromkeys([self.producer, *self.between, self.consumer]))
 
 
 @dataclass
@@ -139,6 +165,9 @@ class PruneReport(ModelReport):
     world_size : int
         Ranks of a distributed calibration (1: one process); ``n_batches``, ``n_samples``,
         ``output_relative_error`` and every pair's ``samples`` cover all ranks.
+    coupled : bool or None
+        ``prune(coupled=)``: whether coupled channel groups were pruned too (graph strategy; None in
+        reports written before the option existed).
     memory : dict or None
         The memory guard: ``limit`` (bytes, None = no guard), ``limit_source``, ``available``,
         ``estimate`` (peak bytes of host memory estimated for the prune), ``device_estimate``, ``model_copy``
@@ -172,6 +201,7 @@ class PruneReport(ModelReport):
     world_size: int = 1
     memory: Optional[dict] = None
     targets: Optional[str] = None
+    coupled: Optional[bool] = None
 
     FORMAT = REPORT_FORMAT
     VERSION = REPORT_VERSION
@@ -189,14 +219,19 @@ class PruneReport(ModelReport):
         """Per-pair plain-text table."""
         rows = [("producer", "consumer", "channels", "rel. error", "MACs/sample", "time")]
         for p in self.pairs:
-            rows.append((p.producer, p.consumer, f"{p.channels_before} -> {p.channels_after}",
+            prod, cons = p.producer, p.consumer
+            if p.writers:  # a coupled group: its name, kind and member counts
+                prod = f"{p.producer} ({p.kind}, {len(p.writers)} writer(s))"
+                cons = f"{p.consumer}" + (f" +{len(p.readers) - 1} reader(s)" if len(p.readers) > 1 else "")
+            rows.append((prod, cons, f"{p.channels_before} -> {p.channels_after}",
                          f"{p.relative_error:.3g}" + ("" if p.refit else " (no re-fit)"),
                          f"{_si(p.flops_before)} -> {_si(p.flops_after)}", f"{p.time_s:.2f}s"))
         return table(rows)
 
     def __str__(self):
-        what = f"{len(self.pairs)} pair(s), {self.mode}" if self.targets is None else \
-            f"{len(self.pairs)} unit(s), targets={self.targets}"
+        groups = sum(bool(p.writers) for p in self.pairs)
+        what = f"{len(self.pairs) - groups} pair(s)" + (f" and {groups} coupled group(s)" if groups else "") + \
+            f", {self.mode}" if self.targets is None else f"{len(self.pairs)} unit(s), targets={self.targets}"
         out = f"lsprune: {what}/{self.method}, {self.strategy} strategy; " + self._costs_line()
         if self.output_relative_error is not None:
             out += f"; output rel. error {self.output_relative_error:.3g}"

@@ -11,8 +11,11 @@ import lsprune
 from .batches import batch_size
 from .distributed import Dist
 from .flops import macs_from_positions, own_params, total_params
+from .grouppruning import unchanged_group_report
+from .pairs import CoupledGroup
 from .pruning import unchanged_report
 from .report import PruneReport
+
 
 def versions() -> dict:
     """The versions a report records."""
@@ -22,17 +25,23 @@ def versions() -> dict:
 def prune_report(chosen, jobs, channels, search, ref, pruned, positions, b0, batches, opts, dist: Dist, *,
                  strategy: str, passes: float, out_err: Optional[float],
                  unit_modules: Optional[Dict[str, List[str]]] = None) -> PruneReport:
-    """Per pair (``chosen``; a pair without a job is unchanged) and model totals: parameters and MACs per
-    calibration sample (``positions`` recorded on a batch of ``b0`` samples) of ``ref`` and ``pruned``;
-    ``unit_modules``: the modules a transformer unit spans (default: producer, between and consumer)."""
+    """Per pair or coupled group (``chosen``; one without a job is unchanged) and model totals: parameters
+    and MACs per calibration sample (``positions`` recorded on a batch of ``b0`` samples) of ``ref`` and
+    ``pruned``; ``unit_modules``: the modules a transformer unit spans (default: the pair's producer, between
+    and consumer, or the group's members)."""
     before = macs_from_positions(ref, positions, 1.0 / b0)
     after = macs_from_positions(pruned, positions, 1.0 / b0)
     ref_mods, pr_mods = dict(ref.named_modules()), dict(pruned.named_modules())
     reps = []
     for p in chosen:
-        r = jobs[p.producer].report if p.producer in jobs else unchanged_report(p, channels[p.producer], p.group_size)
+        if p.producer in jobs:
+            r = jobs[p.producer].report
+        elif isinstance(p, CoupledGroup):
+            r = unchanged_group_report(p)
+        else:
+            r = unchanged_report(p, channels[p.producer], p.group_size)
         r.method = opts.method
-        names = unit_modules[p.producer] if unit_modules else [p.producer, *p.between, p.consumer]
+        names = unit_modules[p.producer] if unit_modules else r.members
         r.params_before = sum(own_params(ref_mods[n]) for n in names)
         r.params_after = sum(own_params(pr_mods[n]) for n in names)
         r.flops_before = sum(before.get(n, 0) for n in names)

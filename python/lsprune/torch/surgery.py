@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .pairs import channel_passthrough_kind, check_consumer, check_producer, consumer_in_features, producer_channels
+from .pairs import (GROUP_KINDS, CoupledGroup, channel_passthrough_kind, check_consumer, check_producer,
+                    consumer_in_features, group_width_reason, producer_channels)
 
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
                 "num_parameters", "nf", "nx", "num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads",
@@ -355,7 +356,7 @@ def apply_structure(model: nn.Module, report) -> nn.Module:
     if data.get("format") == "lsprune.torch.factorize_report":
         return _apply_factor_structure(model, data)
     modules = dict(model.named_modules())
-    todo, units = [], []
+    todo, units, groups = [], [], []
     need = ("producer", "consumer", "between", "group_size", "channels_before", "channels_after", "bias_added")
     if not isinstance(data["pairs"], (list, tuple)):
         raise TypeError("report['pairs'] must be a list of pair records")
@@ -363,29 +364,14 @@ def apply_structure(model: nn.Module, report) -> nn.Module:
         missing = [k for k in need if not isinstance(p, Mapping) or k not in p]
         if missing:
             raise ValueError(f"report pair {i} lacks {missing}: pass a PruneReport, its to_dict() or its parsed JSON")
+        if p.get("kind") in GROUP_KINDS:
+            groups.append((p, _group_of_record(modules, p, i)))
+            continue
         if p.get("kind", "pair") != "pair":  # a transformer unit (heads, MLP neurons)
             from .layouts import unit_of_record  # layouts builds on this module
             units.append((p, unit_of_record(modules, p)))
             continue
-        names = [p["producer"], p["consumer"], *p["between"]]
-        missing = [n for n in names if n not in modules]
-        if missing:
-            raise ValueError(f"the model has no module(s) {missing} named in the report")
-        prod, cons = modules[p["producer"]], modules[p["consumer"]]
-        reason = check_producer(prod) or check_consumer(cons)
-        if reason:
-            raise ValueError(f"pair {p['producer']} -> {p['consumer']}: {reason}")
-        if producer_channels(prod) != p["channels_before"]:
-            raise ValueError(f"{p['producer']} has {producer_channels(prod)} output channels, the report "
-                             f"{p['channels_before']}: is this the original architecture?")
-        g = p["group_size"]
-        if consumer_in_features(cons) != p["channels_before"] * (1 if isinstance(cons, nn.Conv2d) else g):
-            raise ValueError(f"{p['consumer']} does not have the input size the report says")
-        for b in p["between"]:
-            r = channel_passthrough_kind(modules[b], p["channels_before"])
-            if r:
-                raise ValueError(f"{b}: {r}")
-        todo.append((p, prod, cons))
+        todo.append((p, *_pair_of_record(modules, p)))
     with torch.no_grad():
         for p, u in units:
             from .layouts import shrink_unit
@@ -402,7 +388,63 @@ def apply_structure(model: nn.Module, report) -> nn.Module:
                     shrink_channels(modules[b], idx)
                 shrink_in(cons, idx, p["group_size"])
             _add_zero_bias(cons, p["bias_added"])
+        for p, g in groups:
+            _shrink_group(modules, g, p["channels_after"], p["biases_added"])
     return model
+
+
+def _pair_of_record(modules, p) -> Tuple[nn.Module, nn.Module]:
+    """A report's pair record checked against the fresh model: (producer, consumer)."""
+    names = [p["producer"], p["consumer"], *p["between"]]
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"the model has no module(s) {missing} named in the report")
+    prod, cons = modules[p["producer"]], modules[p["consumer"]]
+    reason = check_producer(prod) or check_consumer(cons)
+    if reason:
+        raise ValueError(f"pair {p['producer']} -> {p['consumer']}: {reason}")
+    if producer_channels(prod) != p["channels_before"]:
+        raise ValueError(f"{p['producer']} has {producer_channels(prod)} output channels, the report "
+                         f"{p['channels_before']}: is this the original architecture?")
+    g = p["group_size"]
+    if consumer_in_features(cons) != p["channels_before"] * (1 if isinstance(cons, nn.Conv2d) else g):
+        raise ValueError(f"{p['consumer']} does not have the input size the report says")
+    for b in p["between"]:
+        r = channel_passthrough_kind(modules[b], p["channels_before"])
+        if r:
+            raise ValueError(f"{b}: {r}")
+    return prod, cons
+
+
+def _group_of_record(modules, p, i: int) -> CoupledGroup:
+    """A report's coupled-group record as a :class:`CoupledGroup`, checked against the fresh model."""
+    need = ("writers", "readers", "group_sizes", "biases_added")
+    missing = [k for k in need if k not in p]
+    if missing:
+        raise ValueError(f"report pair {i} ({p['kind']} group) lacks {missing}")
+    try:
+        g = CoupledGroup(p["producer"], p["kind"], p["writers"], p["readers"], p["group_sizes"], p["between"],
+                         int(p["channels_before"]))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"report pair {i}: not a valid coupled group record ({e})") from None
+    reason = group_width_reason(modules, g)
+    if reason:
+        raise ValueError(f"{g.kind} group {g.name}: {reason}: is this the original architecture?")
+    return g
+
+
+def _shrink_group(modules, g: CoupledGroup, k: int, biases_added) -> None:
+    """Keeps the first ``k`` channels of every member of ``g``; readers that gained a bias get one."""
+    idx = np.arange(k)
+    if k != g.channels:
+        for r, gs in zip(g.readers, g.group_sizes):
+            shrink_in(modules[r], idx, gs)
+        for w in g.writers:
+            shrink_out(modules[w], idx)
+        for b in g.between:
+            shrink_channels(modules[b], idx)
+    for r, added in zip(g.readers, biases_added):
+        _add_zero_bias(modules[r], bool(added))
 
 
 def _add_zero_bias(cons: nn.Module, added: bool) -> None:

@@ -14,6 +14,12 @@ Until a node depends on something already pruned, both environments share its va
 (computed once). In-place ops (``relu_``, ``inplace=True``) keep their eager
 semantics; a shared input that an op would mutate differently in the two
 environments is cloned first.
+
+A coupled group's readers (jobs with ``job.group``) only stream their rows; the group is complete at its
+last reader. In sequential mode the sweep then completes the group and *stops*: the values computed since
+its first reader used the unpruned stream and the readers' old weights, so the caller starts the next
+sweep on the model pruned so far (``modified`` names the modules already shrunk; docs/design.md,
+"Coupled groups").
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
           masks: List[Optional[torch.Tensor]], jobs: Dict[str, PairJob], chains: Dict[str, Chain], *,
           sequential: bool, complete: Callable[[PairJob], object], progress: bool, timer: Timer,
           collect_only: bool = False, job_nodes: Optional[Dict[str, fx.Node]] = None,
-          dist: Optional[Dist] = None) -> dict:
+          dist: Optional[Dist] = None, modified: Optional[set] = None) -> dict:
     """Runs the sweep; prunes ``pruned`` in place.
 
     Parameters
@@ -66,15 +72,20 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
     dist : Dist, optional
         Distributed calibration: the output error is summed over the ranks (the statistics are
         summed by the jobs' sums).
+    modified : set of str, optional
+        Modules of ``pruned`` already shrunk by an earlier sweep (their values diverge from the start).
 
     Returns
     -------
-    dict with ``output_relative_error`` (sequential only, else None) and ``pruned_pass_fraction``
-    (share of graph nodes the pruned environment had to evaluate itself).
+    dict with ``output_relative_error`` (sequential and not stopped, else None), ``pass_fraction``
+    (share of graph nodes the original network evaluated: < 1 when stopped after a group) and
+    ``pruned_pass_fraction`` (share of graph nodes the pruned environment had to evaluate itself).
     """
     state = _Sweep(graph, ref, pruned, inputs, masks, jobs, chains, job_nodes, sequential=sequential, timer=timer,
                    complete=complete)
-    pair_bar = tqdm(total=len(jobs), desc="lsprune pairs", unit="pair", disable=not progress, leave=False)
+    state.modified.update(modified or ())
+    units = {id(j.group) if j.group is not None else id(j): 1 for j in jobs.values()}
+    pair_bar = tqdm(total=len(units), desc="lsprune pairs", unit="pair", disable=not progress, leave=False)
     node_bar = tqdm(total=len(state.nodes), desc="lsprune sweep", unit="node", disable=not progress, leave=False)
     state.on_done = lambda: pair_bar.update(1)
     try:
@@ -85,7 +96,8 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
     finally:
         pair_bar.close()
         node_bar.close()
-    return {"output_relative_error": out_err, "pruned_pass_fraction": state.pruned_pass_fraction}
+    return {"output_relative_error": out_err, "pruned_pass_fraction": state.pruned_pass_fraction,
+            "pass_fraction": state.n_ops / state.total_ops if state.total_ops else 1.0}
 
 
 class _Sweep:
@@ -112,13 +124,15 @@ class _Sweep:
         self.diverged = set()  # nodes whose pruned-env value differs from the original one
         self.modified = set()  # names of modules already shrunk in `pruned`
         self.n_ops = self.n_pruned_ops = 0
+        self.total_ops = sum(n.op not in ("placeholder", "output") for n in self.nodes)
+        self.stopped = False  # a coupled group was completed (sequential): the rest of the sweep is stale
         self.pending: List[PairJob] = []
         self.on_done: Callable = lambda: None
 
     @property
     def pruned_pass_fraction(self) -> float:
         """Share of graph nodes the pruned environment had to evaluate itself (sequential mode)."""
-        return (self.n_pruned_ops / self.n_ops if self.n_ops else 0.0) if self.sequential else 0.0
+        return (self.n_pruned_ops / self.total_ops if self.total_ops else 0.0) if self.sequential else 0.0
 
     def run(self, node_bar, dist: Optional[Dist]) -> Optional[float]:
         """Every node in order; returns the output's relative error (sequential) or None."""
@@ -136,6 +150,8 @@ class _Sweep:
             job = self.by_consumer.get(node)
             if job is not None:
                 div = self._at_consumer(node, job) or div
+            if self.stopped:
+                return None
             if self.sequential:
                 self._evaluate_pruned(node, div)
             self._free(node, i)
@@ -179,6 +195,8 @@ class _Sweep:
         x_env = self.pruned_env if self.sequential else self.orig
         for b in range(self.nb):
             accumulate(job, x_env[src][b], self.orig[node][b], self.masks[b], self.timer, b)
+        if job.group is not None:
+            return self._at_reader(job)
         if not self.sequential:
             self.pending.append(job)
             return False
@@ -193,6 +211,20 @@ class _Sweep:
                     self.pruned_env[cn] = [_slice(v, keep.to(v.device), dim, group) for v in self.pruned_env[cn]]
                     self.diverged.add(cn)
         return True
+
+    def _at_reader(self, job: PairJob) -> bool:
+        """A coupled group's reader has streamed its rows; at its last reader the group is complete:
+        pending (independent), or completed and the sweep stops (sequential)."""
+        group = job.group
+        if job is not group.readers[-1]:
+            return False
+        if not self.sequential:
+            self.pending.append(group)
+            return False
+        self.complete(group)
+        self.on_done()
+        self.stopped = True
+        return False
 
     def _evaluate_pruned(self, node: fx.Node, div: bool) -> None:
         if div:

@@ -1,0 +1,336 @@
+"""One coupled group's work (docs/design.md, "Coupled groups"): its readers' statistics, one joint channel
+choice (:func:`lsprune.select_joint`), a re-fit per reader, the surgery on every member, the report.
+
+A group's readers are :class:`.pruning.PairJob` objects (one per reader, with its own sums, position
+sampler and group size), so the executors stream them exactly as pairs; :class:`GroupJob` ties them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch.nn as nn
+
+import lsprune
+from lsprune import _policy
+
+from .baselines import filter_norms, no_refit_error, no_refit_path, random_order
+from .checkpoint import Checkpoint
+from .coupling import GroupChain
+from .distributed import Dist
+from .pairs import CoupledGroup, Pair
+from .pruning import PairJob, Timer, effective_damping, job_statistics, log_engine_warnings, make_job, target_matrix
+from .report import PairReport
+from .surgery import set_consumer, shrink_channels, shrink_in, shrink_out
+
+logger = logging.getLogger("lsprune.torch")
+
+#: Methods with a coupled-group variant: the joint LS solvers, and the group magnitude / random orders.
+GROUP_METHODS = lsprune.METHODS + ("magnitude", "random")
+
+
+@dataclass
+class GroupJob:
+    """State of one coupled group being pruned. ``readers``: one :class:`PairJob` per reader (graph
+    order; the last one completes the group); ``writers``/``between``: modules of the model being
+    pruned; ``rows``: the prune's registry of the output rows each module still has (original numbering)."""
+
+    index: int
+    group: CoupledGroup
+    chain: GroupChain
+    channels: int
+    n_keep: int
+    readers: List[PairJob]
+    writers: List[nn.Module]
+    between: List[nn.Module]
+    ref_writers: List[nn.Module]
+    independent: bool
+    rows: Dict[str, np.ndarray]
+    refit: bool = True
+    norm: str = "l1"
+    seed: int = 0
+    dist: Optional[Dist] = None
+    ckpt: Optional[Checkpoint] = None
+    stage: str = "prune"
+    saved: Optional[dict] = None
+    seconds: float = 0.0
+    report: Optional[PairReport] = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.stage}:{self.group.name}"
+
+    @property
+    def stem(self) -> str:
+        return f"{self.stage}-{self.index:03d}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.group.kind} group {self.group.name}"
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    @property
+    def pair(self) -> CoupledGroup:
+        """The unit (as ``PairJob.pair``): its ``producer`` is the group's name."""
+        return self.group
+
+    @property
+    def modules(self) -> List[nn.Module]:
+        return [*self.writers, *self.between, *(r.consumer for r in self.readers)]
+
+    def attach(self, stage: str) -> None:
+        """Looks the group up in the checkpoint (finished groups only: a group being accumulated restarts)."""
+        self.stage = stage
+        self.saved = self.ckpt.done(self.key) if self.ckpt is not None else None
+        for r in self.readers:
+            r.saved = self.saved  # a finished group's readers stream nothing
+
+    def set_keep(self, n_keep: int) -> None:
+        self.n_keep = int(n_keep)
+        for r in self.readers:
+            r.n_keep = self.n_keep
+
+    def reuse_for_pruning(self) -> None:
+        """A job of the budget's independent pass prunes its group too (its statistics are in memory)."""
+        self.attach("prune")
+
+
+def make_group_job(index: int, chain: GroupChain, n_keep: int, ref_modules, pruned_modules, *, rows, device,
+                   independent: bool, use_torch_sums: Optional[bool], seed: int, max_positions: Optional[int] = None,
+                   n_samples: int = 1, refit: bool = True, norm: str = "l1", dist: Optional[Dist] = None,
+                   ckpt: Optional[Checkpoint] = None, stage: str = "prune") -> GroupJob:
+    """A group's job: one reader job per reader (its own sums and position sampler), the members."""
+    g = chain.group
+    readers = []
+    for r, (name, gs) in enumerate(zip(g.readers, g.group_sizes)):
+        job = make_job(index, Pair(g.name, name, (), gs), g.channels, n_keep, ref_modules, pruned_modules,
+                       device=device, independent=independent, use_torch_sums=use_torch_sums, seed=seed,
+                       max_positions=max_positions, n_samples=n_samples, refit=refit, norm=norm, dist=dist)
+        job.generator.manual_seed(int(seed) * 1_000_003 + index + 104_729 * (r + 1))  # one sampler per reader
+        job.rows = rows
+        readers.append(job)
+    gj = GroupJob(index, g, chain, g.channels, n_keep, readers, [pruned_modules[w] for w in g.writers],
+                  [pruned_modules[b] for b in g.between], [ref_modules[w] for w in g.writers], independent, rows,
+                  refit=bool(refit), norm=norm, seed=int(seed), dist=dist, ckpt=ckpt)
+    for job in readers:
+        job.group = gj
+    gj.attach(stage)
+    return gj
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def group_order(gjob: GroupJob, method: str) -> np.ndarray:
+    """The channel ranking of an order baseline for a group: ``magnitude`` (group magnitude) sums the
+    writers' filter norms, each divided by its largest so that no writer's weight scale dominates;
+    ``random`` is seeded by the seed and the group's index."""
+    if method == "random":
+        return random_order(gjob.channels, gjob.seed, gjob.index)
+    score = np.zeros(gjob.channels)
+    for w in gjob.ref_writers:
+        s = filter_norms(w, gjob.norm)
+        score += s / max(float(s.max()), np.finfo(float).tiny)
+    return np.argsort(-score, kind="stable")
+
+
+def _problems(gjob: GroupJob, stats: List[lsprune.Statistics]) -> List[dict]:
+    """One engine problem per reader: its statistics and group size (independent mode: its own map
+    ``W x + b`` on the rows it still has as targets)."""
+    out = []
+    for r, s in zip(gjob.readers, stats):
+        p = dict(stats=s, group_size=r.group_size)
+        if gjob.independent:
+            W, b = target_matrix(r)
+            p.update(weights_in=W, bias_in=b)
+        out.append(p)
+    return out
+
+
+def _select(gjob: GroupJob, problems: List[dict], method: str, damping: float) -> lsprune.JointSelection:
+    """The joint choice of ``gjob.n_keep`` channels: an LS solver, or the first channels of an order
+    baseline re-fitted; an early stop is filled up by the readers' summed relative input variance."""
+    k = gjob.n_keep
+    if method in lsprune.METHODS:
+        j = lsprune.select_joint(problems, n_keep=k, method=method, damping=damping)
+    else:
+        j = lsprune.select_joint(problems, n_keep=k, force=group_order(gjob, method)[:k].tolist(),
+                                 damping=damping)
+    if j.kept.size < k:
+        var = sum(_relative_variance(p["stats"], p["group_size"]) for p in problems)
+        rest = [int(c) for c in np.argsort(-var, kind="stable") if c not in set(j.kept.tolist())]
+        logger.warning("%s: selection stopped after %d of %d channels (the others are degenerate on the "
+                       "calibration data); keeping %d channels by input variance", gjob.name, j.kept.size, k,
+                       k - j.kept.size)
+        j = lsprune.select_joint(problems, n_keep=k, force=j.kept.tolist() + rest[: k - j.kept.size],
+                                 damping=_policy.fill_up_damping(damping))
+    return j
+
+
+def _relative_variance(stats: lsprune.Statistics, g: int) -> np.ndarray:
+    var = np.diag(stats.cov_x).reshape(-1, g).sum(1)
+    return var / max(float(var.sum()), np.finfo(float).tiny)
+
+
+def _damping(gjob: GroupJob, stats: List[lsprune.Statistics], damping: float) -> float:
+    """One damping for the joint problem: the largest any reader's underdetermined-fit rule asks for."""
+    for r, s in zip(gjob.readers, stats):
+        if s.count == 0:
+            raise ValueError(f"{gjob.label}: no calibration rows reached reader {r.pair.consumer} (does the mask "
+                             "exclude every position?)")
+    return max(effective_damping(r, s.count, damping) for r, s in zip(gjob.readers, stats))
+
+
+# ---------------------------------------------------------------------------------------------- finish
+def finish_group(gjob: GroupJob, *, method: str, damping: float, timer: Timer) -> PairReport:
+    """Selects the kept channels jointly, re-fits every reader, shrinks every member; returns the report."""
+    if gjob.saved is not None:
+        return _apply_saved(gjob, timer)
+    t = time.perf_counter()
+    with timer("selection"):
+        stats = [job_statistics(r) for r in gjob.readers]
+        damping = _damping(gjob, stats, damping)
+        problems = _problems(gjob, stats)
+        try:
+            with log_engine_warnings(gjob.name, what="coupled"):
+                j = _select(gjob, problems, method, damping)
+        except Exception as e:
+            if hasattr(e, "add_note"):
+                e.add_note(f"while selecting the channels of {gjob.name}")
+            raise
+    kept = np.asarray(j.kept, dtype=np.int64)
+    errors = _reader_errors(gjob, stats, j, kept)
+    with timer("surgery"):
+        added = _surgery(gjob, kept, [(s.weights, s.bias) for s in j.selections] if gjob.refit else None)
+    gjob.seconds += time.perf_counter() - t + sum(r.seconds for r in gjob.readers)  # the readers' statistics
+    has_path = gjob.refit and method in lsprune.METHODS and j.relative_error_path is not None
+    gjob.report = _report(gjob, kept, errors, j, added, method, sum(int(s.count) for s in stats),
+                          path=(j.relative_error_path, j.kept_path) if has_path else None, damping=damping)
+    logger.info("%s: %d -> %d channels, joint relative error %.4g (%.2fs)", gjob.name, gjob.channels, kept.size,
+                gjob.report.relative_error, gjob.seconds)
+    if gjob.ckpt is not None:
+        arrays = {"kept": kept}
+        if gjob.refit:
+            for r, s in enumerate(j.selections):
+                arrays.update({f"weights{r}": np.asarray(s.weights), f"bias{r}": np.asarray(s.bias)})
+        gjob.ckpt.save_done(gjob.key, gjob.stem, None, arrays, {"report": dataclasses.asdict(gjob.report)})
+    for r in gjob.readers:
+        r.sums.release()
+    return gjob.report
+
+
+def _reader_errors(gjob: GroupJob, stats, j: lsprune.JointSelection, kept: np.ndarray) -> List[float]:
+    """Each reader's relative error (re-fitted, or its original weights on the kept channels)."""
+    out = []
+    for r, s, sel in zip(gjob.readers, stats, j.selections):
+        if gjob.refit:
+            plain = sel.plain_error
+        else:
+            W, b = target_matrix(r)
+            plain = no_refit_error(s, W, b if r.consumer.bias is not None else None, kept, r.group_size)
+        out.append(float(plain / sel.target_energy) if sel.target_energy > 0 else 0.0)
+    return out
+
+
+def _surgery(gjob: GroupJob, kept: np.ndarray, fits) -> List[bool]:
+    """Readers first (a module that reads and writes the stream gets its re-fit on every row, then loses
+    rows), then writers and per-channel modules; returns per reader whether it gained a bias."""
+    added = []
+    for r, reader in enumerate(gjob.readers):
+        if fits is not None:
+            added.append(bool(set_consumer(reader.consumer, fits[r][0], fits[r][1], int(kept.size))))
+        else:
+            shrink_in(reader.consumer, kept, reader.group_size)
+            added.append(False)
+    for name, w in zip(gjob.group.writers, gjob.writers):
+        shrink_out(w, kept)
+        prev = gjob.rows.get(name)
+        gjob.rows[name] = kept if prev is None else prev[kept]
+    for m in gjob.between:
+        shrink_channels(m, kept)
+    if gjob.dist is not None:
+        gjob.dist.sync_modules(gjob.modules, kept.tolist(), gjob.name)
+    return added
+
+
+def _report(gjob: GroupJob, kept, errors, j, added, method, samples, *, path, damping) -> PairReport:
+    g = gjob.group
+    w = np.asarray(j.weights, dtype=np.float64)
+    energy = np.array([s.target_energy for s in j.selections], dtype=np.float64)
+    den = float(w @ energy)
+    rel = float(w @ (np.asarray(errors) * energy)) / den if den > 0 else 0.0
+    return PairReport(
+        producer=g.name, consumer=g.readers[0], between=list(g.between), group_size=g.group_sizes[0],
+        channels_before=gjob.channels, channels_after=int(kept.size), kept=kept.tolist(), status="pruned",
+        relative_error=rel, error_path=[float(v) for v in path[0]] if path else [],
+        n_kept_path=[int(v) for v in path[1]] if path else [], bias_added=any(added), samples=int(samples),
+        damping=float(damping), time_s=gjob.seconds, method=method, refit=gjob.refit, kind=g.kind,
+        writers=list(g.writers), readers=list(g.readers), group_sizes=list(g.group_sizes), reader_errors=errors,
+        biases_added=added)
+
+
+def _apply_saved(gjob: GroupJob, timer: Timer) -> PairReport:
+    """Installs a group an earlier (interrupted) run finished: the same surgery, no selection."""
+    with timer("surgery"):
+        a = gjob.ckpt.load_arrays(gjob.saved)
+        kept = a["kept"].astype(np.int64)
+        _surgery(gjob, kept, [(a[f"weights{r}"], a[f"bias{r}"]) for r in range(len(gjob.readers))]
+                 if gjob.refit else None)
+    gjob.report = PairReport(**gjob.saved["info"]["report"])
+    for r in gjob.readers:
+        r.sums.release()
+    logger.info("%s: %d -> %d channels, from the checkpoint", gjob.name, gjob.channels, kept.size)
+    return gjob.report
+
+
+def unchanged_group_report(group: CoupledGroup) -> PairReport:
+    """Report of a group that keeps every channel (not re-fitted)."""
+    return PairReport(producer=group.name, consumer=group.readers[0], between=list(group.between),
+                      group_size=group.group_sizes[0], channels_before=group.channels,
+                      channels_after=group.channels, kept=list(range(group.channels)), status="unchanged",
+                      kind=group.kind, writers=list(group.writers), readers=list(group.readers),
+                      group_sizes=list(group.group_sizes), biases_added=[False] * len(group.readers))
+
+
+# ---------------------------------------------------------------------------------------------- budget
+def group_error_path(gjob: GroupJob, method: str, damping: float, lo: int, hi: int) -> np.ndarray:
+    """The group's joint relative error for every kept count (NaN where not computed), from its readers'
+    independent statistics: the joint path of the method's own choices (forward/omp up to ``hi``, backward
+    down to ``lo``, an order baseline forced along its order); ``refit=False``: the readers' no-re-fit
+    errors along the same order, weighted as the joint objective."""
+    if gjob.saved is not None:
+        return gjob.ckpt.load_arrays(gjob.saved)["path"]
+    stats = [job_statistics(r) for r in gjob.readers]
+    damping = _damping(gjob, stats, damping)
+    problems = _problems(gjob, stats)
+    with log_engine_warnings(gjob.name, what="coupled"):
+        if method in lsprune.METHODS:
+            n = lo if method == "backward" else hi
+            j = lsprune.select_joint(problems, n_keep=int(n), method=method, damping=damping)
+        else:
+            j = lsprune.select_joint(problems, n_keep=int(hi), force=group_order(gjob, method)[:hi].tolist(),
+                                     damping=damping)
+    path = np.full(gjob.channels + 1, np.nan)
+    if gjob.refit:
+        path[np.asarray(j.kept_path)] = j.relative_error_path
+    else:
+        order = np.concatenate([j.selected, np.setdiff1d(np.arange(gjob.channels), j.selected)]) \
+            if method != "backward" else np.concatenate([j.kept, j.removed[::-1]])
+        path[lo:hi + 1] = _no_refit_path(gjob, stats, j, order.astype(np.int64))[lo:hi + 1]
+    if gjob.ckpt is not None:
+        gjob.ckpt.save_done(gjob.key, gjob.stem, None, {"path": path})
+    return path
+
+
+def _no_refit_path(gjob: GroupJob, stats, j: lsprune.JointSelection, order: np.ndarray) -> np.ndarray:
+    w = np.asarray(j.weights, dtype=np.float64)
+    energy = np.array([s.target_energy for s in j.selections], dtype=np.float64)
+    num = sum(wr * no_refit_path(s, target_matrix(r)[0], order, r.group_size)
+              for wr, r, s in zip(w, gjob.readers, stats))
+    den = float(w @ energy)
+    return num / den if den > 0 else np.zeros(gjob.channels + 1)
