@@ -52,7 +52,7 @@ METHODS = [  # (label, prune() keyword arguments besides ratio and units)
 def first_layers(model, n: int):
     """A copy of ``model`` that keeps only its first ``n`` transformer blocks (for --quick)."""
     m = copy.deepcopy(model)
-    layers = m.vit.encoder.layer if hasattr(m, "vit") else m.model.layers
+    layers = m.vit.layers if hasattr(m, "vit") else m.model.layers
     del layers[n:]
     m.config.num_hidden_layers = n
     return m.eval()

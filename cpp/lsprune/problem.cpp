@@ -254,8 +254,8 @@ std::vector<double> Problem::intercept(const std::vector<double>& U, const std::
 
 SelectResult select(Problem& prob, const SelectOptions& opt) {
   validate(prob.groups(), prob.D(), opt);
-  if (opt.method == Method::Backward) return select_backward(prob, opt);
-  return select_forward(prob, opt);
+  SelectResult res = opt.method == Method::Backward ? select_backward(prob, opt) : select_forward(prob, opt);
+  return refine_swaps(prob, std::move(res), opt, opt.refine);
 }
 
 }  // namespace lsp

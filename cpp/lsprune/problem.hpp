@@ -50,6 +50,7 @@ struct SelectOptions {
   double tol = -1;             // stop at this relative error, or -1
   std::vector<Index> force;    // groups that must be kept (forward/omp: chosen first, in this order)
   double rcond = 1e-10;        // a pivot below rcond * (its damped variance) marks a group degenerate
+  Index refine = 0;            // at most this many swap-refinement exchanges after the selection
 };
 
 struct SelectResult {
@@ -67,6 +68,7 @@ struct SelectResult {
   double energy = 0;              // centred target energy (0 -> relative errors are 0)
   double damping = 0;             // relative damping actually used (can grow on breakdown)
   double lambda = 0;              // absolute ridge added to the diagonal
+  std::vector<Index> swapped_out, swapped_in;  // swap refinement: the exchanges, in order
 };
 
 // Centred, damped working view of a problem restricted to a universe of columns.
@@ -178,5 +180,9 @@ EliminationPath backward_eliminate(const std::vector<Problem*>& probs, const std
                                    const SelectOptions& opt);
 SelectResult select_backward(Problem& prob, const SelectOptions& opt);
 SelectResult select(Problem& prob, const SelectOptions& opt);
+// Swap refinement of a finished selection (force respected): at most max_swaps best-improvement
+// exchanges of one kept group for one candidate, each appended to the error path, then a fresh
+// re-fit on the refined set (docs/design.md, "Swap refinement").
+SelectResult refine_swaps(Problem& prob, SelectResult&& res, const SelectOptions& opt, Index max_swaps);
 
 }  // namespace lsp
