@@ -90,7 +90,7 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
           max_positions: Optional[int] = DEFAULT_MAX_POSITIONS, seed: int = 0,
           strategy: str = "auto", distributed: Optional[bool] = None, checkpoint=None,
           checkpoint_interval: float = 60.0, memory_limit="auto", units=None, targets: str = "layer",
-          blocks: Optional[str] = None) -> Tuple[nn.Module, PruneReport]:
+          blocks: Optional[str] = None, refine=None) -> Tuple[nn.Module, PruneReport]:
     """Structurally prunes a trained model by layerwise least squares (no labels, no fine-tuning).
 
     For every prunable pair producer -> (BatchNorm, activation, pooling, depthwise conv,
@@ -136,6 +136,10 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
         they go. ``independent``: every pair is measured on the original network in one pass.
     damping : float
         Relative ridge of the LS fits (see :func:`lsprune.select`).
+    refine : bool or int, optional
+        Swap refinement after each LS selection (``method`` forward/omp/backward; see
+        :func:`lsprune.select`): ``True`` until no exchange of a kept and a removed channel lowers
+        the pair's LS error, an int caps the exchanges per pair. Off by default.
     max_batches : int, optional
         Use only the first ``max_batches`` calibration batches.
     device : str or torch.device, optional

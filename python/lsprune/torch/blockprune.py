@@ -220,7 +220,7 @@ def prune_blocks(ref: nn.Module, pruned: nn.Module, batches: list, run, *, opts,
 
     def on_block(block_units_: List[Unit]):
         for u in block_units_:
-            finish(jobs[u.name], method=opts.method, damping=float(opts.damping), timer=timer)
+            finish(jobs[u.name], method=opts.method, damping=float(opts.damping), timer=timer, refine=opts.refine)
 
     passes += sweep_blocks(ref_blocks, pr_blocks, active, calls, original=original, ref_modules=ref_mods,
                            pr_modules=pr_mods, on_rows=on_rows, on_block=on_block, progress=opts.progress)

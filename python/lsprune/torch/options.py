@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from lsprune.budget import Budget, as_budget
+from lsprune.selection import METHODS as LS_METHODS
 
 from .baselines import NORMS
 from .layouts import UNIT_KINDS, normalize_units
@@ -138,6 +139,19 @@ class Seed(Constraint):
         if v < 0:
             raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         return int(v)
+
+
+class Refine(Constraint):
+    """None/False (off), True (until no swap helps) or a swap cap >= 0 (0 = off)."""
+
+    def check(self, name, v):
+        if v is None or isinstance(v, bool):
+            return bool(v) or None
+        if not _is_int(v):
+            raise TypeError(f"{name} must be True, False, None or a number of swaps, got {v!r}")
+        if v < 0:
+            raise ValueError(f"{name} must be a number of swaps >= 0, got {v!r}")
+        return int(v) or None
 
 
 class CallableOrNone(Constraint):
@@ -289,7 +303,8 @@ def _check_names(what: str, names, modules) -> None:
 
 # ---------------------------------------------------------------------------------------------- prune
 #: Options that change the result: a checkpoint must have been written with the same values.
-FINGERPRINT = ("ratio", "keep", "budget", "method", "refit", "norm", "mode", "damping", "max_positions", "seed")
+FINGERPRINT = ("ratio", "keep", "budget", "method", "refit", "norm", "mode", "damping", "max_positions", "seed",
+               "refine")
 #: Options every rank of a distributed prune must agree on (device and memory limit may differ per rank).
 AGREED = FINGERPRINT + ("pairs", "units", "targets", "blocks")
 
@@ -325,6 +340,7 @@ class PruneOptions:
     units: Optional[Tuple[str, ...]] = param(Converted(normalize_units))
     targets: str = param(OneOf(TARGETS))
     blocks: Optional[str] = param(NameOrNone("the name of the model's list of blocks"))
+    refine: Any = param(Refine())
 
     @classmethod
     def create(cls, model: nn.Module, **kwargs) -> "PruneOptions":
@@ -339,6 +355,9 @@ class PruneOptions:
         if self.budget is not None and self.ratio is not None:
             raise ValueError("give either ratio= (the same fraction removed in every pair) or budget= (a fraction "
                              "of the whole model's FLOPs/params), not both")
+        if self.refine and self.method not in LS_METHODS:
+            raise ValueError(f"refine= exchanges channels of an LS selection: it needs method= one of "
+                             f"{LS_METHODS}, not {self.method!r}")
         if self.ratio is None and not self.keep and self.budget is None:
             raise ValueError("give ratio= (fraction of channels removed in every pair), budget= (e.g. "
                              "lsprune.Budget(flops=0.5)) or keep= ({producer name: channels to keep})")
@@ -385,7 +404,7 @@ class PruneOptions:
         """The options a :class:`PruneReport` records."""
         return dict(mode=self.mode, method=self.method, ratio=self.ratio, refit=self.refit,
                     norm=self.norm if self.method == "magnitude" else None, damping=float(self.damping),
-                    max_positions=self.max_positions, seed=self.seed)
+                    max_positions=self.max_positions, seed=self.seed, refine=self.refine)
 
 
 # ---------------------------------------------------------------------------------------------- factorize

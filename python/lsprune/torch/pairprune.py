@@ -163,7 +163,8 @@ class PairPrune:
 
     def _finish(self, job: PairJob):
         """Selects, re-fits and shrinks a pair whose statistics are complete; returns its report."""
-        return finish(job, method=self.opts.method, damping=float(self.opts.damping), timer=self.timer)
+        return finish(job, method=self.opts.method, damping=float(self.opts.damping), timer=self.timer,
+                      refine=self.opts.refine)
 
     def _budget_pass(self) -> None:
         """A global budget: error paths from an independent pass (in waves if need be), then the allocation."""

@@ -104,11 +104,12 @@ def plan_channels(pairs: Sequence[Pair], channels: Mapping[str, int], *, ratio: 
 CUDA_MAX_GROUP = 49
 
 
-def _engine_select(stats, n_keep, *, method, group_size, damping, weights_in=None, bias_in=None, job=None):
+def _engine_select(stats, n_keep, *, method, group_size, damping, weights_in=None, bias_in=None, job=None,
+                   refine=None):
     # the solver runs where the calibration ran when the CUDA engine is there
     dev = job.sums.engine_dev if job is not None and group_size <= CUDA_MAX_GROUP else None
     return lsprune.select(stats, n_keep=n_keep, group_size=group_size, method=method, damping=damping,
-                          weights_in=weights_in, bias_in=bias_in, device=dev or "cpu")
+                          weights_in=weights_in, bias_in=bias_in, device=dev or "cpu", refine=refine)
 
 
 @contextmanager
@@ -368,8 +369,9 @@ def job_statistics(job: PairJob) -> lsprune.Statistics:
         raise _nan_error(job, e) from None
 
 
-def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairReport:
-    """Selects the kept channels, re-fits the consumer and shrinks the modules; returns the pair's report."""
+def finish(job: PairJob, *, method: str, damping: float, timer: Timer, refine=None) -> PairReport:
+    """Selects the kept channels (LS methods: swap-refined with ``refine``), re-fits the consumer and shrinks
+    the modules; returns the pair's report."""
     if job.saved is not None:
         return _apply_saved(job, timer)
     t = time.perf_counter()
@@ -380,6 +382,8 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairRe
                              "exclude every position?)")
         damping = effective_damping(job, stats.count, damping)
         kw = dict(group_size=job.group_size, damping=damping, job=job)
+        if refine:  # options allow it with the LS methods only
+            kw["refine"] = refine
         if job.independent:
             W, b = consumer_matrix(job.ref_consumer)
             kw.update(weights_in=W, bias_in=b)
@@ -420,7 +424,8 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairRe
         error_path=[float(v) for v in sel.relative_error_path] if has_path else [],
         n_kept_path=[int(v) for v in sel.n_kept_path] if has_path else [],
         bias_added=bool(added), samples=int(stats.count), damping=float(sel.damping), time_s=job.seconds,
-        method=method, refit=job.refit, kind=job.unit.kind if job.unit is not None else "pair")
+        method=method, refit=job.refit, kind=job.unit.kind if job.unit is not None else "pair",
+        swaps=np.asarray(sel.swaps).tolist())
     logger.info("pair %s: %d -> %d channels, relative error %.4g (%.2fs)", job.name, job.channels, kept.size, rel,
                 job.seconds)
     if job.ckpt is not None:

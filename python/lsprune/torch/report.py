@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from .report_base import ModelReport, si as _si, table
 
@@ -61,6 +61,9 @@ class PairReport:
         ``"pair"`` (producer -> consumer), ``"mlp"`` (MLP neurons of a transformer block; ``producer``
         names the MLP module) or ``"heads"`` (attention heads, or whole KV groups under GQA;
         ``producer`` names the attention module and channels count heads or groups).
+    swaps : list of [int, int]
+        With ``prune(refine=)``: the exchanges of swap refinement, (channel out, channel in), in
+        order; each added one entry to ``error_path``.
     """
 
     producer: str
@@ -86,6 +89,7 @@ class PairReport:
     refit: bool = True
     predicted_error: Optional[float] = None
     kind: str = "pair"
+    swaps: List[List[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -117,6 +121,9 @@ class PruneReport(ModelReport):
     damping : float
     max_positions : int or None
     seed : int
+    refine : bool, int or None
+        The swap-refinement option (``prune(refine=)``); each pair's exchanges are in its
+        ``PairReport.swaps``.
     params_before, params_after : int
         All parameters of the model.
     flops_before, flops_after : int
@@ -158,6 +165,7 @@ class PruneReport(ModelReport):
     damping: float = 1e-6
     max_positions: Optional[int] = None
     seed: int = 0
+    refine: Any = None
     params_before: int = 0
     params_after: int = 0
     flops_before: int = 0
