@@ -67,6 +67,13 @@ class Selection:
         Swap refinement (``refine``): the exchanges made, in order, as (removed group, added
         group); each appended one entry to ``error_path``. ``selected`` holds the refined set
         (forward/omp: the added group takes the place of the one it replaced).
+    timed_out : bool
+        ``time_limit`` stopped the greedy steps: forward/omp kept their prefix (the first
+        ``selected.size - filled.size`` entries) and added ``filled`` at once; backward removed
+        ``filled`` at once. The weights are the exact re-fit on the final kept set either way.
+    filled : ndarray of int
+        With ``timed_out``: the groups added (forward/omp, by their current criterion given the
+        prefix) or removed (backward, by their current cost) after the time limit.
     """
 
     method: str
@@ -88,6 +95,8 @@ class Selection:
     skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     stopped_early: bool = False
     swaps: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
+    timed_out: bool = False
+    filled: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def n_kept(self) -> int:
@@ -161,12 +170,14 @@ def _selection(method, r, out_dtype, return_path):
         stopped_early=bool(r["stopped_early"]),
         swaps=np.stack([np.asarray(r.get("swapped_out", ()), dtype=np.int64),
                         np.asarray(r.get("swapped_in", ()), dtype=np.int64)], axis=1),
+        timed_out=bool(r.get("timed_out", False)),
+        filled=np.asarray(r.get("filled", ()), dtype=np.int64),
     )
 
 
 def _result(method, r, out_dtype, return_path, requested_damping, n_groups, columns_of_group):
     _warn_skipped(np.asarray(r["skipped"], dtype=np.int64), requested_damping, stacklevel=3)
-    if r["stopped_early"]:
+    if r["stopped_early"] and not r.get("timed_out", False):  # (after a time limit: too few usable groups left)
         _warn_stopped(method, len(r["selected"]), stacklevel=3)
     _warn_damping(r["damping"], requested_damping, stacklevel=3)
     return _selection(method, r, out_dtype, return_path)
@@ -196,12 +207,27 @@ def check_options(n_keep, tol, force, n_groups):
     return nk, tl, fl
 
 
+def check_time_limit(time_limit, tol, method: str, dev: int) -> float:
+    """``time_limit`` for the engine: seconds > 0, or -1 for none."""
+    if time_limit is None:
+        return -1.0
+    t = _arrays.check_float(time_limit, "time_limit")
+    if not t > 0:
+        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
+    if tol is not None:
+        raise ValueError("time_limit needs n_keep (a time-limited selection cannot promise a tolerance)")
+    if dev >= 0 and method == "backward":
+        raise ValueError("time_limit is not supported by the CUDA backward solver (use device='cpu')")
+    return t
+
+
 def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, tol: Optional[float] = None,
            group_size: int = 1, groups: Optional[Sequence] = None, method: str = "forward",
            damping: float = _policy.DEFAULT_DAMPING, fit_intercept: bool = True,
            force: Optional[Sequence[int]] = None, return_path: bool = True,
            weights_in=None, bias_in=None, gram=None, cross=None, target_energy=None, mean_x=None, mean_y=None,
-           count=None, rcond: float = 1e-10, refine=None, device="cpu") -> Selection:
+           count=None, rcond: float = 1e-10, refine=None, device="cpu",
+           time_limit: Optional[float] = None) -> Selection:
     """Chooses the input groups (channels) of a layer that best reproduce its targets,
     and re-fits the weights on them by least squares.
 
@@ -255,6 +281,12 @@ def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, 
         residual blocks; backward: H, W) on the GPU; groups of at most 49 columns.
         Asking for CUDA without it raises :class:`lsprune.CUDAUnavailableError`;
         ``"auto"`` uses CUDA when available and logs the choice.
+    time_limit : float, optional
+        Seconds for the greedy steps (with ``n_keep`` only; > 0). When they pass first, forward/omp
+        keep the groups chosen so far and add the remaining ``n_keep - k`` at once by their current
+        criterion (forward: the exact error drop given the prefix; omp: ``‖R_J‖²``); backward removes
+        the remaining ones at once by their current cost; then the kept set is re-fitted exactly.
+        ``Selection.timed_out`` says so. Not for the CUDA backward solver.
 
     Returns
     -------
@@ -269,8 +301,9 @@ def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, 
     nk, tl, fl = check_options(n_keep, tol, force, n_groups)
     rc = _arrays.check_float(rcond, "rcond", lo=0.0)
     dev = parse_device(device)
+    tlim = check_time_limit(time_limit, tol, method, dev)
     args = dict(kw, offsets=offsets, columns=columns, method=method, n_keep=nk, tol=tl, force=fl, rcond=rc, n_targets=m,
-                refine=refine_budget(refine, n_groups))
+                refine=refine_budget(refine, n_groups), time_limit=tlim)
     # parse_device has refused CUDA where this build or machine has none
     r = _core.select(**args) if dev < 0 else _core.select_cuda(**args, device=dev)
     return _result(method, r, out_dtype, bool(return_path), kw["damping"], n_groups, None)

@@ -29,7 +29,7 @@ from .baselines import NORMS
 from .layouts import UNIT_KINDS, normalize_units
 from .pairs import (Pair, channel_passthrough_kind, check_consumer, check_producer, normalize_pairs, producer_channels,
                     shared_state)
-from .pruning import SELECTORS
+from .pruning import SELECTORS, TIME_LIMITED
 
 MODES = ("sequential", "independent")
 STRATEGIES = ("auto", "graph", "hooks", "blocks")
@@ -37,6 +37,8 @@ STRATEGIES = ("auto", "graph", "hooks", "blocks")
 TARGETS = ("layer", "original")
 #: Default cap on the output positions per sample that a Conv2d consumer streams into its statistics.
 DEFAULT_MAX_POSITIONS = 16
+#: ``statistics=``: what a pair streams (``lean``: channel-level sums, then the kept columns; see README).
+STATISTICS = ("auto", "exact", "lean")
 
 
 # ---------------------------------------------------------------------------------------------- constraints
@@ -130,6 +132,20 @@ class Count(Constraint):
         if v < 1:
             raise ValueError(f"{name}={v} must be >= 1" + (" (or None)" if self.none else ""))
         return int(v)
+
+
+class Seconds(Constraint):
+    """None, or a finite number of seconds > 0."""
+
+    def check(self, name, v):
+        if v is None:
+            return v
+        if not _is_real(v):
+            raise TypeError(f"{name} must be a number of seconds or None, got {type(v).__name__}")
+        v = float(v)
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name}={v} must be a finite number of seconds > 0 (or None for no limit)")
+        return v
 
 
 class Seed(Constraint):
@@ -304,9 +320,9 @@ def _check_names(what: str, names, modules) -> None:
 # ---------------------------------------------------------------------------------------------- prune
 #: Options that change the result: a checkpoint must have been written with the same values.
 FINGERPRINT = ("ratio", "keep", "budget", "method", "refit", "norm", "mode", "damping", "max_positions", "seed",
-               "refine")
+               "refine", "statistics")
 #: Options every rank of a distributed prune must agree on (device and memory limit may differ per rank).
-AGREED = FINGERPRINT + ("pairs", "units", "targets", "blocks")
+AGREED = FINGERPRINT + ("pairs", "units", "targets", "blocks", "time_budget")
 
 
 @dataclass(frozen=True)
@@ -341,6 +357,8 @@ class PruneOptions:
     targets: str = param(OneOf(TARGETS))
     blocks: Optional[str] = param(NameOrNone("the name of the model's list of blocks"))
     refine: Any = param(Refine())
+    statistics: str = param(OneOf(STATISTICS))
+    time_budget: Optional[float] = param(Seconds())
 
     @classmethod
     def create(cls, model: nn.Module, **kwargs) -> "PruneOptions":
@@ -358,6 +376,9 @@ class PruneOptions:
         if self.refine and self.method not in LS_METHODS:
             raise ValueError(f"refine= exchanges channels of an LS selection: it needs method= one of "
                              f"{LS_METHODS}, not {self.method!r}")
+        if self.time_budget is not None and self.method not in TIME_LIMITED:
+            raise ValueError(f"time_budget= limits the engine's selection ({', '.join(TIME_LIMITED)}); method="
+                             f"{self.method!r} has no greedy steps to stop")
         if self.ratio is None and not self.keep and self.budget is None:
             raise ValueError("give ratio= (fraction of channels removed in every pair), budget= (e.g. "
                              "lsprune.Budget(flops=0.5)) or keep= ({producer name: channels to keep})")
@@ -404,7 +425,8 @@ class PruneOptions:
         """The options a :class:`PruneReport` records."""
         return dict(mode=self.mode, method=self.method, ratio=self.ratio, refit=self.refit,
                     norm=self.norm if self.method == "magnitude" else None, damping=float(self.damping),
-                    max_positions=self.max_positions, seed=self.seed, refine=self.refine)
+                    max_positions=self.max_positions, seed=self.seed, refine=self.refine, statistics=self.statistics,
+                    time_budget=self.time_budget)
 
 
 # ---------------------------------------------------------------------------------------------- factorize

@@ -8,7 +8,7 @@ sweep of :mod:`.sweep` or the module hooks of :mod:`.hooks`; each pair finished 
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
@@ -41,6 +41,9 @@ class PairPrune:
         self.bounds = self.plan = self.ckpt = None
         self.paths: Optional[Dict[str, object]] = None
         self.pre_jobs: Dict[str, PairJob] = {}
+        self.keep = opts.keep  # with pairs pinned at their full count when the budget's pass cannot measure them
+        self.memory_skipped: Dict[str, str] = {}  # pairs left unchanged by the memory guard: the reason
+        self.modified: List[str] = []  # modules already pruned (for the sweeps after a pass of their own)
 
     def run(self) -> Tuple[nn.Module, PruneReport]:
         self.ref = self.s.reference()
@@ -87,7 +90,7 @@ class PairPrune:
     def _bound_budget(self) -> None:
         """Refuses an unreachable budget before any expensive work; plans the counts unless a global budget
         needs the error paths of an independent pass first."""
-        budget, keep = self.opts.budget, self.opts.keep
+        budget, keep = self.opts.budget, self.keep
         if budget is not None:
             pinned = [keep.get(p.producer) if keep else None for p in self.chosen]
             self.bounds = budget_bounds(budget, self._costs(budget.kind),
@@ -99,7 +102,7 @@ class PairPrune:
 
     def _plan_channels(self, paths=None, weights=None):
         o = self.opts
-        return plan_channels(self.chosen, self.channels, ratio=o.ratio, keep=o.keep, budget=o.budget,
+        return plan_channels(self.chosen, self.channels, ratio=o.ratio, keep=self.keep, budget=o.budget,
                              costs=self.bounds.costs if self.bounds is not None else None, error_paths=paths,
                              weights=weights)
 
@@ -118,19 +121,37 @@ class PairPrune:
         o, f, chosen, seq = self.opts, self.found, self.chosen, self.opts.sequential
         self.guard = Guard(o.memory_limit, self.dist, self.s.dev, self.ref_mods, f.chains if f.use_graph else None,
                            f.gm.graph if f.use_graph else None, method=o.method, refit=o.refit, scale=self.scale,
-                           model_copies=2 if self.s.copies_model else 1)
+                           model_copies=2 if self.s.copies_model else 1, statistics=o.statistics)
         b = self.bounds
         self.pre_names = [p.producer for i, p in enumerate(chosen)
                           if self.global_pass and (b.pinned[i] is None or not seq)]
         self.pre_plan = self.guard.plan("the budget's independent pass", chosen,
                                         {p.producer: int(b.hi[i]) for i, p in enumerate(chosen)}
-                                        if self.global_pass else {}, self.pre_names, sequential=False)
-        self.reuse = self.global_pass and not seq and len(self.pre_plan.waves) == 1  # budget statistics prune too
+                                        if self.global_pass else {}, self.pre_names, sequential=False, paths=True)
+        if self.pre_plan.skipped:
+            self._pin_unmeasured(self.pre_plan.skipped)
+        # independent mode: the budget's statistics prune too (exact ones, all in one pass)
+        self.reuse = self.global_pass and not seq and len(self.pre_plan.waves) == 1 and not self.pre_plan.lean
         self.main_what = "the sequential pass" if seq else "the independent pass"
         # a global budget's counts are known after its pass: until then, the least any plan needs (min_keep)
         least = self.plan if self.plan is not None else {p.producer: int(b.lo[i]) for i, p in enumerate(chosen)}
         todo = [p.producer for p in chosen if least[p.producer] < self.channels[p.producer]]
         self.main_plan = self.guard.plan(self.main_what, chosen, least, [] if self.reuse else todo, sequential=seq)
+
+    def _pin_unmeasured(self, skipped: Dict[str, str]) -> None:
+        """Pairs the budget's pass cannot measure in any way (memory) keep all their channels, and the budget is
+        spread over the others (``ValueError`` when that makes it unreachable)."""
+        for name, why in skipped.items():
+            self._skip(name, why)
+        self.keep = {**(self.opts.keep or {}), **{n: self.channels[n] for n in skipped}}
+        self.pre_names = [n for n in self.pre_names if n not in skipped]
+        self._bound_budget()
+
+    def _skip(self, name: str, why: str) -> None:
+        self.memory_skipped[name] = why
+        pair = next(p for p in self.chosen if p.producer == name)
+        logger.warning("pair %s -> %s left unchanged (%s). Raise memory_limit=, give statistics='auto', or leave "
+                       "it out (pairs=)", name, pair.consumer, why)
 
     # ------------------------------------------------------------------------------------------ passes
     def _prepare(self) -> None:
@@ -144,7 +165,7 @@ class PairPrune:
         dist = self.dist if self.dist.active else None
         self.job_kw = dict(device=s.dev, use_torch_sums=None, seed=o.seed, max_positions=o.max_positions,
                            n_samples=max(1, int(self.dist.reduce_numbers([s.n_samples])[0])), refit=o.refit,
-                           norm=o.norm, dist=dist, ckpt=self.ckpt)
+                           norm=o.norm, dist=dist, ckpt=self.ckpt, time_budget=o.time_budget)
         self.common = dict(complete=self._finish, progress=o.progress, timer=self.timer)
         self.passes = s.per_batch if f.use_graph else (1.0 + len(f.probes)) * s.per_batch
 
@@ -154,7 +175,8 @@ class PairPrune:
         f = self.found
         if f.use_graph:
             res = sweep(f.gm.graph, self.ref, self.pruned, self.inputs, self.masks, jobs, f.chains, sequential=seq,
-                        collect_only=collect_only, dist=self.job_kw["dist"], **self.common)
+                        collect_only=collect_only, dist=self.job_kw["dist"], modified=self.modified,
+                        **self.common)
             self.passes += 1.0 + res["pruned_pass_fraction"]
             return res["output_relative_error"]
         self.passes += run_hooks(self.ref, self.pruned, self.s.batches, self.s.dev, self.s.run, self.s.mask_fn,
@@ -174,7 +196,8 @@ class PairPrune:
         for i, p in enumerate(chosen):
             if p.producer in self.pre_names:
                 self.pre_jobs[p.producer] = make_job(i, p, self.channels[p.producer], int(b.hi[i]), self.ref_mods,
-                                                     self.pr_mods, independent=True, stage="budget", **self.job_kw)
+                                                     self.pr_mods, independent=True, stage="budget",
+                                                     lean=p.producer in self.pre_plan.lean, **self.job_kw)
         self.paths = {}
         self.guard.announce(self.pre_plan)
         for wave in self.pre_plan.waves:
@@ -195,23 +218,31 @@ class PairPrune:
             self.plan = self._plan_channels(self.paths, weights)
 
     def _make_jobs(self) -> Dict[str, PairJob]:
-        """A job per pair that loses channels (the budget pass's own, in independent mode)."""
+        """A job per pair that loses channels (the budget pass's own, in independent mode), as the memory guard
+        decided: exact or lean statistics, in the pass or in a pass of its own, or left unchanged."""
+        if self.global_pass and not self.reuse:  # the counts are known now: plan the pruning pass with them
+            todo = [p.producer for p in self.chosen if self.plan[p.producer] < self.channels[p.producer]]
+            self.main_plan = self.guard.plan(self.main_what, self.chosen, self.plan, todo,
+                                             sequential=self.opts.sequential, replace=True)
+        mp = self.main_plan
         jobs: Dict[str, PairJob] = {}
         for i, p in enumerate(self.chosen):
-            if self.plan[p.producer] < self.channels[p.producer]:
-                if self.reuse:
-                    jobs[p.producer] = job = self.pre_jobs[p.producer]
-                    job.n_keep = self.plan[p.producer]
-                    job.reuse_for_pruning()
-                else:
-                    jobs[p.producer] = make_job(i, p, self.channels[p.producer], self.plan[p.producer], self.ref_mods,
-                                                self.pr_mods, independent=not self.opts.sequential, **self.job_kw)
+            name = p.producer
+            if self.plan[name] >= self.channels[name]:
+                continue
+            if self.reuse:
+                jobs[name] = job = self.pre_jobs[name]
+                job.n_keep = self.plan[name]
+                job.reuse_for_pruning()
+            elif name in mp.skipped:
+                self._skip(name, mp.skipped[name])
+            else:
+                jobs[name] = make_job(i, p, self.channels[name], self.plan[name], self.ref_mods, self.pr_mods,
+                                      independent=not self.opts.sequential, lean=name in mp.lean,
+                                      own_pass=name in mp.own_pass, **self.job_kw)
         for job in self.pre_jobs.values():
             if job.pair.producer not in jobs:
                 job.sums.release()
-        if self.global_pass and not self.reuse:  # the counts are known now: plan the pruning pass with them
-            self.main_plan = self.guard.plan(self.main_what, self.chosen, self.plan, list(jobs),
-                                             sequential=self.opts.sequential, replace=True)
         return jobs
 
     def _prune_pass(self, jobs: Dict[str, PairJob]) -> Optional[float]:
@@ -220,16 +251,47 @@ class PairPrune:
         if self.reuse:  # independent mode after the budget pass: the statistics are complete
             for job in jobs.values():
                 self._finish(job)
+        elif jobs and self.opts.sequential:
+            self.guard.announce(self.main_plan)
+            out_err = self._sequential_pass(jobs)
         elif jobs:
             self.guard.announce(self.main_plan)
             for wave in self.main_plan.waves:
                 wave_jobs = {n: jobs[n] for n in wave if n in jobs}
-                if not self.opts.sequential and all(j.saved is not None for j in wave_jobs.values()):
+                if all(j.saved is not None for j in wave_jobs.values()):
                     for job in wave_jobs.values():  # finished by an earlier run: no pass needed
                         self._finish(job)
                 elif wave_jobs:
-                    out_err = self._pass(wave_jobs, seq=self.opts.sequential)
+                    out_err = self._pass(wave_jobs, seq=False)
         return out_err
+
+    def _sequential_pass(self, jobs: Dict[str, PairJob]) -> Optional[float]:
+        """The pairs in forward order: one sweep (graph) or hooks pass; a pair the memory guard sent to a pass of
+        its own is pruned with module hooks (one batch of activations at a time) between a sweep of the pairs
+        before it and one of the pairs after it. The output error is that of the last sweep when the last pair
+        was in it (else None)."""
+        if not self.found.use_graph:
+            return self._pass(jobs, seq=True)
+        out_err, segment = None, {}
+        for name, job in jobs.items():
+            if not job.own_pass:
+                segment[name] = job
+                continue
+            if segment:
+                self._pass(segment, seq=True)
+                self._done(segment)
+                segment = {}
+            self.passes += run_hooks(self.ref, self.pruned, self.s.batches, self.s.dev, self.s.run, self.s.mask_fn,
+                                     [job], sequential=True, **self.common)
+            self._done({name: job})
+        if segment:
+            out_err = self._pass(segment, seq=True)
+        return out_err
+
+    def _done(self, jobs: Dict[str, PairJob]) -> None:
+        """Records the modules of finished pairs: a later sweep evaluates them in the pruned network."""
+        for job in jobs.values():
+            self.modified += [job.pair.producer, *job.pair.between, job.pair.consumer]
 
     def _report(self, jobs, out_err) -> PruneReport:
         f = self.found
@@ -237,6 +299,10 @@ class PairPrune:
                               self.s.batches, self.opts, self.dist, strategy=f.strategy, passes=self.passes,
                               out_err=out_err)
         report.memory = self.guard.report.to_dict()
+        for r in report.pairs:
+            if r.producer in self.memory_skipped:
+                r.status, r.reason = "skipped", self.memory_skipped[r.producer]
+                report.skipped.append({"producer": r.producer, "consumer": r.consumer, "reason": r.reason})
         if self.opts.budget is not None:
             record_budget(report, self.plan.budget, self.opts.budget, self.paths)
         return report

@@ -27,7 +27,8 @@ class PairReport:
     kept : list of int
         Kept channel indices (original numbering), ascending.
     status : str
-        ``"pruned"``, or ``"unchanged"`` when every channel is kept (no re-fit either).
+        ``"pruned"``, ``"unchanged"`` when every channel is kept (no re-fit either), or ``"skipped"`` when the
+        pair was left unchanged because it did not fit ``memory_limit`` (``reason``).
     relative_error : float
         Reconstruction error of the consumer's output on the calibration rows,
         ``‖Y - Ŷ‖² / ‖Y - Ȳ‖²`` (centred; Y = the original network's consumer output).
@@ -64,6 +65,17 @@ class PairReport:
     swaps : list of [int, int]
         With ``prune(refine=)``: the exchanges of swap refinement, (channel out, channel in), in
         order; each added one entry to ``error_path``.
+    statistics : str
+        ``"exact"`` (the full statistics) or ``"lean"`` (channels chosen on the channel-level statistics,
+        consumer re-fitted on the kept columns' exact statistics; ``error_path`` is then the channel-level
+        problem's, see ``prune(statistics=)``).
+    own_pass : bool
+        The pair did not fit the sequential pass's memory and was pruned in a pass of its own.
+    timed_out : bool
+        ``prune(time_budget=)`` stopped this pair's greedy selection; the rest of the kept set was
+        filled at once by the current gains, then re-fitted.
+    reason : str or None
+        For ``status == "skipped"``: why the pair was left unchanged (it did not fit ``memory_limit``).
     """
 
     producer: str
@@ -90,6 +102,10 @@ class PairReport:
     predicted_error: Optional[float] = None
     kind: str = "pair"
     swaps: List[List[int]] = field(default_factory=list)
+    statistics: str = "exact"
+    own_pass: bool = False
+    timed_out: bool = False
+    reason: Optional[str] = None
 
 
 @dataclass
@@ -150,7 +166,12 @@ class PruneReport(ModelReport):
         The memory guard: ``limit`` (bytes, None = no guard), ``limit_source``, ``available``,
         ``estimate`` (peak bytes of host memory estimated for the prune), ``device_estimate``, ``model_copy``
         (bytes of the model copy being pruned), and
-        per pass ``{"pass", "estimate", "device_estimate", "waves"}``.
+        per pass ``{"pass", "estimate", "device_estimate", "waves", "largest_pair", "lean", "own_pass",
+        "skipped"}`` (the last three: the pairs the guard gave lean statistics, a pass of their own, or left out).
+    statistics : str
+        ``prune(statistics=)``.
+    time_budget : float or None
+        ``prune(time_budget=)``: seconds of selection per pair.
     """
 
     pairs: List[PairReport] = field(default_factory=list)
@@ -180,6 +201,8 @@ class PruneReport(ModelReport):
     world_size: int = 1
     memory: Optional[dict] = None
     targets: Optional[str] = None
+    statistics: str = "auto"
+    time_budget: Optional[float] = None
 
     FORMAT = REPORT_FORMAT
     VERSION = REPORT_VERSION
@@ -197,8 +220,9 @@ class PruneReport(ModelReport):
         """Per-pair plain-text table."""
         rows = [("producer", "consumer", "channels", "rel. error", "MACs/sample", "time")]
         for p in self.pairs:
-            rows.append((p.producer, p.consumer, f"{p.channels_before} -> {p.channels_after}",
-                         f"{p.relative_error:.3g}" + ("" if p.refit else " (no re-fit)"),
+            notes = ("" if p.refit else " (no re-fit)") + (" (lean)" if p.statistics == "lean" else "")
+            err = "skipped (memory)" if p.status == "skipped" else f"{p.relative_error:.3g}{notes}"
+            rows.append((p.producer, p.consumer, f"{p.channels_before} -> {p.channels_after}", err,
                          f"{_si(p.flops_before)} -> {_si(p.flops_after)}", f"{p.time_s:.2f}s"))
         return table(rows)
 

@@ -17,7 +17,7 @@ environments is cloned first.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -41,7 +41,7 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
           masks: List[Optional[torch.Tensor]], jobs: Dict[str, PairJob], chains: Dict[str, Chain], *,
           sequential: bool, complete: Callable[[PairJob], object], progress: bool, timer: Timer,
           collect_only: bool = False, job_nodes: Optional[Dict[str, fx.Node]] = None,
-          dist: Optional[Dist] = None) -> dict:
+          dist: Optional[Dist] = None, modified: Sequence[str] = ()) -> dict:
     """Runs the sweep; prunes ``pruned`` in place.
 
     Parameters
@@ -66,6 +66,13 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
     dist : Dist, optional
         Distributed calibration: the output error is summed over the ranks (the statistics are
         summed by the jobs' sums).
+    modified : sequence of str
+        Modules of ``pruned`` already changed before this sweep (pairs pruned by an earlier sweep or in a
+        pass of their own): their nodes are evaluated in the pruned environment from the start.
+
+    A lean job (``job.lean``) gets ``job.source``, which streams its consumer's cached input again for the
+    re-fit on its kept columns; in independent mode it is therefore completed at its node (its input is freed
+    after the node's last use; independent surgery does not change what the sweep computes).
 
     Returns
     -------
@@ -73,7 +80,8 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
     (share of graph nodes the pruned environment had to evaluate itself).
     """
     state = _Sweep(graph, ref, pruned, inputs, masks, jobs, chains, job_nodes, sequential=sequential, timer=timer,
-                   complete=complete)
+                   complete=complete, collect_only=collect_only)
+    state.modified.update(modified)
     pair_bar = tqdm(total=len(jobs), desc="lsprune pairs", unit="pair", disable=not progress, leave=False)
     node_bar = tqdm(total=len(state.nodes), desc="lsprune sweep", unit="node", disable=not progress, leave=False)
     state.on_done = lambda: pair_bar.update(1)
@@ -95,11 +103,11 @@ class _Sweep:
     are left in ``pending``)."""
 
     def __init__(self, graph, ref, pruned, inputs, masks, jobs, chains, job_nodes, *, sequential: bool,
-                 timer: Timer, complete: Callable):
+                 timer: Timer, complete: Callable, collect_only: bool = False):
         self.nodes = list(graph.nodes)
         self.pruned, self.inputs, self.masks = pruned, inputs, masks
         self.nb = len(inputs)
-        self.sequential, self.timer, self.complete = sequential, timer, complete
+        self.sequential, self.timer, self.complete, self.collect_only = sequential, timer, complete, collect_only
         self.by_consumer = {(chains[p].consumer_node if p in chains else job_nodes[p]): jobs[p] for p in jobs}
         self.chain_of = {chains[p].consumer_node: chains[p] for p in jobs if p in chains}
         self.last_use = {}
@@ -179,8 +187,14 @@ class _Sweep:
         x_env = self.pruned_env if self.sequential else self.orig
         for b in range(self.nb):
             accumulate(job, x_env[src][b], self.orig[node][b], self.masks[b], self.timer, b)
+        if job.lean:  # finish() clears it
+            job.source = lambda add: [add(x_env[src][b], self.orig[node][b], self.masks[b], b) for b in range(self.nb)]
         if not self.sequential:
-            self.pending.append(job)
+            if job.lean and not self.collect_only:  # its input is only here
+                self.complete(job)
+                self.on_done()
+            else:
+                self.pending.append(job)
             return False
         rep = self.complete(job)
         self.on_done()
