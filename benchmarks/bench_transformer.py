@@ -1,6 +1,6 @@
-"""Transformer pruning quality: held-out perplexity of a small Llama decoder (GQA, SwiGLU) and a BERT
-encoder (llm_model.py, trained on Shakespeare's plays, llm_data.py) after zero-shot pruning of MLP
-neurons or attention heads with LS selection and the LLM baselines.
+"""Transformer pruning quality: held-out perplexity of a small Llama decoder (GQA, SwiGLU; trained on
+Shakespeare's plays, llm_data.py) and of a ViT encoder (trained on MNIST digits) from llm_model.py,
+after zero-shot pruning of MLP neurons or attention heads with LS selection and the LLM baselines.
 
 Every cell is one ``lsprune.torch.prune(model, calibration, ratio=r, units=u, ...)`` call, for
 units in (mlp, heads) x ratios (0.2, 0.5) x methods:
@@ -9,16 +9,18 @@ units in (mlp, heads) x ratios (0.2, 0.5) x methods:
   "original" (the unpruned network's), LS backward elimination + re-fit (targets "layer");
 * magnitude, Wanda-sp and FLAP, each without re-fit (FLAP with its bias compensation).
 
-Records the held-out perplexity (causal LM: next token; MLM: a fixed-seed 15% mask), the prune time
+Records the held-out perplexity (decoder: next token; encoder: exp of the label cross-entropy, and
+its accuracy), the prune time
 as a multiple of one plain forward pass over the same calibration batches, the process's peak
 resident memory during prune (getrusage, high-water mark reset before each cell), the parameter
 fraction and the mean relative reconstruction error over the pruned units.
 
     python benchmarks/bench_transformer.py [--models decoder,encoder] [--units mlp,heads]
-        [--ratios 0.2,0.5] [--calibration 8] [--test-batches 32] [--quick]
+        [--ratios 0.2,0.5] [--calibration 8] [--test-batches 32] [--out transformer] [--quick]
 
 ``--quick``: a smoke run on the first layer of each model (2 calibration, 4 test batches), written
-to results/transformer_quick.*. Otherwise writes benchmarks/results/transformer.{json,md,png}.
+to results/transformer_quick.*. Otherwise writes benchmarks/results/<out>.{json,md,png} (``--out``,
+default ``transformer``).
 """
 from __future__ import annotations
 
@@ -50,24 +52,24 @@ METHODS = [  # (label, prune() keyword arguments besides ratio and units)
 def first_layers(model, n: int):
     """A copy of ``model`` that keeps only its first ``n`` transformer blocks (for --quick)."""
     m = copy.deepcopy(model)
-    layers = m.bert.encoder.layer if hasattr(m, "bert") else m.model.layers
+    layers = m.vit.layers if hasattr(m, "vit") else m.model.layers
     del layers[n:]
     m.config.num_hidden_layers = n
     return m.eval()
 
 
-def forward_time(model, calibration, repeats: int = 3) -> float:
-    """Seconds of one plain forward pass over all calibration batches (best of ``repeats``, after a
-    warm-up pass)."""
-    best = float("inf")
+def forward_time(model, calibration, repeats: int = 3):
+    """Wall and CPU (all threads of the process) seconds of one plain forward pass over all
+    calibration batches, each the best of ``repeats`` after a warm-up pass."""
+    wall = cpu = float("inf")
     with torch.no_grad():
         for i in range(repeats + 1):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for b in calibration:
                 model(**b)
             if i:
-                best = min(best, time.perf_counter() - t)
-    return best
+                wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.process_time() - c)
+    return wall, cpu
 
 
 def reset_peak_rss() -> bool:
@@ -92,16 +94,17 @@ def run_cell(model, cal, test, units, ratio, label, kwargs, t_fwd):
     gc.collect()
     row["rss_before_gib"] = rss_gib()
     row["peak_reset"] = reset_peak_rss()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     try:
         pruned, rep = lt.prune(model, cal, ratio=ratio, units=units, progress=False, **kwargs)
     except ValueError as e:  # an option the current prune() rejects: recorded, the run goes on
         row.update(perplexity=None, error=str(e).splitlines()[0])
         return row
-    secs = time.perf_counter() - t
+    secs, cpu = time.perf_counter() - t, time.process_time() - c
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     errs = [p.relative_error for p in rep.pairs if getattr(p, "status", "pruned") == "pruned"]
-    row.update(perplexity=lm.perplexity(pruned, test), prune_s=secs, time_ratio=secs / t_fwd,
+    row.update(perplexity=lm.perplexity(pruned, test), accuracy=lm.accuracy(pruned, test), prune_s=secs,
+               time_ratio=secs / t_fwd[0], cpu_ratio=cpu / t_fwd[1],
                report_time_s=getattr(rep, "time_s", None), peak_rss_gib=peak, rss_growth_gib=peak - row["rss_before_gib"],
                params=rep.params_after / rep.params_before if getattr(rep, "params_before", 0) else None,
                channels=f"{sum(p.channels_before for p in rep.pairs)} -> {sum(p.channels_after for p in rep.pairs)}",
@@ -159,7 +162,7 @@ def summary_tables(rows, ratios):
 
 def write(name, models, rows, ratios, base, notes):
     """results/<name>.json (with every cell), .md (tables) and .png (perplexity vs ratio)."""
-    cols = ["model", "units", "ratio", "method", "perplexity", "prune_s", "time_ratio", "peak_rss_gib",
+    cols = ["model", "units", "ratio", "method", "perplexity", "accuracy", "prune_s", "time_ratio", "cpu_ratio", "peak_rss_gib",
             "rss_growth_gib", "params", "channels", "mean_rel_error"]
     title = "Transformer pruning: held-out perplexity" + (" (quick smoke run)" if name.endswith("quick") else "")
     record(name, title, [("Models", models, list(models[0]))] + summary_tables(rows, ratios) +
@@ -179,9 +182,12 @@ def main():
     ap.add_argument("--models", default="decoder,encoder")
     ap.add_argument("--units", default="mlp,heads")
     ap.add_argument("--ratios", default="0.2,0.5")
-    ap.add_argument("--calibration", type=int, default=8, help="calibration batches of 8 x 128 tokens")
-    ap.add_argument("--test-batches", type=int, default=32, help="held-out batches of 16 x 128 tokens")
+    ap.add_argument("--calibration", type=int, default=8,
+                    help="calibration batches (decoder: 8 x 128 tokens, encoder: 64 images)")
+    ap.add_argument("--test-batches", type=int, default=32,
+                    help="held-out batches of 16 x 128 tokens (the encoder always uses its 1,000 test images)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="transformer", help="results/<out>.{json,md,png}")
     ap.add_argument("--quick", action="store_true", help="smoke run: first layer only, 2 calibration / 4 test batches")
     a = ap.parse_args()
     if a.quick:
@@ -190,18 +196,21 @@ def main():
     lsprune.set_num_threads(a.threads)
     logging.getLogger("lsprune").setLevel(logging.ERROR)
     ratios = [float(r) for r in a.ratios.split(",")]
-    cal, test = lm.calibration_batches(a.calibration), lm.test_batches(a.test_batches)
     t0 = time.perf_counter()
     rows, models, base = [], [], {}
     for name in a.models.split(","):
+        cal = lm.calibration_batches(name, a.calibration)
+        test = lm.test_batches(name, a.test_batches if name == "decoder" else None)
         model, info = lm.load_or_train(name)
         model = first_layers(model, 1) if a.quick else model
         base[name] = lm.perplexity(model, test)
         t_fwd = forward_time(model, cal)
         models.append(dict(model=name, layers=model.config.num_hidden_layers,
                            params=sum(p.numel() for p in model.parameters()), train_s=info["train_s"],
-                           test_ppl_full=info["test_ppl"], test_ppl_bench=base[name], calib_forward_s=t_fwd))
-        print(f"{name}: perplexity {base[name]:.2f} on {len(test)} test batches, calibration forward {t_fwd:.3f}s",
+                           test_ppl_full=info["test_ppl"], test_ppl_bench=base[name],
+                           test_accuracy=lm.accuracy(model, test), calib_forward_s=t_fwd[0],
+                           calib_forward_cpu_s=t_fwd[1]))
+        print(f"{name}: perplexity {base[name]:.2f} on {len(test)} test batches, calibration forward {t_fwd[0]:.3f}s",
               flush=True)
         for units in a.units.split(","):
             for ratio in ratios:
@@ -209,16 +218,20 @@ def main():
                     r = dict(model=name, **run_cell(model, cal, test, units, ratio, label, kwargs, t_fwd))
                     rows.append(r)
                     print(f"  {units:<5} {ratio:<4g} {label:<30} " + (
-                        f"ppl {r['perplexity']:8.2f}  {r['prune_s']:6.1f}s ({r['time_ratio']:.1f}x)  "
+                        f"ppl {r['perplexity']:8.2f}  {r['prune_s']:6.1f}s ({r['time_ratio']:.1f}x, cpu {r['cpu_ratio']:.1f}x)  "
                         f"peak {r['peak_rss_gib']:.2f} GiB" if r["perplexity"] is not None else r["error"]), flush=True)
-    notes = (f"Calibration: {len(cal)} batches of 8 x 128 tokens (Macbeth, Much Ado About Nothing); perplexity on "
-             f"{len(test)} batches of 16 x 128 held-out tokens (the test plays: Hamlet, Twelfth Night, Henry V, The Tempest). time_ratio = prune seconds / seconds of "
-             "one plain forward over the calibration batches (best of 3). peak_rss_gib: peak resident memory of "
+    notes = (f"Decoder: calibration {a.calibration} batches of 8 x 128 tokens (Macbeth, Much Ado About Nothing); "
+             f"perplexity on {a.test_batches} batches of 16 x 128 held-out tokens (the test plays: Hamlet, Twelfth "
+             f"Night, Henry V, The Tempest). Encoder: calibration {a.calibration} batches of 64 MNIST training "
+             "images (unlabeled); perplexity = exp(mean cross-entropy) of the labels of the 1,000 held-out "
+             "images, accuracy in percent. time_ratio = prune seconds / seconds of "
+             "one plain forward over the calibration batches (best of 3); cpu_ratio the same with the CPU time "
+             "of all the process's threads (robust to other load on the machine). peak_rss_gib: peak resident memory of "
              "the process during the prune call (high-water mark reset before each cell; peak_reset in the JSON "
              "says whether the reset worked), rss_growth_gib = peak - resident memory before the call. params: "
              "fraction of all parameters kept. mean_rel_error: mean relative reconstruction error over the pruned "
              f"units (report.pairs). {lsprune.get_num_threads()} threads. Total {time.perf_counter() - t0:.0f}s.")
-    write("transformer_quick" if a.quick else "transformer", models, rows, ratios, base, notes)
+    write("transformer_quick" if a.quick else a.out, models, rows, ratios, base, notes)
 
 
 if __name__ == "__main__":

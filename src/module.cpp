@@ -71,6 +71,8 @@ py::dict to_dict(const lsp::SelectResult& r, Index m) {
   d["kept_path"] = to_array(r.kept_path);
   d["skipped"] = to_array(r.skipped);
   d["stopped_early"] = r.stopped_early;
+  d["timed_out"] = r.timed_out;
+  d["filled"] = to_array(r.filled);
   d["columns"] = to_array(r.columns);
   py::array_t<double> w({m, Index(r.columns.size())});
   std::copy(r.weights.begin(), r.weights.end(), w.mutable_data());
@@ -81,6 +83,8 @@ py::dict to_dict(const lsp::SelectResult& r, Index m) {
   d["energy"] = r.energy;
   d["damping"] = r.damping;
   d["lambda"] = r.lambda;
+  d["swapped_out"] = to_array(r.swapped_out);
+  d["swapped_in"] = to_array(r.swapped_in);
   return d;
 }
 
@@ -121,7 +125,7 @@ lsp::Groups make_groups(std::vector<Index> offsets, std::vector<Index> columns) 
 }
 
 lsp::SelectOptions make_options(const std::string& method, Index n_keep, double tol, std::vector<Index> force,
-                                double rcond) {
+                                double rcond, Index refine = 0, double time_limit = -1) {
   lsp::SelectOptions opt;
   if (method == "forward") opt.method = lsp::Method::Forward;
   else if (method == "omp") opt.method = lsp::Method::Omp;
@@ -131,6 +135,8 @@ lsp::SelectOptions make_options(const std::string& method, Index n_keep, double 
   opt.tol = tol;
   opt.force = std::move(force);
   opt.rcond = rcond;
+  opt.refine = refine;
+  opt.time_limit = time_limit;
   return opt;
 }
 
@@ -236,28 +242,38 @@ static void bind_solvers(py::module_& mod) {
   mod.def(
       "select",
       [](LSP_PROBLEM_PARAMS, std::vector<Index> offsets, std::vector<Index> columns, const std::string& method,
-         Index n_keep, double tol, std::vector<Index> force, double rcond, Index m) {
-        const lsp::SelectOptions opt = make_options(method, n_keep, tol, std::move(force), rcond);
+         Index n_keep, double tol, std::vector<Index> force, double rcond, Index m, Index refine,
+         double time_limit) {
+        const lsp::SelectOptions opt =
+            make_options(method, n_keep, tol, std::move(force), rcond, refine, time_limit);
         const lsp::Groups groups = make_groups(std::move(offsets), std::move(columns));
         return to_dict(solve_without_gil(LSP_PROBLEM_ARGS, m, groups,
                                          [&](lsp::Problem& prob) { return lsp::select(prob, opt); }),
                        m);
       },
       LSP_PROBLEM_PYARGS, py::arg("offsets"), py::arg("columns"), py::arg("method"), py::arg("n_keep"),
-      py::arg("tol"), py::arg("force"), py::arg("rcond"), py::arg("n_targets"));
+      py::arg("tol"), py::arg("force"), py::arg("rcond"), py::arg("n_targets"), py::arg("refine") = 0,
+      py::arg("time_limit") = -1.0);
 #ifdef LSPRUNE_HAVE_CUDA
   mod.def(
       "select_cuda",
       [](LSP_PROBLEM_PARAMS, std::vector<Index> offsets, std::vector<Index> columns, const std::string& method,
-         Index n_keep, double tol, std::vector<Index> force, double rcond, Index m, int device) {
-        const lsp::SelectOptions opt = make_options(method, n_keep, tol, std::move(force), rcond);
+         Index n_keep, double tol, std::vector<Index> force, double rcond, Index m, int device, Index refine,
+         double time_limit) {
+        const lsp::SelectOptions opt =
+            make_options(method, n_keep, tol, std::move(force), rcond, refine, time_limit);
         const lsp::Groups groups = make_groups(std::move(offsets), std::move(columns));
+        // the refinement runs on the host after the device's selection
         return to_dict(solve_without_gil(LSP_PROBLEM_ARGS, m, groups,
-                                         [&](lsp::Problem& prob) { return lsp::cuda::select(prob, opt, device); }),
+                                         [&](lsp::Problem& prob) {
+                                           return lsp::refine_swaps(prob, lsp::cuda::select(prob, opt, device), opt,
+                                                                    opt.refine);
+                                         }),
                        m);
       },
       LSP_PROBLEM_PYARGS, py::arg("offsets"), py::arg("columns"), py::arg("method"), py::arg("n_keep"),
-      py::arg("tol"), py::arg("force"), py::arg("rcond"), py::arg("n_targets"), py::arg("device"));
+      py::arg("tol"), py::arg("force"), py::arg("rcond"), py::arg("n_targets"), py::arg("device"),
+      py::arg("refine") = 0, py::arg("time_limit") = -1.0);
 #endif
   mod.def(
       "refit",

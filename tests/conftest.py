@@ -18,3 +18,15 @@ def correlated_problem(rng, N, D, m, rank=None, noise=0.3, offset=2.0):
     X = rng.normal(size=(N, rank)) @ rng.normal(size=(rank, D)) + noise * rng.normal(size=(N, D)) + offset
     Y = X @ rng.normal(size=(D, m)) + rng.normal(size=(N, m)) + 1.0
     return X, Y
+
+
+@pytest.fixture
+def restore_lsprune_logging():
+    """In-process CLI calls install a stderr handler on the ``lsprune`` logger: undo it after the test."""
+    import logging
+
+    log = logging.getLogger("lsprune")
+    handlers, level = list(log.handlers), log.level
+    yield
+    log.handlers[:] = handlers
+    log.setLevel(level)

@@ -107,6 +107,33 @@ def brute_backward(P: Problem, k: int):
     return sorted(S), removed, np.array(path)
 
 
+def brute_swap_descent(P: Problem, S, max_swaps: int, force=()):
+    """Best-improvement swap descent from the kept groups S: each step re-solves every exchange
+    (kept g out, candidate h in; forced groups stay) and takes the one with the lowest error
+    (ties: lowest (g, h)) while it lowers the error by more than 1e-12 of the energy.
+    Returns (refined S with h in g's place, [(g, h), ...], errors after each swap)."""
+    S, swaps, path = list(S), [], []
+    e = P.error(S)
+    for _ in range(max_swaps):
+        best = None
+        for g in sorted(S):
+            if g in force:
+                continue
+            for h in range(len(P.groups)):
+                if h in S:
+                    continue
+                eh = P.error([h if x == g else x for x in S])
+                if best is None or eh < best[0]:
+                    best = (eh, g, h)
+        if best is None or not best[0] < e - 1e-12 * P.energy:
+            break
+        e, g, h = best
+        S = [h if x == g else x for x in S]
+        swaps.append((g, h))
+        path.append(e)
+    return S, swaps, np.array(path)
+
+
 # Joint selection over problems that share their group index (group g of every
 # problem is one shared channel); the objective is Σ_r w_r E_r(S).
 

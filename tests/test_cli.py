@@ -35,15 +35,8 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging():
-    """In-process CLI calls install a stderr handler on the ``lsprune`` logger: undo it after each test."""
-    import logging
-
-    log = logging.getLogger("lsprune")
-    handlers, level = list(log.handlers), log.level
-    yield
-    log.handlers[:] = handlers
-    log.setLevel(level)
+def _restore_logging(restore_lsprune_logging):
+    """In-process CLI calls install a stderr handler on the ``lsprune`` logger (see conftest)."""
 
 
 def trusted(files):
@@ -207,3 +200,21 @@ def test_checkpoint_and_memory_limit_options(files, tmp_path, capsys):
     assert "--memory-limit 'lots'" in capsys.readouterr().err
     assert main(base + ["-o", str(tmp_path / "c.pt"), "--damping", "1e-3", "--checkpoint", str(tmp_path / "ck")]) == 2
     assert "written for another run: option damping" in capsys.readouterr().err
+
+
+def test_statistics_and_time_budget_options(files, tmp_path, capsys):
+    from lsprune.cli.main import main
+
+    base = ["prune", *trusted(files), "--calib", str(files / "calib.pt"), "--ratio", "0.5", "-q"]
+    assert main(base + ["-o", str(tmp_path / "a.pt"), "--report", str(tmp_path / "r.json"), "--statistics", "lean",
+                        "--time-budget", "1e-9"]) == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["statistics"] == "lean" and rep["time_budget"] == 1e-9
+    assert all(p["timed_out"] for p in rep["pairs"] if p["status"] == "pruned")
+    capsys.readouterr()
+    for bad in (["--time-budget", "0"], ["--time-budget", "nan"], ["--statistics", "fast"]):
+        try:
+            rc = main(base + ["-o", str(tmp_path / "b.pt"), *bad])
+        except SystemExit as e:  # argparse's own refusal of a choice
+            rc = e.code
+        assert rc == 2 and not (tmp_path / "b.pt").exists()

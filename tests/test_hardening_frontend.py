@@ -35,15 +35,8 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging():
-    """In-process CLI calls install a stderr handler on the ``lsprune`` logger: undo it after each test."""
-    import logging
-
-    log = logging.getLogger("lsprune")
-    handlers, level = list(log.handlers), log.level
-    yield
-    log.handlers[:] = handlers
-    log.setLevel(level)
+def _restore_logging(restore_lsprune_logging):
+    """In-process CLI calls install a stderr handler on the ``lsprune`` logger (see conftest)."""
 
 
 def _tree(folder) -> dict:

@@ -23,14 +23,8 @@ from torch_helpers import assert_unchanged, batches, snapshot  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging():
-    import logging
-
-    log = logging.getLogger("lsprune")
-    handlers, level = list(log.handlers), log.level
-    yield
-    log.handlers[:] = handlers
-    log.setLevel(level)
+def _restore_logging(restore_lsprune_logging):
+    """In-process CLI calls install a stderr handler on the ``lsprune`` logger (see conftest)."""
 
 
 def _tree(folder) -> dict:

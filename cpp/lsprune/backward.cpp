@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -58,6 +59,8 @@ SelectResult backward_finish(Problem& P, const std::vector<char>& removed, Selec
   P.to_caller_units(fin.error_path, 2, 0);  // the path is in working units; refit's result is not
   fin.kept_path = std::move(path.kept_path);
   fin.stopped_early = path.stopped_early;
+  fin.timed_out = path.timed_out;
+  fin.filled = std::move(path.filled);
   fin.error_path.back() = fin.error;
   return fin;
 }
@@ -179,6 +182,31 @@ Index cheapest(const std::vector<std::vector<double>>& cost, const std::vector<d
   return J;
 }
 
+// After the time limit: removes the `n` groups of least weighted current cost at once (ties: lowest index;
+// never an infinite cost), recording them in `filled` and one path entry whose error the re-fit replaces.
+void remove_cheapest(const std::vector<std::vector<double>>& cost, const std::vector<double>& w,
+                     std::vector<char>& skip, Index n, EliminationPath& path) {
+  std::vector<std::pair<double, Index>> cand;
+  for (Index g = 0; g < Index(skip.size()); ++g) {
+    if (skip[g]) continue;
+    double c = 0;
+    for (std::size_t r = 0; r < w.size(); ++r) c += std::isfinite(cost[r][g]) ? w[r] * cost[r][g] : cost[r][g];
+    if (std::isfinite(c)) cand.push_back({c, g});
+  }
+  std::sort(cand.begin(), cand.end());
+  const Index k = std::min(n, Index(cand.size()));
+  for (Index i = 0; i < k; ++i) {
+    const Index g = cand[i].second;
+    path.removed[g] = skip[g] = 1;
+    path.order.push_back(g);
+    path.filled.push_back(g);
+  }
+  path.timed_out = true;
+  path.stopped_early = k < n;
+  for (auto& e : path.error_paths) e.push_back(e.back());  // a placeholder: backward_finish sets the re-fit's error
+  path.kept_path.push_back(path.kept_path.back() - k);
+}
+
 }  // namespace
 
 SelectResult EliminationPath::path_of(std::size_t r) const {
@@ -187,6 +215,8 @@ SelectResult EliminationPath::path_of(std::size_t r) const {
   res.error_path = error_paths[r];
   res.kept_path = kept_path;
   res.stopped_early = stopped_early;
+  res.timed_out = timed_out;
+  res.filled = filled;
   return res;
 }
 
@@ -209,11 +239,17 @@ EliminationPath backward_eliminate(const std::vector<Problem*>& probs, const std
   Index kept = NG;
   const Index target = opt.n_keep >= 0 ? opt.n_keep : 0;
   std::vector<std::vector<double>> cost(R, std::vector<double>(NG));
+  const auto start = std::chrono::steady_clock::now();
   while (kept > target) {
     for (std::size_t r = 0; r < R; ++r) st[r]->costs(skip, cost[r]);
     const Index J = cheapest(cost, w, skip);
     if (J < 0) {  // nothing removable left (all forced or numerically unusable)
       path.stopped_early = opt.n_keep >= 0;
+      break;
+    }
+    if (out_of_time(opt, start)) {  // remove the rest at once by their current costs; the re-fit follows
+      remove_cheapest(cost, w, skip, kept - target, path);
+      kept = path.kept_path.back();
       break;
     }
     double after = 0;

@@ -12,6 +12,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -149,6 +150,10 @@ struct ForwardState final : ForwardStateBase {
 
   bool is_active(Index g) const override { return state[g] == ACTIVE; }
   double gain_of(Index g) const override { return gain[g]; }
+  bool has_host_gains() const override { return true; }
+  void release() override {
+    for (std::vector<double>* v : {&R, &C, &Lpacked, &Z, &Dblk, &work}) std::vector<double>().swap(*v);
+  }
   void after_step() override { maybe_compact(); }
   Index selected_columns() const override { return K; }
   void reserve(Index cap) override {
@@ -278,7 +283,49 @@ SelectResult select_forward(Problem& P, const SelectOptions& opt) {
   return run_forward(P, opt, S);
 }
 
+namespace {
+
+// After the time limit: the greedy prefix `res.selected`, then the active groups of largest current
+// criterion up to `target` (forward: the exact error drop given the prefix; omp: ||R_g||^2; a state
+// without host gains: the group's damped variance), re-fitted together. Ties go to the lowest index.
+SelectResult fill_after_time_limit(Problem& P, ForwardStateBase& S, Index target, SelectResult&& res) {
+  const Groups& grp = P.groups();
+  std::vector<std::pair<double, Index>> cand;
+  for (Index g = 0; g < grp.size(); ++g) {
+    if (!S.is_active(g)) continue;
+    double score = 0;
+    if (S.has_host_gains()) {
+      score = S.gain_of(g);
+    } else {
+      for (Index k = grp.offsets[g]; k < grp.offsets[g + 1]; ++k) score += P.gram_diag(grp.columns[k]);
+    }
+    cand.push_back({-score, g});
+  }
+  std::sort(cand.begin(), cand.end());
+  std::vector<Index> keep = res.selected;
+  for (std::size_t i = 0; i < cand.size() && Index(keep.size()) < target; ++i) {
+    keep.push_back(cand[i].second);
+    res.filled.push_back(cand[i].second);
+  }
+  S.release();  // the re-fit's K x K factor must not come on top of the state
+  SelectResult fin = refit(P, keep);
+  fin.selected = keep;  // the greedy prefix in its order, then the filled groups by criterion
+  fin.filled = std::move(res.filled);
+  fin.error_path = std::move(res.error_path);
+  P.to_caller_units(fin.error_path, 2, 0);  // the prefix is in working units; refit's result is not
+  fin.error_path.push_back(fin.error);
+  fin.kept_path = std::move(res.kept_path);
+  fin.kept_path.push_back(Index(keep.size()));
+  fin.skipped = std::move(res.skipped);
+  fin.timed_out = true;
+  fin.stopped_early = Index(keep.size()) < target;
+  return fin;
+}
+
+}  // namespace
+
 SelectResult run_forward(Problem& P, const SelectOptions& opt, ForwardStateBase& S) {
+  const auto start = std::chrono::steady_clock::now();
   const Groups& grp = P.groups();
   const Index NG = grp.size();
   if (opt.n_keep >= 0) S.reserve(largest_columns(grp, opt.n_keep));  // room for the largest possible kept set
@@ -305,6 +352,10 @@ SelectResult run_forward(Problem& P, const SelectOptions& opt, ForwardStateBase&
   for (Index J : opt.force)  // kept whatever their gain; degenerate ones are reported in skipped
     if (S.is_active(J)) take(J);
   while (!done()) {
+    if (out_of_time(opt, start)) {
+      res.timed_out = true;
+      break;
+    }
     Index J = S.best();
     if (J < 0) {
       res.stopped_early = opt.n_keep >= 0;
@@ -313,6 +364,7 @@ SelectResult run_forward(Problem& P, const SelectOptions& opt, ForwardStateBase&
     take(J);
   }
   res.skipped = S.degenerate();
+  if (res.timed_out) return fill_after_time_limit(P, S, target, std::move(res));
   finish_forward(P, S, {}, E, res);
   return res;
 }

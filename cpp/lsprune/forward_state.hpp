@@ -32,6 +32,10 @@ class ForwardStateBase {
   // ||R_g||^2), read by the joint selection (cpp/lsprune/joint.cpp), which runs on
   // the CPU state only; the CUDA state keeps its gains on the device.
   virtual double gain_of(Index g) const { throw std::logic_error("internal: this forward state has no host gains"); }
+  // Whether gain_of() works (the CPU state); the time limit's fill-up uses the gains then.
+  virtual bool has_host_gains() const { return false; }
+  // Frees the big buffers once the state is no longer needed (before a re-fit that needs the memory).
+  virtual void release() {}
 };
 
 // The CPU state (forward.cpp) for forward (omp = false) or OMP selection on `prob`.
@@ -41,7 +45,9 @@ std::unique_ptr<ForwardStateBase> make_forward_state(Problem& prob, bool omp, do
 Index largest_columns(const Groups& groups, Index n);
 
 // Runs forward selection / OMP on a state; fills the error path, the LS re-fit
-// (W^T = L^{-T} Z, then finish()) and the flags.
+// (W^T = L^{-T} Z, then finish()) and the flags. When opt.time_limit passes first, the
+// greedy prefix is kept, the remaining n_keep - |prefix| groups are added at once by their
+// current criterion (fill_after_time_limit) and the whole kept set is re-fitted.
 SelectResult run_forward(Problem& P, const SelectOptions& opt, ForwardStateBase& S);
 
 // The LS re-fit of a finished state (W^T = L^{-T} Z, then Problem::finish) with

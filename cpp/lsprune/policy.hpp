@@ -23,4 +23,8 @@ inline double ridge(double rel, double mean_diag) {
   return rel > 0 && lambda <= 0 ? rel : lambda;
 }
 
+// Swap refinement accepts an exchange only when it lowers the error by more than this
+// fraction of the target energy: rounding cannot make it cycle between equal sets.
+constexpr double kSwapRelTol = 1e-12;
+
 }  // namespace lsp::policy

@@ -72,6 +72,14 @@ void validate(const Groups& groups, Index D, const SelectOptions& opt) {
     throw std::invalid_argument("force names " + std::to_string(opt.force.size()) + " groups but n_keep is " +
                                 std::to_string(opt.n_keep));
   if (!(opt.rcond >= 0)) throw std::invalid_argument("rcond must be >= 0");
+  if (!(opt.time_limit == -1 || (opt.time_limit > 0 && std::isfinite(opt.time_limit))))
+    throw std::invalid_argument("time_limit must be a positive number of seconds (or -1: none)");
+  if (opt.time_limit > 0 && has_tol) throw std::invalid_argument("time_limit needs n_keep, not tol");
+}
+
+bool out_of_time(const SelectOptions& opt, std::chrono::steady_clock::time_point start) {
+  if (opt.time_limit < 0) return false;
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() >= opt.time_limit;
 }
 
 Problem::Problem(const ProblemInput& in, const Groups& groups) : in_(in), groups_(groups), D_(in.D), m_(in.m) {
@@ -254,8 +262,8 @@ std::vector<double> Problem::intercept(const std::vector<double>& U, const std::
 
 SelectResult select(Problem& prob, const SelectOptions& opt) {
   validate(prob.groups(), prob.D(), opt);
-  if (opt.method == Method::Backward) return select_backward(prob, opt);
-  return select_forward(prob, opt);
+  SelectResult res = opt.method == Method::Backward ? select_backward(prob, opt) : select_forward(prob, opt);
+  return refine_swaps(prob, std::move(res), opt, opt.refine);
 }
 
 }  // namespace lsp

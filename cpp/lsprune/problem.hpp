@@ -9,6 +9,7 @@
 // which is the plain residual energy when damping = 0.
 #pragma once
 
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -50,6 +51,8 @@ struct SelectOptions {
   double tol = -1;             // stop at this relative error, or -1
   std::vector<Index> force;    // groups that must be kept (forward/omp: chosen first, in this order)
   double rcond = 1e-10;        // a pivot below rcond * (its damped variance) marks a group degenerate
+  Index refine = 0;            // at most this many swap-refinement exchanges after the selection
+  double time_limit = -1;      // seconds for the greedy steps (n_keep only), or -1: no limit
 };
 
 struct SelectResult {
@@ -59,6 +62,8 @@ struct SelectResult {
   std::vector<Index> kept_path;   // number of groups kept at each error_path entry
   std::vector<Index> skipped;     // groups found degenerate (dead / dependent), ascending
   bool stopped_early = false;     // n_keep could not be reached (all candidates degenerate)
+  bool timed_out = false;         // time_limit stopped the greedy steps (see `filled`)
+  std::vector<Index> filled;      // after time_limit: groups kept (forward/omp) or removed (backward) at once
   std::vector<Index> columns;     // original columns of the kept groups, ascending
   std::vector<double> weights;    // m x |columns| row-major, the LS re-fit on those columns
   std::vector<double> bias;       // m
@@ -67,6 +72,7 @@ struct SelectResult {
   double energy = 0;              // centred target energy (0 -> relative errors are 0)
   double damping = 0;             // relative damping actually used (can grow on breakdown)
   double lambda = 0;              // absolute ridge added to the diagonal
+  std::vector<Index> swapped_out, swapped_in;  // swap refinement: the exchanges, in order
 };
 
 // Centred, damped working view of a problem restricted to a universe of columns.
@@ -150,6 +156,9 @@ void validate(const Groups& groups, Index D, const SelectOptions& opt);
 // (reported in res.damping).
 SelectResult refit(Problem& prob, const std::vector<Index>& keep_groups);
 
+// Whether opt.time_limit (seconds) has passed since `start` (never when it is -1).
+bool out_of_time(const SelectOptions& opt, std::chrono::steady_clock::time_point start);
+
 SelectResult select_forward(Problem& prob, const SelectOptions& opt);   // forward and omp
 
 // Backward elimination's shared pieces (CPU and CUDA): the start (H = Gd^{-1} as a
@@ -172,11 +181,17 @@ struct EliminationPath {
   std::vector<Index> kept_path;                  // groups kept at each path entry
   std::vector<std::vector<double>> error_paths;  // per problem: its error at each entry
   bool stopped_early = false;
+  bool timed_out = false;                        // time_limit: the rest was removed at once (`filled`)
+  std::vector<Index> filled;
   SelectResult path_of(std::size_t r) const;     // problem r's path, for backward_finish
 };
 EliminationPath backward_eliminate(const std::vector<Problem*>& probs, const std::vector<double>& w,
                                    const SelectOptions& opt);
 SelectResult select_backward(Problem& prob, const SelectOptions& opt);
 SelectResult select(Problem& prob, const SelectOptions& opt);
+// Swap refinement of a finished selection (force respected): at most max_swaps best-improvement
+// exchanges of one kept group for one candidate, each appended to the error path, then a fresh
+// re-fit on the refined set (docs/design.md, "Swap refinement").
+SelectResult refine_swaps(Problem& prob, SelectResult&& res, const SelectOptions& opt, Index max_swaps);
 
 }  // namespace lsp

@@ -49,17 +49,20 @@ class Accumulator:
 def select(gram: F64, cross: Optional[F64], weights_in: Optional[F64], bias_in: Optional[F64],
            sum_x: Optional[F64], sum_y: Optional[F64], target_energy: float, count: float, fit_intercept: bool,
            damping: float, offsets: Sequence[int], columns: Sequence[int], method: str, n_keep: int, tol: float,
-           force: Sequence[int], rcond: float, n_targets: int) -> Dict[str, Any]:
+           force: Sequence[int], rcond: float, n_targets: int, refine: int = 0,
+           time_limit: float = -1.0) -> Dict[str, Any]:
     """CPU selection. gram (D, D), cross (D, m) or weights_in (m, D) with bias_in (m,), sum_x (D,), sum_y (m,);
     groups as offsets (n_groups + 1,) into columns; method "forward" | "omp" | "backward"; n_keep or tol
-    (the other -1). Returns selected, removed, error_path, kept_path, skipped, stopped_early, columns (K,),
-    weights (m, K), bias (m,), error, plain_error, energy, damping, lambda."""
+    (the other -1); refine: at most this many swap-refinement exchanges afterwards; time_limit: seconds for the
+    greedy steps (-1: none). Returns selected, removed, error_path, kept_path, skipped, stopped_early, timed_out,
+    filled, columns (K,), weights (m, K), bias (m,), error, plain_error, energy, damping, lambda, swapped_out,
+    swapped_in (the exchanges, in order)."""
 
 def select_cuda(gram: F64, cross: Optional[F64], weights_in: Optional[F64], bias_in: Optional[F64],
                 sum_x: Optional[F64], sum_y: Optional[F64], target_energy: float, count: float,
                 fit_intercept: bool, damping: float, offsets: Sequence[int], columns: Sequence[int], method: str,
                 n_keep: int, tol: float, force: Sequence[int], rcond: float, n_targets: int,
-                device: int) -> Dict[str, Any]:
+                device: int, refine: int = 0, time_limit: float = -1.0) -> Dict[str, Any]:
     """:func:`select` with the solver state on CUDA device ``device`` (only in builds with CUDA)."""
 
 def refit(gram: F64, cross: Optional[F64], weights_in: Optional[F64], bias_in: Optional[F64],

@@ -63,6 +63,17 @@ class Selection:
         selected ones) and never selected; only happens with ``damping=0``.
     stopped_early : bool
         ``n_keep`` could not be reached because every remaining group was degenerate.
+    swaps : ndarray of int, shape (n_swaps, 2)
+        Swap refinement (``refine``): the exchanges made, in order, as (removed group, added
+        group); each appended one entry to ``error_path``. ``selected`` holds the refined set
+        (forward/omp: the added group takes the place of the one it replaced).
+    timed_out : bool
+        ``time_limit`` stopped the greedy steps: forward/omp kept their prefix (the first
+        ``selected.size - filled.size`` entries) and added ``filled`` at once; backward removed
+        ``filled`` at once. The weights are the exact re-fit on the final kept set either way.
+    filled : ndarray of int
+        With ``timed_out``: the groups added (forward/omp, by their current criterion given the
+        prefix) or removed (backward, by their current cost) after the time limit.
     """
 
     method: str
@@ -83,6 +94,9 @@ class Selection:
     ridge: float
     skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     stopped_early: bool = False
+    swaps: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
+    timed_out: bool = False
+    filled: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def n_kept(self) -> int:
@@ -154,15 +168,28 @@ def _selection(method, r, out_dtype, return_path):
         ridge=float(r["lambda"]),
         skipped=np.asarray(r["skipped"], dtype=np.int64),
         stopped_early=bool(r["stopped_early"]),
+        swaps=np.stack([np.asarray(r.get("swapped_out", ()), dtype=np.int64),
+                        np.asarray(r.get("swapped_in", ()), dtype=np.int64)], axis=1),
+        timed_out=bool(r.get("timed_out", False)),
+        filled=np.asarray(r.get("filled", ()), dtype=np.int64),
     )
 
 
 def _result(method, r, out_dtype, return_path, requested_damping, n_groups, columns_of_group):
     _warn_skipped(np.asarray(r["skipped"], dtype=np.int64), requested_damping, stacklevel=3)
-    if r["stopped_early"]:
+    if r["stopped_early"] and not r.get("timed_out", False):  # (after a time limit: too few usable groups left)
         _warn_stopped(method, len(r["selected"]), stacklevel=3)
     _warn_damping(r["damping"], requested_damping, stacklevel=3)
     return _selection(method, r, out_dtype, return_path)
+
+
+def refine_budget(refine, n_groups: int) -> int:
+    """The engine's cap on swap-refinement exchanges: 0 for None/False, ``n_groups`` for True."""
+    if refine is None or refine is False:
+        return 0
+    if refine is True:
+        return n_groups
+    return _arrays.check_int(refine, "refine", lo=0, hi=2**62)
 
 
 def check_options(n_keep, tol, force, n_groups):
@@ -180,12 +207,27 @@ def check_options(n_keep, tol, force, n_groups):
     return nk, tl, fl
 
 
+def check_time_limit(time_limit, tol, method: str, dev: int) -> float:
+    """``time_limit`` for the engine: seconds > 0, or -1 for none."""
+    if time_limit is None:
+        return -1.0
+    t = _arrays.check_float(time_limit, "time_limit")
+    if not t > 0:
+        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
+    if tol is not None:
+        raise ValueError("time_limit needs n_keep (a time-limited selection cannot promise a tolerance)")
+    if dev >= 0 and method == "backward":
+        raise ValueError("time_limit is not supported by the CUDA backward solver (use device='cpu')")
+    return t
+
+
 def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, tol: Optional[float] = None,
            group_size: int = 1, groups: Optional[Sequence] = None, method: str = "forward",
            damping: float = _policy.DEFAULT_DAMPING, fit_intercept: bool = True,
            force: Optional[Sequence[int]] = None, return_path: bool = True,
            weights_in=None, bias_in=None, gram=None, cross=None, target_energy=None, mean_x=None, mean_y=None,
-           count=None, rcond: float = 1e-10, device="cpu") -> Selection:
+           count=None, rcond: float = 1e-10, refine=None, device="cpu",
+           time_limit: Optional[float] = None) -> Selection:
     """Chooses the input groups (channels) of a layer that best reproduce its targets,
     and re-fits the weights on them by least squares.
 
@@ -228,11 +270,23 @@ def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, 
         ``Σ‖y‖²``, means and sample count. float32 ``gram`` gives float32 weights.
     rcond : float, default 1e-10
         A pivot below ``rcond`` times the column's damped variance marks a group degenerate.
+    refine : bool or int, optional
+        Swap refinement after the selection: repeatedly exchange the kept group and the
+        candidate whose swap lowers the LS error most, while one does (by more than 10⁻¹² of
+        the target energy). An int caps the number of swaps; ``True`` stops only when no swap
+        helps (at most ``n_groups`` swaps). Forced groups are never swapped out. Each swap
+        costs about K/2 forward steps (K kept columns); ``swaps`` and ``error_path`` record them.
     device : {"cpu", "cuda", "cuda:N", "auto"}
         Where the solver state lives. CUDA runs the same loop with its state (C, R,
         residual blocks; backward: H, W) on the GPU; groups of at most 49 columns.
         Asking for CUDA without it raises :class:`lsprune.CUDAUnavailableError`;
         ``"auto"`` uses CUDA when available and logs the choice.
+    time_limit : float, optional
+        Seconds for the greedy steps (with ``n_keep`` only; > 0). When they pass first, forward/omp
+        keep the groups chosen so far and add the remaining ``n_keep - k`` at once by their current
+        criterion (forward: the exact error drop given the prefix; omp: ``‖R_J‖²``); backward removes
+        the remaining ones at once by their current cost; then the kept set is re-fitted exactly.
+        ``Selection.timed_out`` says so. Not for the CUDA backward solver.
 
     Returns
     -------
@@ -247,7 +301,9 @@ def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, 
     nk, tl, fl = check_options(n_keep, tol, force, n_groups)
     rc = _arrays.check_float(rcond, "rcond", lo=0.0)
     dev = parse_device(device)
-    args = dict(kw, offsets=offsets, columns=columns, method=method, n_keep=nk, tol=tl, force=fl, rcond=rc, n_targets=m)
+    tlim = check_time_limit(time_limit, tol, method, dev)
+    args = dict(kw, offsets=offsets, columns=columns, method=method, n_keep=nk, tol=tl, force=fl, rcond=rc, n_targets=m,
+                refine=refine_budget(refine, n_groups), time_limit=tlim)
     # parse_device has refused CUDA where this build or machine has none
     r = _core.select(**args) if dev < 0 else _core.select_cuda(**args, device=dev)
     return _result(method, r, out_dtype, bool(return_path), kw["damping"], n_groups, None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -97,6 +98,8 @@ def _check_prune_args(args) -> None:
     if args.eval_labels and not args.eval_data:
         raise CLIError("--eval-labels needs --eval-data")
     _memory_limit(args.memory_limit)
+    if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget > 0):
+        raise CLIError(f"--time-budget must be a number of seconds > 0, got {args.time_budget}")
     if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
         raise CLIError(f"--plots {args.plots!r} is a file, not a folder")
     for path in (args.output, args.report):
@@ -118,7 +121,8 @@ def _check_prune_args(args) -> None:
 def _prune_options(args) -> dict:
     kw = dict(method=args.method, mode=args.mode, damping=args.damping, max_batches=args.max_batches,
               device=args.device, progress=not args.quiet, seed=args.seed, checkpoint=args.checkpoint,
-              memory_limit=_memory_limit(args.memory_limit))
+              memory_limit=_memory_limit(args.memory_limit), statistics=args.statistics,
+              time_budget=args.time_budget)
     if args.no_refit:
         kw["refit"] = False
     if args.no_coupled:

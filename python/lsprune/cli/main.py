@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--memory-limit", default="auto",
                    help="memory guard: 'auto' (0.7 x available), a fraction such as 0.5, bytes with an optional "
                         "K/M/G suffix such as 8G, or 'none'")
+    r.add_argument("--statistics", choices=("auto", "exact", "lean"), default="auto",
+                   help="grouped consumers (conv taps, flatten positions): exact (C*P)^2 statistics, lean "
+                        "channel-level ones plus the kept columns' re-fit, or auto (exact where it fits the memory "
+                        "limit)")
+    r.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="seconds of channel selection per pair; then the rest is added by the current gains")
     r.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="resize folder images")
     r.add_argument("--grayscale", action="store_true", help="read folder images as one channel")
     r.add_argument("--eval-data", help="inputs to measure accuracy before/after (.pt/.npy or image folder)")

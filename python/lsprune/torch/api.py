@@ -95,7 +95,8 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
           max_positions: Optional[int] = DEFAULT_MAX_POSITIONS, seed: int = 0,
           strategy: str = "auto", distributed: Optional[bool] = None, checkpoint=None,
           checkpoint_interval: float = 60.0, memory_limit="auto", units=None, targets: str = "layer",
-          blocks: Optional[str] = None, coupled: bool = True) -> Tuple[nn.Module, PruneReport]:
+          blocks: Optional[str] = None, coupled: bool = True, refine=None, statistics: str = "auto",
+          time_budget: Optional[float] = None) -> Tuple[nn.Module, PruneReport]:
     """Structurally prunes a trained model by layerwise least squares (no labels, no fine-tuning).
 
     For every prunable pair producer -> (BatchNorm, activation, pooling, depthwise conv,
@@ -143,6 +144,10 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
         they go. ``independent``: every pair is measured on the original network in one pass.
     damping : float
         Relative ridge of the LS fits (see :func:`lsprune.select`).
+    refine : bool or int, optional
+        Swap refinement after each LS selection (``method`` forward/omp/backward; see
+        :func:`lsprune.select`): ``True`` until no exchange of a kept and a removed channel lowers
+        the pair's LS error, an int caps the exchanges per pair. Off by default.
     max_batches : int, optional
         Use only the first ``max_batches`` calibration batches.
     device : str or torch.device, optional
@@ -221,7 +226,24 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
         in (0, 1] = that fraction of it, an int = bytes, ``None`` = no guard. An independent pass
         that does not fit runs in waves of pairs (one forward pass each); otherwise
         :class:`lsprune.torch.MemoryLimitError` (a ``MemoryError`` and ``ValueError``) states the
-        estimate and the limit. ``report.memory`` records the estimate.
+        estimate and the limit. ``report.memory`` records the estimate. A pair that does not fit the
+        sequential pass is pruned in a pass of its own (module hooks, one batch of activations at a time),
+        else with lean statistics (``statistics``), else left unchanged (``PairReport.status == "skipped"``
+        with the reason, also in ``report.skipped``); only when no pair fits is the error raised.
+    statistics : {"auto", "exact", "lean"}
+        What a pair whose consumer reads each channel as a group of ``P > 1`` columns (a conv's kh*kw
+        taps, the H*W positions of a flatten before a Linear) streams: ``"exact"``: the full
+        ``(C·P)²`` statistics; ``"lean"``: the channel-level (spatially pooled, ``C²``) statistics to
+        choose the channels, then a second streaming of the kept columns only for the exact LS re-fit
+        (docs/design.md, "Lean statistics"); ``"auto"``: exact whenever the memory guard says it fits,
+        lean otherwise. Pairs with ``P = 1`` are always exact (lean would be the same). Lean supports
+        ``refit=True`` with the forward/omp/backward/magnitude/random methods.
+    time_budget : float, optional
+        Seconds of channel selection per pair (forward/omp/backward). When they pass, the greedy keeps
+        what it chose and adds the rest at once by its current gains (backward: removes the rest by its
+        current costs), then re-fits exactly; ``PairReport.timed_out`` says so. The global budget's
+        error paths are not limited. Not with distributed calibration (the ranks could stop at
+        different steps).
 
     Returns
     -------
@@ -246,6 +268,9 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
             session = CalibrationSession(model, calibration, opts)
             with session.opened():
                 return session.finish(*prune_blockwise(session, opts))
+        if opts.time_budget is not None and dist.active:
+            raise ValueError("time_budget= is not supported with distributed calibration (the ranks could stop "
+                             "their selections at different steps): give time_budget=None or distributed=False")
         if opts.checkpoint is not None and dist.active:
             raise ValueError("checkpoint= is not supported with distributed calibration: give checkpoint=None or "
                              "distributed=False")
@@ -281,6 +306,8 @@ def _check_blockwise(opts: PruneOptions, dist: Dist) -> None:
     for bad, what in ((dist.active, "distributed calibration"), (opts.checkpoint is not None, "checkpoint="),
                       (opts.mode != "sequential", "mode='independent' (blocks are pruned in sequence; targets= "
                                                   "chooses what the re-fit reproduces)"),
-                      (opts.method == "thinet", "method='thinet'")):
+                      (opts.method == "thinet", "method='thinet'"),
+                      (opts.statistics == "lean", "statistics='lean' (units are read by their consumer as groups "
+                                                  "of head_dim columns or single neurons: use 'exact' or 'auto')")):
         if bad:
             raise ValueError(f"the blocks strategy (transformer heads and MLP neurons) does not support {what}")

@@ -163,10 +163,10 @@ def _model_bytes(model: nn.Module) -> int:
 
 
 def unit_job(index: int, unit: Unit, n_keep: int, ref_mods, pr_mods, *, targets: str, device, seed: int,
-             n_samples: int, refit: bool, norm: str) -> PairJob:
+             n_samples: int, refit: bool, norm: str, time_budget: Optional[float] = None) -> PairJob:
     job = make_job(index, unit_pair(unit), unit.channels, n_keep, ref_mods, pr_mods, device=device,
                    independent=targets == "layer", use_torch_sums=None, seed=seed, max_positions=None,
-                   n_samples=n_samples, refit=refit, norm=norm)
+                   n_samples=n_samples, refit=refit, norm=norm, time_budget=time_budget)
     job.unit = unit
     job.extra.update(ref_modules=ref_mods, pr_modules=pr_mods)
     return job
@@ -212,7 +212,8 @@ def prune_blocks(ref: nn.Module, pruned: nn.Module, batches: list, run, *, opts,
     for i, u in enumerate(units):
         if plan[u.name] < u.channels:
             jobs[u.name] = unit_job(i, u, plan[u.name], ref_mods, pr_mods, targets=opts.targets, device=device,
-                                    seed=opts.seed, n_samples=n_samples, refit=opts.refit, norm=opts.norm)
+                                    seed=opts.seed, n_samples=n_samples, refit=opts.refit, norm=opts.norm,
+                                    time_budget=opts.time_budget)
     active = [(i, [u for u in us if u.name in jobs]) for i, us in per_block]
 
     def on_rows(unit: Unit, b: int, x, y):
@@ -220,7 +221,7 @@ def prune_blocks(ref: nn.Module, pruned: nn.Module, batches: list, run, *, opts,
 
     def on_block(block_units_: List[Unit]):
         for u in block_units_:
-            finish(jobs[u.name], method=opts.method, damping=float(opts.damping), timer=timer)
+            finish(jobs[u.name], method=opts.method, damping=float(opts.damping), timer=timer, refine=opts.refine)
 
     passes += sweep_blocks(ref_blocks, pr_blocks, active, calls, original=original, ref_modules=ref_mods,
                            pr_modules=pr_mods, on_rows=on_rows, on_block=on_block, progress=opts.progress)

@@ -105,8 +105,10 @@ class GroupJob:
 def make_group_job(index: int, chain: GroupChain, n_keep: int, ref_modules, pruned_modules, *, rows, device,
                    independent: bool, use_torch_sums: Optional[bool], seed: int, max_positions: Optional[int] = None,
                    n_samples: int = 1, refit: bool = True, norm: str = "l1", dist: Optional[Dist] = None,
-                   ckpt: Optional[Checkpoint] = None, stage: str = "prune") -> GroupJob:
-    """A group's job: one reader job per reader (its own sums and position sampler), the members."""
+                   ckpt: Optional[Checkpoint] = None, stage: str = "prune",
+                   time_budget: Optional[float] = None) -> GroupJob:
+    """A group's job: one reader job per reader (its own sums and position sampler), the members.
+    ``time_budget`` is not applied: the joint selection has no time limit (yet)."""
     g = chain.group
     readers = []
     for r, (name, gs) in enumerate(zip(g.readers, g.group_sizes)):

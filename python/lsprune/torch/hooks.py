@@ -290,32 +290,55 @@ def run_hooks(ref: nn.Module, pruned: nn.Module, batches: list, device, run: Cal
                     h.remove()
             passes += 1.0
             for job in ([] if collect_only else jobs):
+                if job.lean:  # its input again (targets: the consumer's own map), one more pass
+                    job.source = _source(ref, ref, ref_mods, batches, device, run, mask_fn, job, timer, False)
+                    passes += 1.0
                 complete(job)
                 pair_bar.update(1)
             return passes
         for job in jobs:
-            for b, batch in enumerate(tqdm(batches, desc=f"lsprune {job.pair.consumer}", unit="batch",
-                                           disable=not progress, leave=False)):
-                if job.skips(b):  # finished by an earlier run, or already in the resumed sums
-                    continue
-                batch = to_device(batch, device)
-                mask = make_mask(mask_fn, batch, device)
-                with timer("forward"):
-                    try:
-                        y = run_until(ref, ref_mods[job.pair.consumer], run, batch, "output")
-                    except Exception as e:
-                        raise forward_error(e, b) from e
-                    try:
-                        x = run_until(pruned, pr_mods[job.pair.consumer], run, batch, "input")
-                    except Exception as e:
-                        raise pruned_failure(e) from e
-                accumulate(job, x, y, mask, timer, b)
+            stream = _source(ref, pruned, pr_mods, batches, device, run, mask_fn, job, timer, True, progress)
+            stream(lambda x, y, mask, b: accumulate(job, x, y, mask, timer, b), skip=job.skips)
             passes += 2.0 if job.saved is None else 0.0
+            if job.lean:  # its rows again for the re-fit on the kept columns: two more passes
+                job.source = stream
+                passes += 2.0
             complete(job)
             pair_bar.update(1)
     finally:
         pair_bar.close()
     return passes
+
+
+def _source(ref: nn.Module, pruned: nn.Module, pr_mods, batches: list, device, run: Callable, mask_fn,
+            job: PairJob, timer: Timer, sequential: bool, progress: bool = False) -> Callable:
+    """``stream(add, skip=None)`` calls ``add(x, y, mask, b)`` for every calibration batch ``b`` (not
+    ``skip(b)``): ``x`` the consumer's input in ``pruned`` and ``y`` its output in ``ref`` (sequential), or
+    ``x`` its input in ``ref`` and ``y = None`` (independent), each forward stopped at the consumer."""
+    name = job.pair.consumer
+    ref_mods = dict(ref.named_modules())
+
+    def stream(add: Callable, skip: Optional[Callable] = None) -> None:
+        for b, batch in enumerate(tqdm(batches, desc=f"lsprune {name}", unit="batch", disable=not progress,
+                                       leave=False)):
+            if skip is not None and skip(b):  # finished by an earlier run, or already in the resumed sums
+                continue
+            batch = to_device(batch, device)
+            mask = make_mask(mask_fn, batch, device)
+            with timer("forward"):
+                y = None
+                if sequential:
+                    try:
+                        y = run_until(ref, ref_mods[name], run, batch, "output")
+                    except Exception as e:
+                        raise forward_error(e, b) from e
+                try:
+                    x = run_until(pruned, pr_mods[name], run, batch, "input")
+                except Exception as e:
+                    raise (pruned_failure(e) if sequential else forward_error(e, b)) from e
+            add(x, y, mask, b)
+
+    return stream
 
 
 def pruned_failure(e: BaseException) -> ValueError:

@@ -23,12 +23,13 @@ import torch
 import torch.nn as nn
 
 from lsprune.budget import Budget, as_budget
+from lsprune.selection import METHODS as LS_METHODS
 
 from .baselines import NORMS
 from .layouts import UNIT_KINDS, normalize_units
 from .pairs import (CoupledGroup, Pair, channel_passthrough_kind, check_consumer, check_producer, group_width_reason,
                     normalize_pairs, producer_channels, shared_state)
-from .pruning import SELECTORS
+from .pruning import SELECTORS, TIME_LIMITED
 
 MODES = ("sequential", "independent")
 STRATEGIES = ("auto", "graph", "hooks", "blocks")
@@ -36,6 +37,8 @@ STRATEGIES = ("auto", "graph", "hooks", "blocks")
 TARGETS = ("layer", "original")
 #: Default cap on the output positions per sample that a Conv2d consumer streams into its statistics.
 DEFAULT_MAX_POSITIONS = 16
+#: ``statistics=``: what a pair streams (``lean``: channel-level sums, then the kept columns; see README).
+STATISTICS = ("auto", "exact", "lean")
 
 
 # ---------------------------------------------------------------------------------------------- constraints
@@ -131,6 +134,20 @@ class Count(Constraint):
         return int(v)
 
 
+class Seconds(Constraint):
+    """None, or a finite number of seconds > 0."""
+
+    def check(self, name, v):
+        if v is None:
+            return v
+        if not _is_real(v):
+            raise TypeError(f"{name} must be a number of seconds or None, got {type(v).__name__}")
+        v = float(v)
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name}={v} must be a finite number of seconds > 0 (or None for no limit)")
+        return v
+
+
 class Seed(Constraint):
     def check(self, name, v):
         if not _is_int(v):
@@ -138,6 +155,19 @@ class Seed(Constraint):
         if v < 0:
             raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         return int(v)
+
+
+class Refine(Constraint):
+    """None/False (off), True (until no swap helps) or a swap cap >= 0 (0 = off)."""
+
+    def check(self, name, v):
+        if v is None or isinstance(v, bool):
+            return bool(v) or None
+        if not _is_int(v):
+            raise TypeError(f"{name} must be True, False, None or a number of swaps, got {v!r}")
+        if v < 0:
+            raise ValueError(f"{name} must be a number of swaps >= 0, got {v!r}")
+        return int(v) or None
 
 
 class CallableOrNone(Constraint):
@@ -290,9 +320,9 @@ def _check_names(what: str, names, modules) -> None:
 # ---------------------------------------------------------------------------------------------- prune
 #: Options that change the result: a checkpoint must have been written with the same values.
 FINGERPRINT = ("ratio", "keep", "budget", "method", "refit", "norm", "mode", "damping", "max_positions", "seed",
-               "coupled")
+               "coupled", "refine", "statistics")
 #: Options every rank of a distributed prune must agree on (device and memory limit may differ per rank).
-AGREED = FINGERPRINT + ("pairs", "units", "targets", "blocks")
+AGREED = FINGERPRINT + ("pairs", "units", "targets", "blocks", "time_budget")
 
 
 @dataclass(frozen=True)
@@ -328,6 +358,9 @@ class PruneOptions:
     targets: str = param(OneOf(TARGETS))
     blocks: Optional[str] = param(NameOrNone("the name of the model's list of blocks"))
     coupled: bool = param(Flag())
+    refine: Any = param(Refine())
+    statistics: str = param(OneOf(STATISTICS))
+    time_budget: Optional[float] = param(Seconds())
 
     @classmethod
     def create(cls, model: nn.Module, **kwargs) -> "PruneOptions":
@@ -342,6 +375,12 @@ class PruneOptions:
         if self.budget is not None and self.ratio is not None:
             raise ValueError("give either ratio= (the same fraction removed in every pair) or budget= (a fraction "
                              "of the whole model's FLOPs/params), not both")
+        if self.refine and self.method not in LS_METHODS:
+            raise ValueError(f"refine= exchanges channels of an LS selection: it needs method= one of "
+                             f"{LS_METHODS}, not {self.method!r}")
+        if self.time_budget is not None and self.method not in TIME_LIMITED:
+            raise ValueError(f"time_budget= limits the engine's selection ({', '.join(TIME_LIMITED)}); method="
+                             f"{self.method!r} has no greedy steps to stop")
         if self.ratio is None and not self.keep and self.budget is None:
             raise ValueError("give ratio= (fraction of channels removed in every pair), budget= (e.g. "
                              "lsprune.Budget(flops=0.5)) or keep= ({producer name: channels to keep})")
@@ -391,7 +430,8 @@ class PruneOptions:
         """The options a :class:`PruneReport` records."""
         return dict(mode=self.mode, method=self.method, ratio=self.ratio, refit=self.refit,
                     norm=self.norm if self.method == "magnitude" else None, damping=float(self.damping),
-                    max_positions=self.max_positions, seed=self.seed, coupled=self.coupled)
+                    max_positions=self.max_positions, seed=self.seed, refine=self.refine, statistics=self.statistics,
+                    time_budget=self.time_budget, coupled=self.coupled)
 
 
 def _check_group(group: CoupledGroup, modules, ties) -> None:

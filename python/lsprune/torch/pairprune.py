@@ -46,6 +46,9 @@ class PairPrune:
         self.bounds = self.plan = self.ckpt = None
         self.paths: Optional[Dict[str, object]] = None
         self.pre_jobs: Dict[str, Union[PairJob, GroupJob]] = {}
+        self.keep = opts.keep  # with pairs pinned at their full count when the budget's pass cannot measure them
+        self.memory_skipped: Dict[str, str] = {}  # pairs left unchanged by the memory guard: the reason
+        self.modified: List[str] = []  # modules already pruned (for the sweeps after a pass of their own)
 
     def run(self) -> Tuple[nn.Module, PruneReport]:
         self.ref = self.s.reference()
@@ -96,7 +99,7 @@ class PairPrune:
     def _bound_budget(self) -> None:
         """Refuses an unreachable budget before any expensive work; plans the counts unless a global budget
         needs the error paths of an independent pass first."""
-        budget, keep = self.opts.budget, self.opts.keep
+        budget, keep = self.opts.budget, self.keep
         if budget is not None:
             pinned = [keep.get(p.producer) if keep else None for p in self.chosen]
             self.bounds = budget_bounds(budget, self._costs(budget.kind),
@@ -108,7 +111,7 @@ class PairPrune:
 
     def _plan_channels(self, paths=None, weights=None):
         o = self.opts
-        return plan_channels(self.chosen, self.channels, ratio=o.ratio, keep=o.keep, budget=o.budget,
+        return plan_channels(self.chosen, self.channels, ratio=o.ratio, keep=self.keep, budget=o.budget,
                              costs=self.bounds.costs if self.bounds is not None else None, error_paths=paths,
                              weights=weights)
 
@@ -128,21 +131,39 @@ class PairPrune:
         self.guard = Guard(o.memory_limit, self.dist, self.s.dev, self.ref_mods,
                            {**f.chains, **self.group_chains} if f.use_graph else None,
                            f.gm.graph if f.use_graph else None, method=o.method, refit=o.refit, scale=self.scale,
-                           model_copies=2 if self.s.copies_model else 1)
+                           model_copies=2 if self.s.copies_model else 1, statistics=o.statistics)
         b = self.bounds
         self.pre_names = [p.producer for i, p in enumerate(chosen)
                           if self.global_pass and (b.pinned[i] is None or not seq)]
         self.pre_plan = self.guard.plan("the budget's independent pass", chosen,
                                         {p.producer: int(b.hi[i]) for i, p in enumerate(chosen)}
-                                        if self.global_pass else {}, self.pre_names, sequential=False)
-        # the budget statistics prune too (a resumed group has no statistics saved: it takes a pass)
-        self.reuse = self.global_pass and not seq and len(self.pre_plan.waves) == 1 and \
-            not (self.group_chains and self.ckpt is not None)
+                                        if self.global_pass else {}, self.pre_names, sequential=False, paths=True)
+        if self.pre_plan.skipped:
+            self._pin_unmeasured(self.pre_plan.skipped)
+        # independent mode: the budget's statistics prune too (exact ones, all in one pass; a resumed group has
+        # no statistics saved: it takes a pass)
+        self.reuse = self.global_pass and not seq and len(self.pre_plan.waves) == 1 and not self.pre_plan.lean \
+            and not (self.group_chains and self.ckpt is not None)
         self.main_what = "the sequential pass" if seq else "the independent pass"
         # a global budget's counts are known after its pass: until then, the least any plan needs (min_keep)
         least = self.plan if self.plan is not None else {p.producer: int(b.lo[i]) for i, p in enumerate(chosen)}
         todo = [p.producer for p in chosen if least[p.producer] < self.channels[p.producer]]
         self.main_plan = self.guard.plan(self.main_what, chosen, least, [] if self.reuse else todo, sequential=seq)
+
+    def _pin_unmeasured(self, skipped: Dict[str, str]) -> None:
+        """Pairs the budget's pass cannot measure in any way (memory) keep all their channels, and the budget is
+        spread over the others (``ValueError`` when that makes it unreachable)."""
+        for name, why in skipped.items():
+            self._skip(name, why)
+        self.keep = {**(self.opts.keep or {}), **{n: self.channels[n] for n in skipped}}
+        self.pre_names = [n for n in self.pre_names if n not in skipped]
+        self._bound_budget()
+
+    def _skip(self, name: str, why: str) -> None:
+        self.memory_skipped[name] = why
+        pair = next(p for p in self.chosen if p.producer == name)
+        logger.warning("pair %s -> %s left unchanged (%s). Raise memory_limit=, give statistics='auto', or leave "
+                       "it out (pairs=)", name, pair.consumer, why)
 
     # ------------------------------------------------------------------------------------------ passes
     def _prepare(self) -> None:
@@ -156,7 +177,7 @@ class PairPrune:
         dist = self.dist if self.dist.active else None
         self.job_kw = dict(device=s.dev, use_torch_sums=None, seed=o.seed, max_positions=o.max_positions,
                            n_samples=max(1, int(self.dist.reduce_numbers([s.n_samples])[0])), refit=o.refit,
-                           norm=o.norm, dist=dist, ckpt=self.ckpt)
+                           norm=o.norm, dist=dist, ckpt=self.ckpt, time_budget=o.time_budget)
         # output rows each module still has, shared by the jobs (only coupled groups remove a consumer's rows)
         self.rows: Optional[Dict[str, object]] = {} if self.group_chains else None
         self.common = dict(complete=self._finish, progress=o.progress, timer=self.timer)
@@ -169,7 +190,7 @@ class PairPrune:
         if f.use_graph:
             if seq and any(isinstance(j, GroupJob) for j in jobs.values()):
                 return self._segments(jobs)
-            return self._sweep(jobs, seq=seq, collect_only=collect_only)["output_relative_error"]
+            return self._sweep(jobs, seq=seq, collect_only=collect_only, modified=self.modified)["output_relative_error"]
         self.passes += run_hooks(self.ref, self.pruned, self.s.batches, self.s.dev, self.s.run, self.s.mask_fn,
                                  list(jobs.values()), sequential=seq, collect_only=collect_only, **self.common)
         return None
@@ -202,7 +223,7 @@ class PairPrune:
         pairs = {n: j for n, j in jobs.items() if not isinstance(j, GroupJob)}
         groups = sorted((j for j in jobs.values() if isinstance(j, GroupJob)),
                         key=lambda g: order[g.chain.first_node])
-        modified: set = set()
+        modified = set(self.modified)  # pruned before (pairs in passes of their own)
         for g in [*groups, None]:
             first = order[g.chain.first_node] if g is not None else len(order)
             seg = {n: j for n, j in pairs.items() if order[self.found.chains[n].consumer_node] < first}
@@ -218,15 +239,18 @@ class PairPrune:
         """Selects, re-fits and shrinks a pair or group whose statistics are complete; returns its report."""
         if isinstance(job, GroupJob):
             return finish_group(job, method=self.opts.method, damping=float(self.opts.damping), timer=self.timer)
-        return finish(job, method=self.opts.method, damping=float(self.opts.damping), timer=self.timer)
+        return finish(job, method=self.opts.method, damping=float(self.opts.damping), timer=self.timer,
+                      refine=self.opts.refine)
 
-    def _job(self, i: int, unit, n_keep: int, *, independent: bool, stage: str = "prune") -> Job:
-        """A pair's or a coupled group's job (index ``i`` seeds its position sampling)."""
+    def _job(self, i: int, unit, n_keep: int, *, independent: bool, stage: str = "prune", lean: bool = False,
+             own_pass: bool = False) -> Job:
+        """A pair's or a coupled group's job (index ``i`` seeds its position sampling); ``lean``/``own_pass``: the
+        memory guard's decision for a pair (a group always has exact statistics in a sweep)."""
         if isinstance(unit, CoupledGroup):
             return make_group_job(i, self.group_chains[unit.name], n_keep, self.ref_mods, self.pr_mods,
                                   rows=self.rows, independent=independent, stage=stage, **self.job_kw)
         job = make_job(i, unit, self.channels[unit.producer], n_keep, self.ref_mods, self.pr_mods,
-                       independent=independent, stage=stage, **self.job_kw)
+                       independent=independent, stage=stage, lean=lean, own_pass=own_pass, **self.job_kw)
         job.rows = self.rows
         return job
 
@@ -245,7 +269,8 @@ class PairPrune:
         o, b, chosen = self.opts, self.bounds, self.chosen
         for i, p in enumerate(chosen):
             if p.producer in self.pre_names:
-                self.pre_jobs[p.producer] = self._job(i, p, int(b.hi[i]), independent=True, stage="budget")
+                self.pre_jobs[p.producer] = self._job(i, p, int(b.hi[i]), independent=True, stage="budget",
+                                                      lean=p.producer in self.pre_plan.lean)
         self.paths = {}
         self.guard.announce(self.pre_plan)
         for wave in self.pre_plan.waves:
@@ -265,22 +290,30 @@ class PairPrune:
             self.plan = self._plan_channels(self.paths, weights)
 
     def _make_jobs(self) -> Dict[str, Job]:
-        """A job per pair or group that loses channels (the budget pass's own, in independent mode)."""
+        """A job per pair or group that loses channels (the budget pass's own, in independent mode), as the
+        memory guard decided: exact or lean statistics, in the pass or in a pass of its own, or left unchanged."""
+        if self.global_pass and not self.reuse:  # the counts are known now: plan the pruning pass with them
+            todo = [p.producer for p in self.chosen if self.plan[p.producer] < self.channels[p.producer]]
+            self.main_plan = self.guard.plan(self.main_what, self.chosen, self.plan, todo,
+                                             sequential=self.opts.sequential, replace=True)
+        mp = self.main_plan
         jobs: Dict[str, Job] = {}
         for i, p in enumerate(self.chosen):
-            if self.plan[p.producer] < self.channels[p.producer]:
-                if self.reuse:
-                    jobs[p.producer] = job = self.pre_jobs[p.producer]
-                    _set_keep(job, self.plan[p.producer])
-                    job.reuse_for_pruning()
-                else:
-                    jobs[p.producer] = self._job(i, p, self.plan[p.producer], independent=not self.opts.sequential)
+            name = p.producer
+            if self.plan[name] >= self.channels[name]:
+                continue
+            if self.reuse:
+                jobs[name] = job = self.pre_jobs[name]
+                _set_keep(job, self.plan[name])
+                job.reuse_for_pruning()
+            elif name in mp.skipped:
+                self._skip(name, mp.skipped[name])
+            else:
+                jobs[name] = self._job(i, p, self.plan[name], independent=not self.opts.sequential,
+                                       lean=name in mp.lean, own_pass=name in mp.own_pass)
         for job in self.pre_jobs.values():
             if job.pair.producer not in jobs:
                 _release(job)
-        if self.global_pass and not self.reuse:  # the counts are known now: plan the pruning pass with them
-            self.main_plan = self.guard.plan(self.main_what, self.chosen, self.plan, list(jobs),
-                                             sequential=self.opts.sequential, replace=True)
         return jobs
 
     def _prune_pass(self, jobs: Dict[str, Job]) -> Optional[float]:
@@ -290,15 +323,18 @@ class PairPrune:
         if self.reuse:  # independent mode after the budget pass: the statistics are complete
             for job in self._in_sweep_order(jobs):
                 self._finish(job)
+        elif jobs and self.opts.sequential:
+            self.guard.announce(self.main_plan)
+            out_err = self._sequential_pass(jobs)
         elif jobs:
             self.guard.announce(self.main_plan)
             for wave in self.main_plan.waves:
                 wave_jobs = {n: jobs[n] for n in wave if n in jobs}
-                if not self.opts.sequential and all(j.saved is not None for j in wave_jobs.values()):
+                if all(j.saved is not None for j in wave_jobs.values()):
                     for job in self._in_sweep_order(wave_jobs):  # finished by an earlier run: no pass needed
                         self._finish(job)
                 elif wave_jobs:
-                    out_err = self._pass(wave_jobs, seq=self.opts.sequential)
+                    out_err = self._pass(wave_jobs, seq=False)
         return out_err
 
     def _in_sweep_order(self, jobs: Dict[str, Job]) -> List[Job]:
@@ -310,12 +346,44 @@ class PairPrune:
         chains = {**self.found.chains, **self.group_chains}
         return sorted(jobs.values(), key=lambda j: order[chains[j.pair.producer].consumer_node])
 
+    def _sequential_pass(self, jobs: Dict[str, Job]) -> Optional[float]:
+        """The pairs in forward order: one sweep (graph) or hooks pass; a pair the memory guard sent to a pass of
+        its own is pruned with module hooks (one batch of activations at a time) between a sweep of the pairs
+        before it and one of the pairs after it. The output error is that of the last sweep when the last pair
+        was in it (else None)."""
+        if not self.found.use_graph:
+            return self._pass(jobs, seq=True)
+        out_err, segment = None, {}
+        for name, job in jobs.items():
+            if not getattr(job, "own_pass", False):  # groups are always in a sweep
+                segment[name] = job
+                continue
+            if segment:
+                self._pass(segment, seq=True)
+                self._done(segment)
+                segment = {}
+            self.passes += run_hooks(self.ref, self.pruned, self.s.batches, self.s.dev, self.s.run, self.s.mask_fn,
+                                     [job], sequential=True, **self.common)
+            self._done({name: job})
+        if segment:
+            out_err = self._pass(segment, seq=True)
+        return out_err
+
+    def _done(self, jobs: Dict[str, Job]) -> None:
+        """Records the modules of finished pairs: a later sweep evaluates them in the pruned network."""
+        for job in jobs.values():
+            self.modified += _members(job.pair)
+
     def _report(self, jobs, out_err) -> PruneReport:
         f = self.found
         report = prune_report(self.chosen, jobs, self.channels, f.search, self.ref, self.pruned, f.positions, self.b0,
                               self.s.batches, self.opts, self.dist, strategy=f.strategy, passes=self.passes,
                               out_err=out_err)
         report.memory = self.guard.report.to_dict()
+        for r in report.pairs:
+            if r.producer in self.memory_skipped:
+                r.status, r.reason = "skipped", self.memory_skipped[r.producer]
+                report.skipped.append({"producer": r.producer, "consumer": r.consumer, "reason": r.reason})
         if self.opts.budget is not None:
             record_budget(report, self.plan.budget, self.opts.budget, self.paths)
         return report

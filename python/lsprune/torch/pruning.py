@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import lsprune
 from lsprune import _policy
@@ -104,11 +105,17 @@ def plan_channels(pairs: Sequence[Pair], channels: Mapping[str, int], *, ratio: 
 CUDA_MAX_GROUP = 49
 
 
-def _engine_select(stats, n_keep, *, method, group_size, damping, weights_in=None, bias_in=None, job=None):
-    # the solver runs where the calibration ran when the CUDA engine is there
+def _engine_select(stats, n_keep, *, method, group_size, damping, weights_in=None, bias_in=None, job=None,
+                   refine=None):
+    # the solver runs where the calibration ran when the CUDA engine is there (the CUDA backward solver has
+    # no time limit: a time-limited backward runs on the CPU)
     dev = job.sums.engine_dev if job is not None and group_size <= CUDA_MAX_GROUP else None
+    limit = job.time_budget if job is not None else None
+    if limit is not None and method == "backward":
+        dev = None
     return lsprune.select(stats, n_keep=n_keep, group_size=group_size, method=method, damping=damping,
-                          weights_in=weights_in, bias_in=bias_in, device=dev or "cpu")
+                          weights_in=weights_in, bias_in=bias_in, device=dev or "cpu", refine=refine,
+                          time_limit=limit)
 
 
 @contextmanager
@@ -173,6 +180,8 @@ SELECTORS["random"] = functools.partial(_order_select, method="random")
 SELECTORS["thinet"] = _thinet_select
 SELECTORS["wanda_sp"] = functools.partial(_order_select, method="wanda_sp")
 SELECTORS["flap"] = functools.partial(_order_select, method="flap")
+#: Methods whose selection ``prune(time_budget=)`` can stop (the engine's greedy solvers).
+TIME_LIMITED = tuple(lsprune.METHODS)
 #: Rankings computed from the consumer's input statistics and original weights.
 STATS_ORDER_METHODS = ("wanda_sp", "flap")
 #: Methods whose choice is a fixed channel ranking (the budget's error path follows that ranking).
@@ -245,6 +254,12 @@ class PairJob:
     # coupled group removed reproduces only those rows (None: no registry, every row stays)
     rows: Optional[Dict[str, np.ndarray]] = None
     group: Optional[object] = None  # the GroupJob this job is a reader of (None: a pair)
+    lean: bool = False  # lean statistics: `sums` are channel-level; the kept columns are streamed again
+    own_pass: bool = False  # pruned in a pass of its own (the memory guard's decision; the report says so)
+    time_budget: Optional[float] = None  # seconds of selection (prune(time_budget=))
+    # lean jobs: source(add) calls add(x, y or None, mask, batch) for every batch of the consumer's input again;
+    # set by the executor before the job is completed
+    source: Optional[Callable] = None
 
     @property
     def key(self) -> str:
@@ -328,19 +343,28 @@ def positions_cap(max_positions: Optional[int], n_features: int, n_samples: int)
 def make_job(index: int, pair: Pair, channels: int, n_keep: int, ref_modules, pruned_modules, *, device,
              independent: bool, use_torch_sums: Optional[bool], seed: int, max_positions: Optional[int] = None,
              n_samples: int = 1, refit: bool = True, norm: str = "l1", dist: Optional[Dist] = None,
-             ckpt: Optional[Checkpoint] = None, stage: str = "prune") -> PairJob:
+             ckpt: Optional[Checkpoint] = None, stage: str = "prune", lean: bool = False, own_pass: bool = False,
+             time_budget: Optional[float] = None) -> PairJob:
+    """The job of one pair; ``lean``: its sums are channel-level, ``C`` columns with the consumer's outputs as
+    targets (also in independent mode), see :func:`accumulate`."""
     ref_consumer = ref_modules[pair.consumer]
     D = consumer_width(ref_consumer)
-    m = 0 if independent else (weight_rows(ref_consumer) if linear_like(ref_consumer) else ref_consumer.weight.shape[0])
+    m_out = weight_rows(ref_consumer) if linear_like(ref_consumer) else ref_consumer.weight.shape[0]
+    m = m_out if lean or not independent else 0
     g = D // channels
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + index)
     job = PairJob(index, pair, channels, n_keep, g, ref_consumer, pruned_modules[pair.producer],
                   [pruned_modules[b] for b in pair.between], pruned_modules[pair.consumer], independent,
-                  Sums(D, m, device, use_torch_sums, dist=dist), gen, positions_cap(max_positions, D, n_samples),
-                  ref_producer=ref_modules[pair.producer], refit=bool(refit), norm=norm, seed=int(seed), dist=dist,
-                  ckpt=ckpt)
+                  Sums(channels if lean else D, m, device, use_torch_sums, dist=dist), _generator(seed, index),
+                  positions_cap(max_positions, D, n_samples), ref_producer=ref_modules[pair.producer],
+                  refit=bool(refit), norm=norm, seed=int(seed), dist=dist, ckpt=ckpt, lean=bool(lean),
+                  own_pass=bool(own_pass), time_budget=time_budget)
     job.attach(stage)
     return job
+
+
+def _generator(seed: int, index: int) -> torch.Generator:
+    """The position sampler of pair ``index`` (the same draws for the same seed)."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + index)
 
 
 def _resume(job: PairJob) -> None:
@@ -362,9 +386,8 @@ def accumulate(job: PairJob, x: torch.Tensor, y: Optional[torch.Tensor], mask, t
         y = _kept_targets(job, y)
         _resume(job)
         try:
-            for xr, yr, wr in iter_rows(job.ref_consumer, job.pair.consumer, x, None if job.independent else y,
-                                        mask=mask, max_positions=job.max_positions, generator=job.generator):
-                job.sums.add(xr, yr, wr)
+            for xr, yr, wr in _rows(job, x, y, mask, job.generator):
+                job.sums.add(_pooled(xr, job.channels) if job.lean else xr, yr, wr)
         except lsprune.NonFiniteInputError as e:
             raise _nan_error(job, e) from None
         if job.ckpt is not None and job.ckpt.want_partial(job.key, job.sums.pending_rows):
@@ -372,16 +395,37 @@ def accumulate(job: PairJob, x: torch.Tensor, y: Optional[torch.Tensor], mask, t
     job.seconds += time.perf_counter() - t
 
 
-def _kept_targets(job: PairJob, y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _kept_targets(job: PairJob, y: Optional[torch.Tensor], sums=None) -> Optional[torch.Tensor]:
     """The original outputs of the rows the consumer still has (all of them unless a coupled group removed
-    rows of a consumer that writes into it); the sums take that many targets."""
+    rows of a consumer that writes into it); the sums (the job's, or lean re-fit's ``sums``) take that many
+    targets."""
     rows = job.out_rows
     if rows is None or y is None or job.independent:
         return y
-    if job.sums.m != rows.size:
+    if sums is None and job.sums.m != rows.size:
         job.sums = job.sums.with_targets(int(rows.size))
     dim = 1 if isinstance(job.ref_consumer, nn.Conv2d) else y.ndim - 1
     return y.index_select(dim, torch.as_tensor(rows, dtype=torch.long, device=y.device))
+
+
+def _rows(job: PairJob, x: torch.Tensor, y: Optional[torch.Tensor], mask, generator):
+    """The consumer's row chunks of one batch (:func:`.accumulate.iter_rows`); lean jobs always have targets:
+    without the original output (independent hooks), the consumer's own map of its input rows."""
+    keep_y = None if job.independent and not job.lean else y
+    for xr, yr, wr in iter_rows(job.ref_consumer, job.pair.consumer, x, keep_y, mask=mask,
+                                max_positions=job.max_positions, generator=generator):
+        if job.lean and yr is None:
+            W = job.ref_consumer.weight.detach().reshape(job.ref_consumer.weight.shape[0], -1)
+            b = job.ref_consumer.bias
+            yr = F.linear(xr, W.to(xr.dtype), b.detach().to(xr.dtype) if b is not None else None)
+        yield xr, yr, wr
+
+
+def _pooled(xr: torch.Tensor, channels: int) -> torch.Tensor:
+    """Channel-level rows (n, C) of consumer rows (n, C·g): each channel's g columns summed (in float32 at
+    least), docs/design.md, "Lean statistics"."""
+    dt = torch.float32 if xr.dtype in (torch.float16, torch.bfloat16) else xr.dtype
+    return xr.reshape(xr.shape[0], channels, -1).sum(-1, dtype=dt)
 
 
 def _nan_error(job: PairJob, e: Exception) -> lsprune.NonFiniteInputError:
@@ -398,8 +442,9 @@ def job_statistics(job: PairJob) -> lsprune.Statistics:
         raise _nan_error(job, e) from None
 
 
-def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairReport:
-    """Selects the kept channels, re-fits the consumer and shrinks the modules; returns the pair's report."""
+def finish(job: PairJob, *, method: str, damping: float, timer: Timer, refine=None) -> PairReport:
+    """Selects the kept channels (LS methods: swap-refined with ``refine``), re-fits the consumer and shrinks
+    the modules; returns the pair's report."""
     if job.saved is not None:
         return _apply_saved(job, timer)
     t = time.perf_counter()
@@ -409,21 +454,10 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairRe
             raise ValueError(f"{job.label}: no calibration rows reached the statistics (does the mask "
                              "exclude every position?)")
         damping = effective_damping(job, stats.count, damping)
-        kw = dict(group_size=job.group_size, damping=damping, job=job)
-        if job.independent:
-            W, b = target_matrix(job)
-            kw.update(weights_in=W, bias_in=b)
-        try:
-            with log_engine_warnings(job.name):
-                sel = SELECTORS[method](stats, job.n_keep, **kw)
-                if sel.kept.size < job.n_keep:
-                    sel = _fill_up(stats, sel, job, damping)
-        except lsprune.NumericalError as e:  # singular even at the largest damping: (nearly) constant inputs
-            sel = _constant_inputs(stats, job, damping, e)
-        except Exception as e:
-            if hasattr(e, "add_note"):
-                e.add_note(f"while selecting the channels of pair {job.name}")
-            raise
+        sel = _choose(job, stats, method, damping, refine)
+    if job.lean:  # the exact re-fit on the kept columns, from a second streaming of the consumer's input
+        sel = _lean_refit(job, sel, damping, timer)
+        job.source = None  # it holds the executor's cached inputs
     kept = np.asarray(sel.kept, dtype=np.int64)
     if job.refit:
         plain = sel.plain_error
@@ -439,20 +473,7 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairRe
         if job.dist is not None:
             job.dist.sync_modules(job.modules, kept.tolist(), job.name)
     job.seconds += time.perf_counter() - t
-    rel = plain / sel.target_energy if sel.target_energy > 0 else 0.0
-    p = job.pair
-    has_path = job.refit and method not in ORDER_METHODS and sel.relative_error_path is not None and \
-        sel.method != "refit"
-    job.report = PairReport(
-        producer=p.producer, consumer=p.consumer, between=list(p.between), group_size=job.group_size,
-        channels_before=job.channels, channels_after=int(kept.size), kept=kept.tolist(), status="pruned",
-        relative_error=float(rel),
-        error_path=[float(v) for v in sel.relative_error_path] if has_path else [],
-        n_kept_path=[int(v) for v in sel.n_kept_path] if has_path else [],
-        bias_added=bool(added), samples=int(stats.count), damping=float(sel.damping), time_s=job.seconds,
-        method=method, refit=job.refit, kind=job.unit.kind if job.unit is not None else "pair")
-    logger.info("pair %s: %d -> %d channels, relative error %.4g (%.2fs)", job.name, job.channels, kept.size, rel,
-                job.seconds)
+    job.report = _pair_report(job, sel, kept, plain, added, stats, method)
     if job.ckpt is not None:
         arrays = {"kept": kept}
         if job.refit:
@@ -460,6 +481,96 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer) -> PairRe
         job.ckpt.save_done(job.key, job.stem, stats, arrays, {"report": dataclasses.asdict(job.report)})
     job.sums.release()
     return job.report
+
+
+def _choose(job: PairJob, stats: lsprune.Statistics, method: str, damping: float, refine=None) -> lsprune.Selection:
+    """The method's kept channels (LS methods: swap-refined with ``refine``) and the LS re-fit on them (lean jobs:
+    on the channel-level statistics, each channel one column); fills up an early stop, falls back for (nearly)
+    constant inputs."""
+    g = 1 if job.lean else job.group_size
+    kw = dict(group_size=g, damping=damping, job=job)
+    if refine:  # options allow it with the LS methods only
+        kw["refine"] = refine
+    if job.independent and not job.lean:
+        W, b = target_matrix(job)
+        kw.update(weights_in=W, bias_in=b)
+    try:
+        with log_engine_warnings(job.name):
+            sel = SELECTORS[method](stats, job.n_keep, **kw)
+            if sel.kept.size < job.n_keep:
+                sel = _fill_up(stats, sel, job, damping, g)
+    except lsprune.NumericalError as e:  # singular even at the largest damping: (nearly) constant inputs
+        if job.lean:  # the re-fit on the kept columns decides what is left to fit
+            return _by_variance(stats, job, 1, np.zeros(0, dtype=np.int64), e)
+        sel = _constant_inputs(stats, job, damping, e)
+    except Exception as e:
+        if hasattr(e, "add_note"):
+            e.add_note(f"while selecting the channels of pair {job.name}")
+        raise
+    if sel.timed_out:
+        logger.info("pair %s: the time budget (%gs) stopped the selection after %d of %d channels; the other %d "
+                    "were added by their current gains and the kept set re-fitted", job.name, job.time_budget,
+                    sel.kept.size - sel.filled.size, job.n_keep, sel.filled.size)
+    return sel
+
+
+def _lean_refit(job: PairJob, choice: lsprune.Selection, damping: float, timer: Timer) -> lsprune.Selection:
+    """Lean statistics, second step: streams the kept channels' columns again (the same rows: the position
+    sampler restarts from its seed) and re-fits the consumer on them exactly. The result keeps the choice's
+    order and (channel-level) error path."""
+    if job.source is None:
+        raise RuntimeError(f"internal: lean pair {job.name} finished without a way to stream its input again")
+    g = job.group_size
+    kept = np.asarray(choice.kept, dtype=np.int64)
+    cols = (kept[:, None] * g + np.arange(g)).reshape(-1)
+    with timer("statistics"):
+        m = job.sums.m if job.out_rows is None or job.independent else int(job.out_rows.size)
+        sums = Sums(cols.size, m, job.sums.device, None if job.sums.engine_dev else job.sums.use_torch,
+                    dist=job.sums.dist)
+        gen, idx = _generator(job.seed, job.index), torch.as_tensor(cols)
+
+        def add(x, y, mask, batch):
+            try:
+                for xr, yr, wr in _rows(job, x, _kept_targets(job, y, sums), mask, gen):
+                    sums.add(xr[:, idx.to(xr.device)], yr, wr)
+            except lsprune.NonFiniteInputError as e:
+                raise _nan_error(job, e) from None
+
+        job.source(add)
+        stats = sums.statistics()
+    with timer("selection"), log_engine_warnings(job.name):
+        try:
+            fit = lsprune.refit(stats, np.arange(kept.size), group_size=g, damping=damping)
+        except lsprune.NumericalError as e:  # constant inputs: the original weights on the kept columns
+            logger.warning("pair %s: %s; keeping the original weights on the kept channels", job.name, e)
+            W, b = target_matrix(job)
+            Wk, b0 = W[:, cols], (b if job.ref_consumer.bias is not None else None)
+            err = no_refit_error(stats, Wk, b0, np.arange(kept.size), g)
+            fit = dataclasses.replace(choice, weights=Wk, bias=b if b0 is not None else np.zeros(W.shape[0]),
+                                      error=err, plain_error=err, target_energy=float(stats.target_energy))
+    return dataclasses.replace(fit, method=choice.method, selected=choice.selected, kept=kept, columns=cols,
+                               error_path=choice.error_path, relative_error_path=choice.relative_error_path,
+                               n_kept_path=choice.n_kept_path, timed_out=choice.timed_out, filled=choice.filled)
+
+
+def _pair_report(job: PairJob, sel, kept: np.ndarray, plain: float, added: bool, stats, method: str) -> PairReport:
+    rel = plain / sel.target_energy if sel.target_energy > 0 else 0.0
+    p = job.pair
+    has_path = job.refit and method not in ORDER_METHODS and sel.relative_error_path is not None and \
+        sel.method not in ("refit", "variance")
+    rep = PairReport(
+        producer=p.producer, consumer=p.consumer, between=list(p.between), group_size=job.group_size,
+        channels_before=job.channels, channels_after=int(kept.size), kept=kept.tolist(), status="pruned",
+        relative_error=float(rel),
+        error_path=[float(v) for v in sel.relative_error_path] if has_path else [],
+        n_kept_path=[int(v) for v in sel.n_kept_path] if has_path else [],
+        bias_added=bool(added), samples=int(stats.count), damping=float(sel.damping), time_s=job.seconds,
+        method=method, refit=job.refit, kind=job.unit.kind if job.unit is not None else "pair",
+        statistics="lean" if job.lean else "exact", own_pass=job.own_pass, timed_out=bool(sel.timed_out),
+        swaps=np.asarray(sel.swaps).tolist())
+    logger.info("pair %s: %d -> %d channels, relative error %.4g (%.2fs)%s", job.name, job.channels, kept.size, rel,
+                job.seconds, ", lean statistics" if job.lean else "")
+    return rep
 
 
 def error_path(job, method: str, damping: float, lo: int, hi: int, keep: bool = False) -> np.ndarray:
@@ -471,12 +582,13 @@ def error_path(job, method: str, damping: float, lo: int, hi: int, keep: bool = 
     if stats.count == 0:
         raise ValueError(f"{job.label}: no calibration rows reached the statistics")
     damping = effective_damping(job, stats.count, damping)
-    W, b = target_matrix(job)
+    # lean statistics: the channel-level problem's path (with its own targets; an upper bound, see the design)
+    W, b = (None, None) if job.lean else target_matrix(job)
     order = job_order(job, method, stats) if method in ORDER_METHODS else None
     with log_engine_warnings(job.name):
         path = budgeting.pair_error_path(stats, method=method, refit=job.refit, n_channels=job.channels,
-                                         group_size=job.group_size, lo=lo, hi=hi, damping=damping, weights_in=W,
-                                         bias_in=b, order=order)
+                                         group_size=1 if job.lean else job.group_size, lo=lo, hi=hi,
+                                         damping=damping, weights_in=W, bias_in=b, order=order)
     if job.ckpt is not None:
         job.ckpt.save_done(job.key, job.stem, stats if keep else None, {"path": path})
     return path
@@ -525,26 +637,43 @@ def _apply_saved(job: PairJob, timer: Timer) -> PairReport:
     return job.report
 
 
-def _fill_up(stats, sel, job: PairJob, damping: float):
+def _fill_up(stats, sel, job: PairJob, damping: float, g: int):
     """The selection stopped early (the remaining channels look degenerate on the calibration data:
     dead, or more channels than samples). Keeps the promised number of channels anyway: adds the
-    remaining channels with the largest input variance (ties: lowest index) and re-fits."""
-    g = job.group_size
-    var = np.diag(stats.cov_x).reshape(-1, g).sum(1)
-    rest = [int(c) for c in np.argsort(-var, kind="stable") if c not in set(sel.kept.tolist())]
-    keep = sorted(sel.kept.tolist() + rest[: job.n_keep - sel.kept.size])
+    remaining channels with the largest input variance (ties: lowest index) and re-fits. ``g``: columns per
+    channel in ``stats``."""
     logger.warning("pair %s: selection stopped after %d of %d channels (the others are degenerate on the "
                    "calibration data: dead channels, or fewer samples than inputs); keeping %d channels by "
                    "variance. More calibration data avoids this.", job.name, sel.kept.size, job.n_keep,
                    job.n_keep - sel.kept.size)
+    keep = _by_variance(stats, job, g, np.asarray(sel.kept, dtype=np.int64)).kept
     kw = {}
-    if job.independent:
+    if job.independent and not job.lean:
         W, b = target_matrix(job)
         kw.update(weights_in=W, bias_in=b)
     try:
         return lsprune.refit(stats, keep, group_size=g, damping=_policy.fill_up_damping(damping), **kw)
     except lsprune.NumericalError as e:  # the added channels cannot be fitted: no trustworthy LS fit left
+        if job.lean:  # the re-fit on the kept columns decides what is left to fit
+            return _by_variance(stats, job, g, np.zeros(0, dtype=np.int64), e)
         return _constant_inputs(stats, job, damping, e)
+
+
+def _by_variance(stats, job: PairJob, g: int, first: np.ndarray, err: Optional[Exception] = None):
+    """``first``, then the other channels of largest input variance (``g`` columns each in ``stats``; ties:
+    lowest index) up to ``job.n_keep``, as a choice without weights (``method="variance"``): what a lean job
+    re-fits on its kept columns when the channel-level problem gave no (complete) LS choice."""
+    if err is not None:
+        logger.warning("pair %s: %s; keeping the channels of largest input variance", job.name, err)
+    var = np.diag(stats.cov_x).reshape(-1, g).sum(1)
+    taken = set(first.tolist())
+    rest = [int(c) for c in np.argsort(-var, kind="stable") if c not in taken]
+    kept = np.sort(np.concatenate([first, np.asarray(rest[: job.n_keep - first.size], dtype=np.int64)]))
+    empty = np.zeros(0)
+    return lsprune.Selection(method="variance", selected=kept, removed=np.zeros(0, dtype=np.int64), kept=kept,
+                             columns=kept, weights=empty, bias=empty, error_path=None, relative_error_path=None,
+                             n_kept_path=None, error=0.0, plain_error=0.0, relative_error=0.0, target_energy=0.0,
+                             damping=float(_policy.DEFAULT_DAMPING), ridge=0.0)
 
 
 def _constant_inputs(stats, job: PairJob, damping: float, err: Exception):

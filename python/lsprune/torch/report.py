@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from .report_base import ModelReport, si as _si, table
 
@@ -27,7 +27,8 @@ class PairReport:
     kept : list of int
         Kept channel indices (original numbering), ascending.
     status : str
-        ``"pruned"``, or ``"unchanged"`` when every channel is kept (no re-fit either).
+        ``"pruned"``, ``"unchanged"`` when every channel is kept (no re-fit either), or ``"skipped"`` when the
+        pair was left unchanged because it did not fit ``memory_limit`` (``reason``).
     relative_error : float
         Reconstruction error of the consumer's output on the calibration rows,
         ``‖Y - Ŷ‖² / ‖Y - Ȳ‖²`` (centred; Y = the original network's consumer output).
@@ -75,6 +76,20 @@ class PairReport:
         Coupled groups: each reader's relative error ``‖Y_r - Ŷ_r‖² / ‖Y_r - Ȳ_r‖²``.
     biases_added : list of bool
         Coupled groups: per reader, whether it gained a bias (the LS intercept).
+    swaps : list of [int, int]
+        With ``prune(refine=)``: the exchanges of swap refinement, (channel out, channel in), in
+        order; each added one entry to ``error_path``.
+    statistics : str
+        ``"exact"`` (the full statistics) or ``"lean"`` (channels chosen on the channel-level statistics,
+        consumer re-fitted on the kept columns' exact statistics; ``error_path`` is then the channel-level
+        problem's, see ``prune(statistics=)``).
+    own_pass : bool
+        The pair did not fit the sequential pass's memory and was pruned in a pass of its own.
+    timed_out : bool
+        ``prune(time_budget=)`` stopped this pair's greedy selection; the rest of the kept set was
+        filled at once by the current gains, then re-fitted.
+    reason : str or None
+        For ``status == "skipped"``: why the pair was left unchanged (it did not fit ``memory_limit``).
     """
 
     producer: str
@@ -100,6 +115,11 @@ class PairReport:
     refit: bool = True
     predicted_error: Optional[float] = None
     kind: str = "pair"
+    swaps: List[List[int]] = field(default_factory=list)
+    statistics: str = "exact"
+    own_pass: bool = False
+    timed_out: bool = False
+    reason: Optional[str] = None
     writers: List[str] = field(default_factory=list)
     readers: List[str] = field(default_factory=list)
     group_sizes: List[int] = field(default_factory=list)
@@ -143,6 +163,9 @@ class PruneReport(ModelReport):
     damping : float
     max_positions : int or None
     seed : int
+    refine : bool, int or None
+        The swap-refinement option (``prune(refine=)``); each pair's exchanges are in its
+        ``PairReport.swaps``.
     params_before, params_after : int
         All parameters of the model.
     flops_before, flops_after : int
@@ -172,7 +195,12 @@ class PruneReport(ModelReport):
         The memory guard: ``limit`` (bytes, None = no guard), ``limit_source``, ``available``,
         ``estimate`` (peak bytes of host memory estimated for the prune), ``device_estimate``, ``model_copy``
         (bytes of the model copy being pruned), and
-        per pass ``{"pass", "estimate", "device_estimate", "waves"}``.
+        per pass ``{"pass", "estimate", "device_estimate", "waves", "largest_pair", "lean", "own_pass",
+        "skipped"}`` (the last three: the pairs the guard gave lean statistics, a pass of their own, or left out).
+    statistics : str
+        ``prune(statistics=)``.
+    time_budget : float or None
+        ``prune(time_budget=)``: seconds of selection per pair.
     """
 
     pairs: List[PairReport] = field(default_factory=list)
@@ -187,6 +215,7 @@ class PruneReport(ModelReport):
     damping: float = 1e-6
     max_positions: Optional[int] = None
     seed: int = 0
+    refine: Any = None
     params_before: int = 0
     params_after: int = 0
     flops_before: int = 0
@@ -202,6 +231,8 @@ class PruneReport(ModelReport):
     memory: Optional[dict] = None
     targets: Optional[str] = None
     coupled: Optional[bool] = None
+    statistics: str = "auto"
+    time_budget: Optional[float] = None
 
     FORMAT = REPORT_FORMAT
     VERSION = REPORT_VERSION
@@ -223,8 +254,9 @@ class PruneReport(ModelReport):
             if p.writers:  # a coupled group: its name, kind and member counts
                 prod = f"{p.producer} ({p.kind}, {len(p.writers)} writer(s))"
                 cons = f"{p.consumer}" + (f" +{len(p.readers) - 1} reader(s)" if len(p.readers) > 1 else "")
-            rows.append((prod, cons, f"{p.channels_before} -> {p.channels_after}",
-                         f"{p.relative_error:.3g}" + ("" if p.refit else " (no re-fit)"),
+            notes = ("" if p.refit else " (no re-fit)") + (" (lean)" if p.statistics == "lean" else "")
+            err = "skipped (memory)" if p.status == "skipped" else f"{p.relative_error:.3g}{notes}"
+            rows.append((prod, cons, f"{p.channels_before} -> {p.channels_after}", err,
                          f"{_si(p.flops_before)} -> {_si(p.flops_after)}", f"{p.time_s:.2f}s"))
         return table(rows)
 

@@ -23,7 +23,7 @@ sweep on the model pruned so far (``modified`` names the modules already shrunk;
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -47,7 +47,7 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
           masks: List[Optional[torch.Tensor]], jobs: Dict[str, PairJob], chains: Dict[str, Chain], *,
           sequential: bool, complete: Callable[[PairJob], object], progress: bool, timer: Timer,
           collect_only: bool = False, job_nodes: Optional[Dict[str, fx.Node]] = None,
-          dist: Optional[Dist] = None, modified: Optional[set] = None) -> dict:
+          dist: Optional[Dist] = None, modified: Sequence[str] = ()) -> dict:
     """Runs the sweep; prunes ``pruned`` in place.
 
     Parameters
@@ -72,8 +72,13 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
     dist : Dist, optional
         Distributed calibration: the output error is summed over the ranks (the statistics are
         summed by the jobs' sums).
-    modified : set of str, optional
-        Modules of ``pruned`` already shrunk by an earlier sweep (their values diverge from the start).
+    modified : sequence of str
+        Modules of ``pruned`` already changed before this sweep (pairs pruned by an earlier sweep or in a
+        pass of their own): their nodes are evaluated in the pruned environment from the start.
+
+    A lean job (``job.lean``) gets ``job.source``, which streams its consumer's cached input again for the
+    re-fit on its kept columns; in independent mode it is therefore completed at its node (its input is freed
+    after the node's last use; independent surgery does not change what the sweep computes).
 
     Returns
     -------
@@ -82,7 +87,7 @@ def sweep(graph: fx.Graph, ref: torch.nn.Module, pruned: torch.nn.Module, inputs
     ``pruned_pass_fraction`` (share of graph nodes the pruned environment had to evaluate itself).
     """
     state = _Sweep(graph, ref, pruned, inputs, masks, jobs, chains, job_nodes, sequential=sequential, timer=timer,
-                   complete=complete)
+                   complete=complete, collect_only=collect_only)
     state.modified.update(modified or ())
     units = {id(j.group) if j.group is not None else id(j): 1 for j in jobs.values()}
     pair_bar = tqdm(total=len(units), desc="lsprune pairs", unit="pair", disable=not progress, leave=False)
@@ -107,11 +112,11 @@ class _Sweep:
     are left in ``pending``)."""
 
     def __init__(self, graph, ref, pruned, inputs, masks, jobs, chains, job_nodes, *, sequential: bool,
-                 timer: Timer, complete: Callable):
+                 timer: Timer, complete: Callable, collect_only: bool = False):
         self.nodes = list(graph.nodes)
         self.pruned, self.inputs, self.masks = pruned, inputs, masks
         self.nb = len(inputs)
-        self.sequential, self.timer, self.complete = sequential, timer, complete
+        self.sequential, self.timer, self.complete, self.collect_only = sequential, timer, complete, collect_only
         self.by_consumer = {(chains[p].consumer_node if p in chains else job_nodes[p]): jobs[p] for p in jobs}
         self.chain_of = {chains[p].consumer_node: chains[p] for p in jobs if p in chains}
         self.last_use = {}
@@ -195,10 +200,16 @@ class _Sweep:
         x_env = self.pruned_env if self.sequential else self.orig
         for b in range(self.nb):
             accumulate(job, x_env[src][b], self.orig[node][b], self.masks[b], self.timer, b)
+        if job.lean:  # finish() clears it
+            job.source = lambda add: [add(x_env[src][b], self.orig[node][b], self.masks[b], b) for b in range(self.nb)]
         if job.group is not None:
             return self._at_reader(job)
         if not self.sequential:
-            self.pending.append(job)
+            if job.lean and not self.collect_only:  # its input is only here
+                self.complete(job)
+                self.on_done()
+            else:
+                self.pending.append(job)
             return False
         rep = self.complete(job)
         self.on_done()
