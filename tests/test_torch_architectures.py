@@ -77,7 +77,7 @@ def test_prune_architecture(name):
     model, ctor, shape, expected = _build(name)
     cal = batches(shape, n=4, seed=1)
     snap = snapshot(model)
-    pruned, report = lt.prune(model, cal, ratio=0.5, progress=False)
+    pruned, report = lt.prune(model, cal, ratio=0.5, progress=False, coupled=True)
     assert_unchanged(model, snap)
     assert pruned is not model
 

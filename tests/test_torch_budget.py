@@ -43,7 +43,7 @@ def test_cost_model_equals_measured_counts(name, kind):
     model = build().eval()
     cal = batches(shape, n=2)
     costs, pairs = _costs(model, cal[0], kind)
-    pruned, rep = lt.prune(model, cal, budget=lsprune.Budget(**{kind: 0.6}, min_keep=0.2), progress=False)
+    pruned, rep = lt.prune(model, cal, budget=lsprune.Budget(**{kind: 0.6}, min_keep=0.2), progress=False, coupled=True)
     before = rep.flops_before if kind == "flops" else rep.params_before
     after = rep.flops_after if kind == "flops" else rep.params_after
     assert costs.full == before

@@ -1,6 +1,7 @@
 """Coupled channel groups (issue 19, first front-end slice): a producer read by several consumers and
 residual streams, pruned jointly (lsprune.select_joint) with every member shrunk consistently."""
 import copy
+import functools
 import json
 
 import numpy as np
@@ -16,6 +17,9 @@ import lsprune.torch.grouppruning as grouppruning  # noqa: E402
 import torch_models as tm  # noqa: E402
 from torch_helpers import (assert_unchanged, batches, digits_data, output_error, snapshot,  # noqa: E402
                            train_briefly)
+
+#: coupled groups are opt-in (``prune(coupled=True)``): every call here asks for them unless it says otherwise
+prune = functools.partial(lt.prune, coupled=True)
 
 #: The pruned model against the unpruned architecture with the removed channels zeroed and the pruned
 #: weights scattered back (float32: only the order of the summations differs).
@@ -163,7 +167,7 @@ def _scatter(m: nn.Module, small: nn.Module, rows, cols) -> None:
 def test_pruned_model_equals_the_masked_reference(name, mode):
     model, shape = _build(name)
     cal = batches(shape, n=3, seed=1)
-    pruned, report = lt.prune(model, cal, ratio=0.5, mode=mode, progress=False)
+    pruned, report = prune(model, cal, ratio=0.5, mode=mode, progress=False)
     groups = [r for r in report.pairs if r.writers]
     assert groups and all(r.status == "pruned" and r.kind in ("residual", "multi_consumer") for r in groups)
     mods = dict(pruned.named_modules())
@@ -198,7 +202,7 @@ def test_reader_that_also_writes_the_stream():
 
     model = Net().eval()
     cal = batches((8, 3, 6, 6), n=2, seed=2)
-    pruned, report = lt.prune(model, cal, ratio=0.5, progress=False)
+    pruned, report = prune(model, cal, ratio=0.5, progress=False)
     (g,) = report.pairs
     assert g.writers == ["a", "b"] and g.readers == ["b", "c"]
     assert pruned.b.weight.shape == (3, 3, 3, 3) and pruned.c.in_channels == 3
@@ -211,7 +215,7 @@ def test_reader_that_also_writes_the_stream():
 def test_apply_structure_round_trip():
     model = _resnet()
     cal = batches(RESNET_SHAPE, n=2, seed=1)
-    pruned, report = lt.prune(model, cal, ratio=0.5, progress=False)
+    pruned, report = prune(model, cal, ratio=0.5, progress=False)
     fresh = tm.init_bn(tm.SmallResNet())
     lt.apply_structure(fresh, json.loads(report.to_json()))
     fresh.load_state_dict(pruned.state_dict())
@@ -270,7 +274,7 @@ def test_joint_selection_equals_select_joint_on_the_statistics(monkeypatch):
         return j
 
     monkeypatch.setattr(lsprune, "select_joint", spy)
-    pruned, report = lt.prune(model, cal, ratio=0.5, progress=False, max_positions=None)
+    pruned, report = prune(model, cal, ratio=0.5, progress=False, max_positions=None)
     assert len(calls) == 2  # one joint selection per group
     for (problems, kw, j), entry in zip(calls, [report.pair("conv1"), report.pair("layers.2.downsample.0")]):
         again = real(problems, **kw)
@@ -302,7 +306,7 @@ def test_sequential_order_later_units_see_the_pruned_stream(monkeypatch):
                         real_group(job, **kw))
     model = _resnet()
     cal = batches(RESNET_SHAPE, n=2, seed=1)
-    pruned, report = lt.prune(model, cal, ratio=0.5, progress=False)
+    pruned, report = prune(model, cal, ratio=0.5, progress=False)
     assert order == ["conv1", "layers.0.conv1", "layers.1.conv1", "layers.2.conv1", "layers.2.downsample.0"]
     kept = report.pair("conv1").kept
     assert pruned.layers[0].conv2.weight.shape[0] == len(kept)
@@ -319,9 +323,9 @@ def test_coupling_off_prunes_the_pairs_alone(monkeypatch):
     model = _resnet()
     cal = batches(RESNET_SHAPE, n=2, seed=1)
     monkeypatch.setattr(lt.discovery, "find_groups", never)
-    pruned, report = lt.prune(model, cal, ratio=0.5, progress=False, coupled=False)
+    pruned, report = prune(model, cal, ratio=0.5, progress=False, coupled=False)
     monkeypatch.undo()
-    named, nreport = lt.prune(model, cal, ratio=0.5, progress=False, pairs=[(p.producer, p.consumer)
+    named, nreport = prune(model, cal, ratio=0.5, progress=False, pairs=[(p.producer, p.consumer)
                                                                            for p in report.pairs])
     assert [p.kept for p in report.pairs] == [p.kept for p in nreport.pairs]
     for (k, a), b in zip(pruned.state_dict().items(), named.state_dict().values()):
@@ -338,7 +342,7 @@ def test_ls_beats_group_magnitude_on_a_trained_resnet():
     cal = list(xtr[640:1152].split(128))
     errs = {}
     for method in ("forward", "magnitude"):
-        pruned, report = lt.prune(model, cal, ratio=0.5, method=method, progress=False)
+        pruned, report = prune(model, cal, ratio=0.5, method=method, progress=False)
         assert {r.producer for r in report.pairs if r.writers} == {"conv1", "layers.2.downsample.0"}
         errs[method] = output_error(pruned, model, [xte])
     assert errs["forward"] < errs["magnitude"], errs
@@ -349,7 +353,7 @@ def test_ls_beats_group_magnitude_on_a_trained_resnet():
 def test_budget_sees_the_groups_true_cost(kind):
     model = _resnet()
     cal = batches(RESNET_SHAPE, n=2, seed=1)
-    pruned, report = lt.prune(model, cal, budget=lsprune.Budget(**{kind: 0.4}), progress=False)
+    pruned, report = prune(model, cal, budget=lsprune.Budget(**{kind: 0.4}), progress=False)
     assert report.budget["predicted"] == pytest.approx(report.budget["reached"], abs=1e-12)
     assert report.budget["reached"] <= 0.4
     fc = lt.count_flops_params(pruned, cal[0])
@@ -369,7 +373,7 @@ def test_model_is_bit_identical_after_prune_and_after_a_failure(monkeypatch, inp
     model = _resnet().train()
     snap = snapshot(model)
     cal = batches(RESNET_SHAPE, n=2, seed=1)
-    lt.prune(model, cal, ratio=0.5, progress=False)
+    prune(model, cal, ratio=0.5, progress=False)
     assert_unchanged(model, snap)
     calls = []
 
@@ -383,7 +387,7 @@ def test_model_is_bit_identical_after_prune_and_after_a_failure(monkeypatch, inp
     real = getattr(target, where)
     monkeypatch.setattr(target, where, fail)
     with pytest.raises(_Boom):
-        lt.prune(model, cal, ratio=0.5, progress=False, inplace=inplace)
+        prune(model, cal, ratio=0.5, progress=False, inplace=inplace)
     assert_unchanged(model, snap)
 
 
@@ -391,24 +395,24 @@ def test_declared_groups():
     model = _resnet()
     cal = batches(RESNET_SHAPE, n=2, seed=1)
     found = lt.find_pairs(model, cal[0]).groups
-    pruned, report = lt.prune(model, cal, ratio=0.5, pairs=[found[1]], progress=False)
+    pruned, report = prune(model, cal, ratio=0.5, pairs=[found[1]], progress=False)
     assert [r.producer for r in report.pairs] == ["layers.2.downsample.0"] and pruned.fc.in_features == 16
     bad = lt.CoupledGroup("conv1", "residual", writers=("conv1", "layers.2.conv2"), readers=("layers.0.conv1",),
                           group_sizes=(9,))
     snap = snapshot(model)
     with pytest.raises(ValueError, match="disagree on width"):
-        lt.prune(model, cal, ratio=0.5, pairs=[bad], progress=False)
+        prune(model, cal, ratio=0.5, pairs=[bad], progress=False)
     partial = lt.CoupledGroup("conv1", "residual", writers=STEM_GROUP, readers=STEM_READERS[:2],
                               group_sizes=(9, 9), channels=16)
     with pytest.raises(ValueError, match="cannot be pruned as declared"):
-        lt.prune(model, cal, ratio=0.5, pairs=[partial], progress=False)
+        prune(model, cal, ratio=0.5, pairs=[partial], progress=False)
     assert_unchanged(model, snap)
 
 
 def test_methods_without_a_group_variant_leave_the_groups_alone():
     model = _resnet()
     cal = batches(RESNET_SHAPE, n=2, seed=1)
-    _, report = lt.prune(model, cal, ratio=0.5, method="flap", progress=False)
+    _, report = prune(model, cal, ratio=0.5, method="flap", progress=False)
     assert all(not r.writers for r in report.pairs)
     assert any("no coupled-group variant" in s["reason"] for s in report.skipped if s["producer"] == "conv1")
 
@@ -419,7 +423,7 @@ def test_checkpoint_resume_with_groups(tmp_path, monkeypatch, kw):
     mode installs the saved re-fits in the sweep's order, so each has the rows its consumer had)."""
     model = _resnet()
     cal = batches(RESNET_SHAPE, n=2, seed=1)
-    want, wrep = lt.prune(model, cal, progress=False, **kw)
+    want, wrep = prune(model, cal, progress=False, **kw)
     real = grouppruning.finish_group
     calls = []
 
@@ -431,10 +435,10 @@ def test_checkpoint_resume_with_groups(tmp_path, monkeypatch, kw):
 
     monkeypatch.setattr(lt.pairprune, "finish_group", stop)
     with pytest.raises(KeyboardInterrupt):
-        lt.prune(model, cal, progress=False, checkpoint=tmp_path, **kw)
+        prune(model, cal, progress=False, checkpoint=tmp_path, **kw)
     monkeypatch.undo()
     for _ in range(2):  # resumed, then everything installed from the folder (independent: without a pass)
-        got, grep = lt.prune(model, cal, progress=False, checkpoint=tmp_path, **kw)
+        got, grep = prune(model, cal, progress=False, checkpoint=tmp_path, **kw)
         assert [p.kept for p in grep.pairs] == [p.kept for p in wrep.pairs]
         for (k, a), b in zip(got.state_dict().items(), want.state_dict().values()):
             assert torch.equal(a, b), k

@@ -125,8 +125,8 @@ def _prune_options(args) -> dict:
               time_budget=args.time_budget)
     if args.no_refit:
         kw["refit"] = False
-    if args.no_coupled:
-        kw["coupled"] = False
+    if args.coupled:
+        kw["coupled"] = True
     if args.ratio is not None:
         kw["ratio"] = args.ratio
     else:
