@@ -25,7 +25,8 @@ EXIT_INTERRUPTED = 130
 def one_line(e) -> str:
     """The first non-empty line of an exception's (or a text's) message; the type name when it has none.
     Library messages (torch's in particular) run over many lines; a CLI error is one."""
-    for line in str(e).splitlines():
+    text = str(e)  # formatting only: no decision depends on the message
+    for line in text.splitlines():
         if line.strip():
             return line.strip()
     return type(e).__name__ if isinstance(e, BaseException) else ""
