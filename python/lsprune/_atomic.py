@@ -7,6 +7,7 @@ temporary file gets the mode a plain ``open(path, "w")`` would give (``0o666 & ~
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import threading
@@ -79,3 +80,12 @@ def atomic_write(path, write: Callable[[str], None], *, fsync: bool = True) -> N
     except BaseException:
         remove_quietly(tmp)
         raise
+
+
+def sha256_file(path) -> str:
+    """Hex SHA-256 of a file, read in 16 MiB chunks (checkpoints and saved models record them)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(16 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -38,7 +38,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 import lsprune
-from lsprune._atomic import atomic_write
+from lsprune._atomic import atomic_write, sha256_file
 
 FORMAT = "lsprune.torch.checkpoint"
 VERSION = 1
@@ -101,14 +101,6 @@ def _differences(old: dict, new: dict) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(16 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _atomic_write(path: str, write) -> None:
     """``write(file)`` into a temporary file next to ``path``, then rename it to ``path``."""
     def fill(tmp):
@@ -187,7 +179,7 @@ class Checkpoint:
                 if not os.path.isfile(p):
                     raise ValueError(f"checkpoint {self.folder}: file {fname} of {key} is missing. Nothing was "
                                      "changed; delete the folder or give another one")
-                if _sha256_file(p) != digest:
+                if sha256_file(p) != digest:
                     raise ValueError(f"checkpoint {self.folder}: file {fname} of {key} is truncated or corrupted "
                                      "(checksum mismatch). Nothing was changed; delete the folder or give another "
                                      "one")
@@ -271,7 +263,7 @@ class Checkpoint:
         path = self._file(fname)
         stats.save(path)
         entry = {"state": "partial", "stats": fname, "batches": int(batches),
-                 "generator": bytes(generator.get_state().tolist()).hex(), "sha256": {fname: _sha256_file(path)}}
+                 "generator": bytes(generator.get_state().tolist()).hex(), "sha256": {fname: sha256_file(path)}}
         self._commit(key, entry)
         self._last[key] = time.monotonic()
 
@@ -282,11 +274,11 @@ class Checkpoint:
         if stats is not None:
             fname = f"{stem}.npz"
             stats.save(self._file(fname))
-            sha[fname] = _sha256_file(self._file(fname))
+            sha[fname] = sha256_file(self._file(fname))
             entry["stats"] = fname
         rname = f"{stem}-result.npz"
         _atomic_write(self._file(rname), lambda f: np.savez(f, **arrays))
-        sha[rname] = _sha256_file(self._file(rname))
+        sha[rname] = sha256_file(self._file(rname))
         entry["result"] = rname
         entry["sha256"] = sha
         self._commit(key, entry)

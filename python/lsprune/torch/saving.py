@@ -7,13 +7,12 @@ built from the original config with :func:`apply_structure` and loads the weight
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
 import torch.nn as nn
 
-from lsprune._atomic import atomic_write
+from lsprune._atomic import atomic_write, sha256_file
 
 from .report import PruneReport
 from .surgery import Backup, apply_structure
@@ -21,14 +20,6 @@ from .surgery import Backup, apply_structure
 WEIGHTS = "model.safetensors"
 STRUCTURE = "structure.json"
 WEIGHTS_SHA256 = "weights_sha256"  # key in structure.json
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(16 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_pruned(model: nn.Module, report: PruneReport, folder) -> None:
@@ -54,7 +45,7 @@ def save_pruned(model: nn.Module, report: PruneReport, folder) -> None:
 
     def write_weights(p):
         save_model(model, p)
-        digest.append(_sha256(p))
+        digest.append(sha256_file(p))
 
     atomic_write(os.path.join(folder, WEIGHTS), write_weights)
     # the weights' checksum: a corrupted file, or weights and structure from two different saves, are refused
@@ -109,7 +100,7 @@ def _read_structure(folder: str) -> PruneReport:
     if not isinstance(data, dict):
         raise ValueError(f"{STRUCTURE} in {folder} is not a prune structure")
     digest = data.get(WEIGHTS_SHA256)
-    if digest is not None and _sha256(os.path.join(folder, WEIGHTS)) != digest:
+    if digest is not None and sha256_file(os.path.join(folder, WEIGHTS)) != digest:
         raise ValueError(f"{WEIGHTS} in {folder} does not match its {STRUCTURE} (checksum mismatch): the file is "
                          "truncated or corrupted, or the two files come from different saves")
     try:
