@@ -63,7 +63,9 @@ py::array_t<T> to_array(const std::vector<T>& v) {
   return out;
 }
 
-py::dict to_dict(const lsp::SelectResult& r, Index m) {
+// The selection fields a single and a joint result share.
+template <class Result>
+py::dict path_dict(const Result& r) {
   py::dict d;
   d["selected"] = to_array(r.selected);
   d["removed"] = to_array(r.removed);
@@ -71,6 +73,11 @@ py::dict to_dict(const lsp::SelectResult& r, Index m) {
   d["kept_path"] = to_array(r.kept_path);
   d["skipped"] = to_array(r.skipped);
   d["stopped_early"] = r.stopped_early;
+  return d;
+}
+
+py::dict to_dict(const lsp::SelectResult& r, Index m) {
+  py::dict d = path_dict(r);
   d["timed_out"] = r.timed_out;
   d["filled"] = to_array(r.filled);
   d["columns"] = to_array(r.columns);
@@ -163,13 +170,7 @@ ProblemArgs problem_args_of(const py::dict& d) {
 }
 
 py::dict joint_to_dict(const lsp::JointResult& r, const std::vector<Index>& m) {
-  py::dict d;
-  d["selected"] = to_array(r.selected);
-  d["removed"] = to_array(r.removed);
-  d["error_path"] = to_array(r.error_path);
-  d["kept_path"] = to_array(r.kept_path);
-  d["skipped"] = to_array(r.skipped);
-  d["stopped_early"] = r.stopped_early;
+  py::dict d = path_dict(r);
   d["weights"] = to_array(r.weights);
   d["energy"] = r.energy;
   py::list problems;
