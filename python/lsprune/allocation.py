@@ -58,7 +58,7 @@ def allowed_counts(lo: int, hi: int, n: int, multiple: int = 1) -> np.ndarray:
 
 
 def allocate(error_paths: Sequence, costs: Union[Sequence[float], Callable], budget: float, *, min_keep=1,
-             max_keep=None, multiple: int = 1, weights=None, fixed_cost: float = 0.0) -> Allocation:
+             max_keep=None, multiple=1, weights=None, fixed_cost: float = 0.0) -> Allocation:
     """Chooses how many channels each layer keeps so that the summed (weighted)
     error is small while the total cost stays within ``budget``.
 
@@ -76,9 +76,10 @@ def allocate(error_paths: Sequence, costs: Union[Sequence[float], Callable], bud
         Largest total cost allowed (same units as ``costs``).
     min_keep, max_keep : int, float fraction, or per-layer sequence of them
         Bounds per layer (fractions round up); default 1 .. n_l.
-    multiple : int
-        Kept counts are multiples of this (fast kernels like multiples of 8); the full
-        count n_l and the rounded-up minimum are always allowed.
+    multiple : int or sequence of L ints
+        Kept counts are multiples of this (fast kernels like multiples of 8), one value for
+        every layer or one per layer; the full count n_l and the rounded-up minimum are always
+        allowed.
     weights : sequence of L floats, optional
         Error weights (default 1).
 
@@ -97,8 +98,8 @@ def allocate(error_paths: Sequence, costs: Union[Sequence[float], Callable], bud
     cost first). For linear costs and convex paths this is the exact greedy optimum
     of the continuous relaxation.
     """
-    paths, w = _check_paths_and_weights(error_paths, multiple, budget, weights)
-    allowed = _allowed_per_layer(paths, min_keep, max_keep, multiple)
+    paths, w = _check_paths_and_weights(error_paths, budget, weights)
+    allowed = _allowed_per_layer(paths, min_keep, max_keep, _multiples(multiple, len(paths)))
     cost_fn, a = _cost_function(costs, len(paths), fixed_cost)
     idx = np.array([ks.size - 1 for ks in allowed])
     keep = np.array([ks[-1] for ks in allowed])
@@ -115,14 +116,23 @@ def allocate(error_paths: Sequence, costs: Union[Sequence[float], Callable], bud
                       min_cost=float(min_cost), max_cost=float(max_cost))
 
 
-def _check_paths_and_weights(error_paths, multiple, budget, weights):
+def _multiples(multiple, L: int) -> list:
+    """``multiple`` as L positive ints (one value for all layers, or one per layer)."""
+    values = list(multiple) if isinstance(multiple, (list, tuple, np.ndarray)) else [multiple] * L
+    if len(values) != L:
+        raise ValueError(f"multiple has {len(values)} entries for {L} layers")
+    for m in values:
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
+            raise ValueError(f"multiple must be a positive integer (or one per layer), got {m!r}")
+    return [int(m) for m in values]
+
+
+def _check_paths_and_weights(error_paths, budget, weights):
     """The error paths as float64 arrays and the error weights (L,), checked."""
     paths = [np.asarray(p, dtype=np.float64).reshape(-1) for p in error_paths]
     L = len(paths)
     if L == 0:
         raise ValueError("error_paths is empty")
-    if isinstance(multiple, bool) or not isinstance(multiple, numbers.Integral) or multiple < 1:
-        raise ValueError("multiple must be a positive integer")
     if not isinstance(budget, numbers.Real) or not math.isfinite(float(budget)):
         raise TypeError("budget must be a finite number")
     w = np.ones(L) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
@@ -131,8 +141,8 @@ def _check_paths_and_weights(error_paths, multiple, budget, weights):
     return paths, w
 
 
-def _allowed_per_layer(paths, min_keep, max_keep, multiple):
-    """Per layer, the kept counts within the bounds, multiples of ``multiple``, with a known error."""
+def _allowed_per_layer(paths, min_keep, max_keep, multiples):
+    """Per layer, the kept counts within the bounds, multiples of ``multiples[l]``, with a known error."""
     allowed = []
     for l, p in enumerate(paths):
         n = p.size - 1
@@ -142,10 +152,11 @@ def _allowed_per_layer(paths, min_keep, max_keep, multiple):
         hi = _bound(max_keep, n, "max_keep", l, n)
         if lo > hi:
             raise ValueError(f"layer {l}: min_keep ({lo}) exceeds max_keep ({hi})")
-        ks = allowed_counts(lo, hi, n, multiple)
+        ks = allowed_counts(lo, hi, n, multiples[l])
         ks = ks[np.isfinite(p[ks])]
         if ks.size == 0:
-            raise ValueError(f"layer {l}: no kept count in [{lo}, {hi}] is a multiple of {multiple} with a known error")
+            raise ValueError(f"layer {l}: no kept count in [{lo}, {hi}] is a multiple of {multiples[l]} with a known "
+                             "error")
         allowed.append(ks)
     return allowed
 

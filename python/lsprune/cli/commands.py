@@ -5,6 +5,7 @@ import json
 import math
 import os
 import time
+from typing import Optional
 
 from .errors import CLIError, InterruptedAfterWrite, one_line
 from .io import Outputs, batches_of, check_paths, load_model, load_tensor
@@ -100,6 +101,7 @@ def _check_prune_args(args) -> None:
     _memory_limit(args.memory_limit)
     if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget > 0):
         raise CLIError(f"--time-budget must be a number of seconds > 0, got {args.time_budget}")
+    parse_round_to(args.round_to)
     if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
         raise CLIError(f"--plots {args.plots!r} is a file, not a folder")
     for path in (args.output, args.report):
@@ -118,11 +120,36 @@ def _check_prune_args(args) -> None:
     check_paths(inputs, outputs)
 
 
+def parse_round_to(text: Optional[str]):
+    """``--round-to``: ``"8"`` (every unit) or ``"conv=8,linear=16,mlp=64,heads=1"`` (per kind) -> ``prune(round_to=)``."""
+    if text is None:
+        return None
+    from lsprune.torch.plan import ROUND_TO_KINDS
+
+    def count(v: str, what: str) -> int:
+        if not v.strip().isdigit() or int(v) < 1:
+            raise CLIError(f"--round-to: {what} must be a positive integer, got {v!r}")
+        return int(v)
+
+    if "=" not in text:
+        return count(text, "the multiple")
+    out = {}
+    for item in text.split(","):
+        kind, _, v = item.partition("=")
+        kind = kind.strip()
+        if kind not in ROUND_TO_KINDS:
+            raise CLIError(f"--round-to: unknown kind {kind!r}; choose from {', '.join(ROUND_TO_KINDS)}")
+        out[kind] = count(v, kind)
+    return out
+
+
 def _prune_options(args) -> dict:
     kw = dict(method=args.method, mode=args.mode, damping=args.damping, max_batches=args.max_batches,
               device=args.device, progress=not args.quiet, seed=args.seed, checkpoint=args.checkpoint,
               memory_limit=_memory_limit(args.memory_limit), statistics=args.statistics,
               time_budget=args.time_budget)
+    if args.round_to is not None:
+        kw["round_to"] = parse_round_to(args.round_to)
     if args.no_refit:
         kw["refit"] = False
     if args.coupled:

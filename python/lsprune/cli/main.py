@@ -10,6 +10,8 @@ from .._policy import DEFAULT_DAMPING
 from .errors import EXIT_ERROR, EXIT_FAILURE, EXIT_INTERRUPTED, CLIError, InterruptedAfterWrite, one_line
 
 METHODS = ("forward", "omp", "backward", "magnitude", "random")
+ROUND_TO_HELP = ("aligned widths: every kept count a multiple of N (e.g. 8), or per kind of unit, "
+                 "conv=8,linear=16,mlp=64,heads=1")
 TRUST_HELP = ("unpickle a MODEL file saved with torch.save(model): this runs code stored in the file, so only for "
               "files you trust (the safe way: MODEL as 'package.module:factory' plus --weights)")
 
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "limit)")
     r.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="seconds of channel selection per pair; then the rest is added by the current gains")
+    r.add_argument("--round-to", default=None, metavar="N|KIND=N,...", help=ROUND_TO_HELP)
     r.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="resize folder images")
     r.add_argument("--grayscale", action="store_true", help="read folder images as one channel")
     r.add_argument("--eval-data", help="inputs to measure accuracy before/after (.pt/.npy or image folder)")

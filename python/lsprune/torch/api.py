@@ -96,7 +96,7 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
           strategy: str = "auto", distributed: Optional[bool] = None, checkpoint=None,
           checkpoint_interval: float = 60.0, memory_limit="auto", units=None, targets: str = "layer",
           blocks: Optional[str] = None, coupled: bool = False, refine=None, statistics: str = "auto",
-          time_budget: Optional[float] = None) -> Tuple[nn.Module, PruneReport]:
+          time_budget: Optional[float] = None, round_to=None) -> Tuple[nn.Module, PruneReport]:
     """Structurally prunes a trained model by layerwise least squares (no labels, no fine-tuning).
 
     For every prunable pair producer -> (BatchNorm, activation, pooling, depthwise conv,
@@ -245,6 +245,17 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
         current costs), then re-fits exactly; ``PairReport.timed_out`` says so. The global budget's
         error paths are not limited. Not with distributed calibration (the ranks could stop at
         different steps).
+    round_to : int or dict, optional
+        Aligned widths: every kept count is a multiple of this (fast kernels prefer multiples of 8,
+        64, ...), never zero and never above the original; a unit may also stay whole when its width
+        is not a multiple. A dict gives one per kind of unit, ``{"conv": 8, "linear": 16, "mlp": 64,
+        "heads": 1}`` (the producer's type for pairs and coupled groups; kinds not named: 1); for heads
+        it counts heads, or KV groups under GQA. Decided in the plan, so budgets, the global
+        allocation, the selection and the report all see the rounded counts: ``ratio`` goes to the
+        nearest multiple (ties keep more), a ``budget`` chooses among multiples only (the least common
+        multiple with ``Budget.multiple``) and stays at or under its target, ``keep`` counts must be
+        multiples. ``report.round_to`` and ``report.removed_fraction`` say what was reached. A unit
+        to be pruned that is narrower than its multiple raises ``ValueError``.
 
     Returns
     -------

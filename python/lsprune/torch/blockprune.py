@@ -21,7 +21,7 @@ from .memory import MemoryLimitError, gib, resolve_limit, solver_bytes, statisti
 from .pairs import NoPrunablePairsError, Pair, PairSearch, SkippedPair, shared_state
 from . import budget as budgeting
 from .costs import UnitCosts
-from .plan import budget_bounds, plan_channels
+from .plan import budget_bounds, plan_channels, unit_multiples
 from .pruning import PairJob, Timer, accumulate, error_path, finish, make_job
 from .reporting import prune_report, record_budget
 from .surgery import weight_rows
@@ -115,8 +115,10 @@ def plan_budget(ref: nn.Module, units: List[Unit], per_block, calls, masks, bloc
     budget, keep = opts.budget, opts.keep or {}
     pairs = [unit_pair(u) for u in units]
     channels = {u.name: u.channels for u in units}
+    multiples = _multiples(units, opts)
     bounds = budget_bounds(budget, UnitCosts(ref, units, positions, 1.0 / b0, budget.kind, refit=opts.refit),
-                           [u.channels for u in units], [keep.get(u.name) for u in units])
+                           [u.channels for u in units], [keep.get(u.name) for u in units], round_to=opts.round_to,
+                           multiples=multiples)
     paths = None
     if bounds.needs_paths:
         paths = _independent_paths(ref, units, per_block, calls, masks, blocks_name, lo=bounds.lo, hi=bounds.hi,
@@ -126,8 +128,15 @@ def plan_budget(ref: nn.Module, units: List[Unit], per_block, calls, masks, bloc
                                                                    refit=opts.refit)
         weights = budgeting.error_weights(budget, [u.name for u in units], fc)
         plan = plan_channels(pairs, channels, keep=keep, budget=budget, costs=bounds.costs, error_paths=paths,
-                             weights=weights, what="unit")
+                             weights=weights, what="unit", multiples=multiples, round_to=opts.round_to)
     return plan, paths
+
+
+def _multiples(units: List[Unit], opts) -> List[int]:
+    """Each unit's count multiple (``prune(round_to=)``; kinds ``"mlp"``/``"heads"``)."""
+    covered = opts.ratio is not None or opts.budget is not None
+    return unit_multiples(opts.round_to, [(u.name, u.kind, u.channels) for u in units],
+                          [covered and u.name not in (opts.keep or {}) for u in units])
 
 
 def _independent_paths(ref, units, per_block, calls, masks, blocks_name, *, lo, hi, opts, device,
@@ -196,7 +205,8 @@ def prune_blocks(ref: nn.Module, pruned: nn.Module, batches: list, run, *, opts,
     masks = [make_mask(opts.mask_fn, b, device) if opts.mask_fn is not None else default_mask(b, device)
              for b in batches]
     pairs, channels = [unit_pair(u) for u in units], {u.name: u.channels for u in units}
-    least = plan_channels(pairs, channels, ratio=opts.ratio, keep=keep, what="unit") if opts.budget is None else \
+    least = plan_channels(pairs, channels, ratio=opts.ratio, keep=keep, what="unit",
+                          multiples=_multiples(units, opts)) if opts.budget is None else \
         {u.name: keep.get(u.name, 1) for u in units}
     memory = check_memory(opts.memory_limit, calls, units, least, ref_mods, original=original,
                           method=opts.method, refit=opts.refit, model_copy=_model_bytes(pruned))

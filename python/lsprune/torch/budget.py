@@ -52,24 +52,26 @@ def keep_count(v, n: int) -> int:
     return int(v)
 
 
-def allowed(lo: np.ndarray, hi: np.ndarray, sizes: Sequence[int], multiple: int) -> List[np.ndarray]:
-    """The counts each unit may take (see :func:`lsprune.allocation.allowed_counts`)."""
+def allowed(lo: np.ndarray, hi: np.ndarray, sizes: Sequence[int], multiples) -> List[np.ndarray]:
+    """The counts each unit may take (see :func:`lsprune.allocation.allowed_counts`); ``multiples`` is one
+    int for every unit or one per unit."""
+    multiples = [multiples] * len(sizes) if isinstance(multiples, int) else list(multiples)
     out = []
-    for a, b, n in zip(lo, hi, sizes):
-        ks = allowed_counts(int(a), int(b), int(n), multiple if a != b else 1)
+    for a, b, n, m in zip(lo, hi, sizes, multiples):
+        ks = allowed_counts(int(a), int(b), int(n), m if a != b else 1)
         if ks.size == 0:
-            raise ValueError(f"no count in [{a}, {b}] is a multiple of {multiple}; lower multiple= or widen "
+            raise ValueError(f"no count in [{a}, {b}] is a multiple of {m}; lower multiple=/round_to= or widen "
                              "min_keep/max_keep")
         out.append(ks)
     return out
 
 
 def check_reachable(budget: Budget, costs, options: List[np.ndarray],
-                    lo: Optional[np.ndarray] = None) -> Tuple[float, float]:
+                    lo: Optional[np.ndarray] = None, round_to=None) -> Tuple[float, float]:
     """Raises ``ValueError`` with the reachable range (as fractions of the model) when the budget
-    is outside it, naming the cause: ``min_keep``, or ``multiple`` when the budget would be
-    reachable at the ``min_keep`` counts ``lo`` (per unit) but the multiple rounds them up to the
-    pairs' full counts. Returns the (min, max) cost."""
+    is outside it, naming the cause: ``min_keep``, or ``multiple`` (and ``round_to``, when given) when
+    the budget would be reachable at the ``min_keep`` counts ``lo`` (per unit) but the multiple rounds
+    them up to the pairs' full counts. Returns the (min, max) cost."""
     lo_cost = costs(np.array([ks[0] for ks in options]))
     hi_cost = costs(np.array([ks[-1] for ks in options]))
     target = budget.fraction * costs.full
@@ -78,10 +80,12 @@ def check_reachable(budget: Budget, costs, options: List[np.ndarray],
         reach = (f"this model can reach [{lo_f:.4g}, 1] of its {budget.kind} (all channels kept: {hi_f:.4g})")
         if budget.fraction <= 1.0 and lo is not None and target >= costs(np.asarray(lo)) * (1 - 1e-12):
             rounded = sum(int(ks[0]) > int(a) for ks, a in zip(options, lo))
-            raise ValueError(f"budget {budget.kind}={budget.fraction:g} is unreachable because of "
-                             f"multiple={budget.multiple}: kept counts are multiples of {budget.multiple} (or a "
-                             f"pair's full count), which holds {rounded} pair(s) above their min_keep, so {reach}; "
-                             f"lower multiple= (min_keep={budget.min_keep!r} is not the limit)")
+            what = f"multiple={budget.multiple}" + (f" and round_to={round_to}" if round_to is not None else "")
+            raise ValueError(f"budget {budget.kind}={budget.fraction:g} is unreachable because of {what}: kept "
+                             f"counts are multiples of {budget.multiple if round_to is None else 'them'} (or a pair's "
+                             f"full count), which holds {rounded} pair(s) above their min_keep, so {reach}; lower "
+                             f"multiple={' or round_to=' if round_to is not None else ''} (min_keep="
+                             f"{budget.min_keep!r} is not the limit)")
         raise ValueError(f"budget {budget.kind}={budget.fraction:g} is unreachable: only the prunable pairs (and "
                          f"coupled groups) can shrink, so with min_keep={budget.min_keep!r} and "
                          f"multiple={budget.multiple} {reach}; lower min_keep to go further")
@@ -132,9 +136,10 @@ def error_weights(budget: Budget, names: Sequence[str], flops_costs=None) -> np.
 
 
 def global_counts(budget: Budget, costs, paths: Sequence[Optional[np.ndarray]], lo: np.ndarray, hi: np.ndarray,
-                  weights: np.ndarray, pinned: Sequence[Optional[int]]) -> Tuple[np.ndarray, lsprune.Allocation]:
+                  weights: np.ndarray, pinned: Sequence[Optional[int]],
+                  multiples: Sequence[int]) -> Tuple[np.ndarray, lsprune.Allocation]:
     """:func:`lsprune.allocate` over the units that are not pinned, with the exact (callable) cost
-    of the whole model. Returns the counts of every unit and the allocation."""
+    of the whole model and each unit's count multiple. Returns the counts of every unit and the allocation."""
     free = np.array([i for i, p in enumerate(pinned) if p is None], dtype=np.int64)
     base = np.array([0 if p is None else int(p) for p in pinned], dtype=np.int64)
 
@@ -145,7 +150,7 @@ def global_counts(budget: Budget, costs, paths: Sequence[Optional[np.ndarray]], 
 
     alloc = lsprune.allocate([paths[i] for i in free], cost, budget.fraction * costs.full,
                              min_keep=[int(lo[i]) for i in free], max_keep=[int(hi[i]) for i in free],
-                             multiple=budget.multiple, weights=weights[free])
+                             multiple=[int(multiples[i]) for i in free], weights=weights[free])
     base[free] = alloc.keep
     return base, alloc
 

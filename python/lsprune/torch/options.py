@@ -29,6 +29,7 @@ from .baselines import NORMS
 from .layouts import UNIT_KINDS, normalize_units
 from .pairs import (CoupledGroup, Pair, channel_passthrough_kind, check_consumer, check_producer, group_width_reason,
                     normalize_pairs, producer_channels, shared_state)
+from .plan import ROUND_TO_KINDS
 from .pruning import SELECTORS, TIME_LIMITED
 
 MODES = ("sequential", "independent")
@@ -168,6 +169,32 @@ class Refine(Constraint):
         if v < 0:
             raise ValueError(f"{name} must be a number of swaps >= 0, got {v!r}")
         return int(v) or None
+
+
+class RoundTo(Constraint):
+    """None, a channel multiple >= 1 for every unit, or ``{kind: multiple}`` (kinds of :data:`ROUND_TO_KINDS`;
+    kinds not named get 1). A 1 for every kind is None."""
+
+    def check(self, name, v):
+        if v is None:
+            return v
+        if isinstance(v, Mapping):
+            bad = [k for k in v if k not in ROUND_TO_KINDS]
+            if bad:
+                raise ValueError(f"{name}: unknown kind(s) {bad}; choose from {ROUND_TO_KINDS}")
+            out = {k: self._multiple(f"{name}[{k!r}]", m) for k, m in v.items()}
+            return {k: m for k, m in out.items() if m > 1} or None
+        m = self._multiple(name, v)
+        return m if m > 1 else None
+
+    @staticmethod
+    def _multiple(name, m) -> int:
+        if not _is_int(m):
+            raise TypeError(f"{name} must be a positive int (kept counts are its multiples) or a dict "
+                            f"{{kind: int}}, got {m!r}")
+        if m < 1:
+            raise ValueError(f"{name}={m} must be a positive int (kept counts are its multiples)")
+        return int(m)
 
 
 class CallableOrNone(Constraint):
@@ -320,7 +347,7 @@ def _check_names(what: str, names, modules) -> None:
 # ---------------------------------------------------------------------------------------------- prune
 #: Options that change the result: a checkpoint must have been written with the same values.
 FINGERPRINT = ("ratio", "keep", "budget", "method", "refit", "norm", "mode", "damping", "max_positions", "seed",
-               "coupled", "refine", "statistics")
+               "coupled", "refine", "statistics", "round_to")
 #: Options every rank of a distributed prune must agree on (device and memory limit may differ per rank).
 AGREED = FINGERPRINT + ("pairs", "units", "targets", "blocks", "time_budget")
 
@@ -361,6 +388,7 @@ class PruneOptions:
     refine: Any = param(Refine())
     statistics: str = param(OneOf(STATISTICS))
     time_budget: Optional[float] = param(Seconds())
+    round_to: Any = param(RoundTo())
 
     @classmethod
     def create(cls, model: nn.Module, **kwargs) -> "PruneOptions":
@@ -431,7 +459,7 @@ class PruneOptions:
         return dict(mode=self.mode, method=self.method, ratio=self.ratio, refit=self.refit,
                     norm=self.norm if self.method == "magnitude" else None, damping=float(self.damping),
                     max_positions=self.max_positions, seed=self.seed, refine=self.refine, statistics=self.statistics,
-                    time_budget=self.time_budget, coupled=self.coupled)
+                    time_budget=self.time_budget, coupled=self.coupled, round_to=self.round_to)
 
 
 def _check_group(group: CoupledGroup, modules, ties) -> None:

@@ -27,7 +27,7 @@ from .hooks import pruned_failure, run_hooks
 from .memory import Guard
 from .options import PruneOptions
 from .pairs import CoupledGroup, producer_channels
-from .plan import budget_bounds, plan_channels
+from .plan import budget_bounds, plan_channels, producer_kind, unit_multiples
 from .pruning import PairJob, error_path, finish, make_job
 from .report import PruneReport
 from .reporting import prune_report, record_budget
@@ -91,6 +91,10 @@ class PairPrune:
             f.positions, b0 = dist.broadcast_object((f.positions, b0), src)
         self.b0 = b0
         check_keep(opts.keep, self.chosen, f.search)
+        covered = opts.ratio is not None or opts.budget is not None
+        self.multiples = unit_multiples(opts.round_to, [
+            (p.producer, producer_kind(self.ref_mods[p.producer]), self.channels[p.producer]) for p in self.chosen],
+            [covered and p.producer not in (opts.keep or {}) for p in self.chosen])
 
     def _costs(self, kind: str) -> PairCosts:
         return PairCosts(self.ref, self.chosen, self.channels, self.found.positions, 1.0 / self.b0, kind,
@@ -103,7 +107,8 @@ class PairPrune:
         if budget is not None:
             pinned = [keep.get(p.producer) if keep else None for p in self.chosen]
             self.bounds = budget_bounds(budget, self._costs(budget.kind),
-                                        [self.channels[p.producer] for p in self.chosen], pinned)
+                                        [self.channels[p.producer] for p in self.chosen], pinned,
+                                        round_to=self.opts.round_to, multiples=self.multiples)
         self.global_pass = self.bounds is not None and self.bounds.needs_paths
         if not self.global_pass:
             with self.timer("allocation"):
@@ -113,7 +118,7 @@ class PairPrune:
         o = self.opts
         return plan_channels(self.chosen, self.channels, ratio=o.ratio, keep=self.keep, budget=o.budget,
                              costs=self.bounds.costs if self.bounds is not None else None, error_paths=paths,
-                             weights=weights)
+                             weights=weights, multiples=self.multiples, round_to=o.round_to)
 
     def _open_checkpoint(self) -> None:
         """Refuses a stale or damaged folder before anything is computed."""

@@ -1,16 +1,16 @@
-"""Per-pair work shared by the graph and hooks strategies: channel plan, statistics, selection, surgery."""
+"""Per-pair work shared by the graph, hooks and blocks strategies: statistics, selection, surgery (the channel
+plan is :mod:`.plan`)."""
 from __future__ import annotations
 
 import dataclasses
 import functools
 import logging
-import math
 import time
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -20,7 +20,6 @@ import torch.nn.functional as F
 import lsprune
 from lsprune import _policy
 from lsprune._policy import MIN_ROWS_PER_COLUMN, UNDERDETERMINED_DAMPING  # noqa: F401  (re-exported)
-from lsprune.budget import Budget
 
 from . import budget as budgeting
 from .accumulate import Sums, iter_rows
@@ -35,69 +34,6 @@ from .surgery import (consumer_matrix, linear_like, set_bias, set_consumer, shri
                       weight_rows)
 
 logger = logging.getLogger("lsprune.torch")
-
-
-# ---------------------------------------------------------------------------------------------- channel plan
-class ChannelPlan(dict):
-    """``{producer name: channels to keep}``; ``allocation`` holds the :class:`lsprune.Allocation`
-    of a global budget and ``budget`` the budget's report record (None without a budget)."""
-
-    allocation: Optional[lsprune.Allocation] = None
-    budget: Optional[dict] = None
-
-
-def plan_channels(pairs: Sequence[Pair], channels: Mapping[str, int], *, ratio: Optional[float] = None,
-                  keep: Optional[Mapping[str, int]] = None, budget: Optional[Budget] = None, costs=None,
-                  error_paths: Optional[Mapping[str, np.ndarray]] = None, weights=None) -> ChannelPlan:
-    """Number of channels to keep per pair (keyed by producer name).
-
-    The single place where per-pair counts are decided: ``keep`` gives exact counts,
-    ``ratio`` removes ``round(ratio * C)`` of the ``C`` channels of the other pairs
-    (at least one channel stays); pairs in neither keep all channels. With ``budget``
-    (a :class:`lsprune.Budget`, ``costs`` = :class:`.costs.PairCosts` of ``pairs``), the
-    pairs not in ``keep`` get counts that fit the budget: uniform, or (``allocation="global"``)
-    from :func:`lsprune.allocate` on ``error_paths`` ``{producer: E(k) for k = 0..C}``,
-    weighted by ``weights`` (one per pair; default 1).
-    """
-    plan = ChannelPlan()
-    if budget is not None:
-        sizes = [channels[p.producer] for p in pairs]
-        pinned = [keep.get(p.producer) if keep else None for p in pairs]
-        for p, n, k in zip(pairs, sizes, pinned):
-            if k is not None and not 1 <= k <= n:
-                raise ValueError(f"keep[{p.producer!r}]={k}: must be between 1 and the producer's {n} channels")
-        lo, hi = budgeting.keep_bounds(budget, sizes, pinned)
-        options = budgeting.allowed(lo, hi, sizes, budget.multiple)
-        min_cost, _ = budgeting.check_reachable(budget, costs, options, lo)
-        alloc = None
-        top = np.array([ks[-1] for ks in options])
-        if costs(top) <= budget.fraction * costs.full:  # everything allowed fits: nothing to allocate
-            counts = top
-        elif budget.allocation == "uniform" or all(k is not None for k in pinned):
-            counts = budgeting.uniform_counts(budget, costs, options, sizes, pinned)
-        else:
-            if error_paths is None:
-                raise ValueError("a global budget needs the pairs' error paths")
-            w = np.ones(len(pairs)) if weights is None else np.asarray(weights, dtype=np.float64)
-            paths = [error_paths.get(p.producer) for p in pairs]
-            counts, alloc = budgeting.global_counts(budget, costs, paths, lo, hi, w, pinned)
-        for p, k in zip(pairs, counts):
-            plan[p.producer] = int(k)
-        plan.allocation = alloc
-        plan.budget = budgeting.plan_summary(budget, costs, counts, alloc, min_cost)
-        return plan
-    for p in pairs:
-        C = channels[p.producer]
-        if keep is not None and p.producer in keep:
-            k = keep[p.producer]
-            if not 1 <= k <= C:
-                raise ValueError(f"keep[{p.producer!r}]={k}: must be between 1 and the producer's {C} channels")
-        elif ratio is not None:
-            k = max(1, C - int(math.floor(ratio * C + 0.5)))
-        else:
-            k = C
-        plan[p.producer] = k
-    return plan
 
 
 # ---------------------------------------------------------------------------------------------- selection

@@ -201,6 +201,11 @@ class PruneReport(ModelReport):
         ``prune(statistics=)``.
     time_budget : float or None
         ``prune(time_budget=)``: seconds of selection per pair.
+    round_to : int, dict or None
+        ``prune(round_to=)``: the multiple every kept count was aligned to (None: not aligned).
+    removed_fraction : float (property)
+        The fraction of the pruned units' channels actually removed, ``1 - Σ after / Σ before`` over
+        ``pairs`` (with ``round_to`` it can differ from ``ratio``).
     """
 
     pairs: List[PairReport] = field(default_factory=list)
@@ -233,11 +238,18 @@ class PruneReport(ModelReport):
     coupled: Optional[bool] = None
     statistics: str = "auto"
     time_budget: Optional[float] = None
+    round_to: Any = None
 
     FORMAT = REPORT_FORMAT
     VERSION = REPORT_VERSION
     WHAT = "prune"
     ITEMS = ("pairs", PairReport)
+
+    @property
+    def removed_fraction(self) -> float:
+        """``1 - Σ channels_after / Σ channels_before`` over the reported pairs and units (0 when none)."""
+        before = sum(p.channels_before for p in self.pairs)
+        return 1.0 - sum(p.channels_after for p in self.pairs) / before if before else 0.0
 
     def pair(self, producer: str) -> PairReport:
         """The report of the pair whose producer is ``producer``."""
@@ -267,4 +279,7 @@ class PruneReport(ModelReport):
         out = f"lsprune: {what}/{self.method}, {self.strategy} strategy; " + self._costs_line()
         if self.output_relative_error is not None:
             out += f"; output rel. error {self.output_relative_error:.3g}"
+        if self.round_to is not None:
+            out += (f"\nround_to={self.round_to}: {self.removed_fraction:.4g} of the channels removed"
+                    + (f" (ratio {self.ratio:g} asked)" if self.ratio is not None else ""))
         return out + self._budget_line() + "\n" + self.table()
