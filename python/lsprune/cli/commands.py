@@ -233,26 +233,48 @@ def inspect(args) -> int:
 def bench(args) -> int:
     from lsprune.bench import format_table, run_omp, run_solver, run_statistics
 
-    if args.repeat < 1:
+    if args.repeat is not None and args.repeat < 1:
         raise CLIError("--repeat must be >= 1")
-    quick = args.quick
+    quick, repeat = args.quick, args.repeat or 3
     if args.which in ("statistics", "all"):
         rows = run_statistics(sizes=(256, 576) if quick else (576, 1152, 4608), n_rows=8192 if quick else 65536,
-                              repeat=args.repeat)
+                              repeat=repeat)
         print("## Statistics throughput (float32 batches; ratio = baseline time / lsprune time)\n")
         print(format_table(rows, ["D", "N", "layout", "lsprune_s", "numpy_s", "torch_s", "lsprune_gflops",
                                   "vs_numpy", "vs_torch"]) + "\n")
     if args.which in ("solver", "all"):
         kw = dict(n_channels=64, n_targets=64, n_keep=32, n_rows=2048) if quick else {}
-        rows = run_solver(repeat=args.repeat, **kw)
+        rows = run_solver(repeat=repeat, **kw)
         print("## Selection (ratio = NumPy time / lsprune time)\n")
         print(format_table(rows, ["method", "D", "g", "m", "keep", "lsprune_s", "numpy_s", "vs_numpy",
                                   "same_selection", "relative_error"]) + "\n")
         try:
-            omp = run_omp(**(dict(n_features=256, n_keep=64, n_rows=1024) if quick else {}), repeat=args.repeat)
+            omp = run_omp(**(dict(n_features=256, n_keep=64, n_rows=1024) if quick else {}), repeat=repeat)
         except ImportError:
             print("(single-output OMP vs scikit-learn skipped: scikit-learn is not installed)")
         else:
             print("## Single-output OMP vs scikit-learn orthogonal_mp_gram\n")
             print(format_table([omp], ["D", "keep", "lsprune_s", "sklearn_s", "vs_sklearn", "same_support"]))
+    if args.which in ("inference", "all"):
+        _bench_inference(args)
     return 0
+
+
+def _bench_inference(args) -> None:
+    import dataclasses
+
+    try:
+        from lsprune.torch.speed import COLUMNS, SpeedConfig, run_inference
+    except ImportError as e:
+        if args.which == "inference":
+            raise CLIError(f"lsprune bench inference needs torch: {one_line(e)}") from e
+        print("(inference skipped: torch is not installed)")
+        return
+    from lsprune.bench import format_table
+
+    cfg = SpeedConfig.quick() if args.quick else SpeedConfig()
+    cfg = dataclasses.replace(cfg, compile=args.compile, **({"repeat": args.repeat} if args.repeat else {}))
+    print("## Inference: dense vs pruned (speedup = dense time / pruned time, median of interleaved runs)\n")
+    rows = run_inference(cfg, log=lambda line: print(line, flush=True))
+    print()
+    print(format_table(rows, COLUMNS))

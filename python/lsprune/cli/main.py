@@ -85,10 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--example-shape", type=int, nargs="+", required=True, metavar="N",
                    help="shape of an example input, e.g. 1 3 32 32")
 
-    b = sub.add_parser("bench", parents=[common], help="speed benchmarks of the engine (ratio tables)")
-    b.add_argument("which", nargs="?", choices=("solver", "statistics", "all"), default="all")
+    b = sub.add_parser("bench", parents=[common], help="speed benchmarks (ratio tables): the engine against NumPy, "
+                                                        "pruned models against dense ones")
+    b.add_argument("which", nargs="?", choices=("solver", "statistics", "inference", "all"), default="all",
+                   help="inference: dense vs pruned CNN, encoder and decoder (needs torch; transformers for the "
+                        "last two)")
     b.add_argument("--quick", action="store_true", help="small sizes (seconds instead of minutes)")
-    b.add_argument("--repeat", type=int, default=3)
+    b.add_argument("--repeat", type=int, default=None, help="timed repeats (default 3; inference 7)")
+    b.add_argument("--compile", action="store_true", help="inference: also time torch.compile'd CNNs")
     return p
 
 
