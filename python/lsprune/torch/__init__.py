@@ -2,6 +2,7 @@
 
 * :func:`prune` — prune a model on unlabeled calibration data; returns ``(pruned_model, report)``.
 * :func:`factorize` — replace Linear/Conv2d layers by LS-fitted low-rank factorizations; ``(new_model, report)``.
+* :class:`GradualPruner` — prune while training: LS prunes at scheduled steps, the optimizer's state shrunk alike.
 * :func:`find_pairs` — list the prunable producer -> consumer pairs of a model (and why others are skipped).
 * :func:`save_pruned` / :func:`load_pruned` — a pruned model as safetensors + structure, loaded into a fresh model.
 * :func:`find_units` — the attention-head and MLP units of a transformer block.
@@ -27,6 +28,7 @@ from .distributed import DistributedError
 from .factor_report import FactorizeReport, LayerFactorReport
 from .factorize import factorize
 from .flops import FlopsCount, count_flops_params
+from .gradual import GradualPruner
 from .graph import NotTraceableError
 from .memory import MemoryLimitError
 from .pairs import CoupledGroup, NoPrunablePairsError, Pair, PairSearch, SkippedPair
@@ -39,4 +41,5 @@ from .surgery import apply_structure
 __all__ = ["prune", "factorize", "Budget", "find_pairs", "apply_structure", "count_flops_params", "FlopsCount", "Pair",
            "PairSearch", "SkippedPair", "PairReport", "PruneReport", "FactorizeReport", "LayerFactorReport",
            "NotTraceableError", "MemoryLimitError", "DistributedError", "DEFAULT_MAX_POSITIONS", "save_pruned",
-           "load_pruned", "find_units", "Unit", "BlocksNotFoundError", "NoPrunablePairsError", "CoupledGroup"]
+           "load_pruned", "find_units", "Unit", "BlocksNotFoundError", "NoPrunablePairsError", "CoupledGroup",
+           "GradualPruner"]

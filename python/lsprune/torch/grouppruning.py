@@ -245,7 +245,8 @@ def _surgery(gjob: GroupJob, kept: np.ndarray, fits) -> List[bool]:
     added = []
     for r, reader in enumerate(gjob.readers):
         if fits is not None:
-            added.append(bool(set_consumer(reader.consumer, fits[r][0], fits[r][1], int(kept.size))))
+            added.append(bool(set_consumer(reader.consumer, fits[r][0], fits[r][1], int(kept.size), kept=kept,
+                                           group=reader.group_size)))
         else:
             shrink_in(reader.consumer, kept, reader.group_size)
             added.append(False)

@@ -402,7 +402,8 @@ def finish(job: PairJob, *, method: str, damping: float, timer: Timer, refine=No
     with timer("surgery"):
         shrink_producers(job, kept)
         if job.refit:
-            added = set_consumer(job.consumer, sel.weights, sel.bias, int(kept.size))
+            added = set_consumer(job.consumer, sel.weights, sel.bias, int(kept.size), kept=kept,
+                                 group=job.group_size)
         else:
             shrink_in(job.consumer, kept, job.group_size)
             added = set_bias(job.consumer, new_bias) if new_bias is not None else False
@@ -564,7 +565,7 @@ def _apply_saved(job: PairJob, timer: Timer) -> PairReport:
         kept = a["kept"].astype(np.int64)
         shrink_producers(job, kept)
         if job.refit:
-            set_consumer(job.consumer, a["weights"], a["bias"], int(kept.size))
+            set_consumer(job.consumer, a["weights"], a["bias"], int(kept.size), kept=kept, group=job.group_size)
         else:
             shrink_in(job.consumer, kept, job.group_size)
     job.report = PairReport(**job.saved["info"]["report"])

@@ -5,12 +5,16 @@ values are cut); the operations (:func:`shrink_out`, :func:`shrink_in`, :func:`s
 :func:`shrink_channels`) look the module up in that registry.
 
 Every operation replaces parameter and buffer *objects* (never writes into the old
-tensors), so a :class:`Backup` of the old objects restores a module bit for bit.
+tensors), so a :class:`Backup` of the old objects restores a module bit for bit. Inside
+:func:`recording`, every replaced parameter is logged with how its values map to the old one's
+(:class:`ParamChange`), so that per-parameter state (an optimizer's moments) can follow the surgery.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Iterable, List, Optional, Tuple
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -48,6 +52,55 @@ class Backup:
 
 def _param(old: torch.Tensor, new: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(new.to(dtype=old.dtype, device=old.device).contiguous(), requires_grad=old.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------- change log
+@dataclass
+class ParamChange:
+    """One parameter replaced by the surgery.
+
+    Attributes
+    ----------
+    module : nn.Module
+        The module that holds it.
+    name : str
+        Its attribute (``"weight"``, ``"bias"``).
+    old : nn.Parameter or None
+        The replaced parameter (None: the parameter is new, e.g. the bias an LS intercept added).
+    new : nn.Parameter
+    index : list of (int, LongTensor), or None
+        ``old`` indexed with ``index_select(dim, idx)`` for each entry in turn has ``new``'s shape; entry
+        ``j`` of ``new`` stands where that entry of ``old`` stood (empty: same shape, entry by entry).
+        None: no entry-wise map is known (a re-fit installed without its kept channels).
+    refit : bool
+        The values are new (an LS re-fit), not ``old``'s values at those indices.
+    """
+
+    module: nn.Module
+    name: str
+    old: Optional[nn.Parameter]
+    new: nn.Parameter
+    index: Optional[List[Tuple[int, torch.Tensor]]]
+    refit: bool = False
+
+
+_LOGS: List[List[ParamChange]] = []  # the open recordings (innermost last)
+
+
+@contextmanager
+def recording() -> Iterator[List[ParamChange]]:
+    """Logs every parameter the surgery replaces while the block runs, in order, into the list it yields."""
+    log: List[ParamChange] = []
+    _LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _LOGS.remove(log)
+
+
+def _log(m: nn.Module, name: str, old, new, index, refit: bool = False) -> None:
+    for log in _LOGS:
+        log.append(ParamChange(m, name, old, new, None if index is None else list(index), refit))
 
 
 def _index(idx, device) -> torch.Tensor:
@@ -96,6 +149,10 @@ class ModuleSurgery:
         weight layout."""
         raise TypeError(f"cannot re-fit the inputs of {type(m).__name__}")
 
+    def in_index(self, m: nn.Module, idx: torch.Tensor, group: int) -> Tuple[int, torch.Tensor]:
+        """Where input channels ``idx`` (``group`` input columns each) sit in the consumer's weight: (dim, index)."""
+        raise TypeError(f"cannot remove input channels from {type(m).__name__}")
+
     def shrink_channels(self, m: nn.Module, idx: torch.Tensor) -> None:
         """Keeps channels ``idx`` of a module between producer and consumer (one value per channel)."""
         raise TypeError(f"cannot remove channels from {type(m).__name__}")
@@ -123,6 +180,7 @@ def surgery_for(m: nn.Module) -> Optional[ModuleSurgery]:
 def _select(m: nn.Module, name: str, dim: int, idx: torch.Tensor) -> None:
     t = getattr(m, name)
     setattr(m, name, _param(t, t.index_select(dim, idx)))
+    _log(m, name, t, getattr(m, name), [(dim, idx)])
 
 
 def _select_out(m: nn.Module, dim: int, idx: torch.Tensor) -> None:
@@ -145,6 +203,9 @@ class _Conv1DSurgery(ModuleSurgery):
         _select_out(m, 1, idx)
         m.nf = len(idx)
 
+    def in_index(self, m, idx, group):
+        return 0, _columns(idx, group)
+
     def shrink_in(self, m, idx, group):
         cols = _columns(idx, group)
         _select(m, "weight", 0, cols)
@@ -162,7 +223,10 @@ class _Conv2dSurgery(ModuleSurgery):
         _select_out(m, 0, idx)
         m.out_channels = len(idx)
 
-    def shrink_in(self, m, idx, group):  # a channel's kh*kw columns are one input channel of the weight
+    def in_index(self, m, idx, group):  # a channel's kh*kw columns are one input channel of the weight
+        return 1, idx
+
+    def shrink_in(self, m, idx, group):
         _select(m, "weight", 1, idx)
         m.in_channels = len(idx)
 
@@ -180,6 +244,9 @@ class _LinearSurgery(ModuleSurgery):
     def shrink_out(self, m, idx):
         _select_out(m, 0, idx)
         m.out_features = len(idx)
+
+    def in_index(self, m, idx, group):
+        return 1, _columns(idx, group)
 
     def shrink_in(self, m, idx, group):
         cols = _columns(idx, group)
@@ -241,7 +308,8 @@ def shrink_channels(module: nn.Module, idx) -> None:
     s.shrink_channels(module, _index(idx, dev))
 
 
-def set_consumer(module: nn.Module, weights: np.ndarray, bias: Optional[np.ndarray], n_channels: int) -> bool:
+def set_consumer(module: nn.Module, weights: np.ndarray, bias: Optional[np.ndarray], n_channels: int, *,
+                 kept=None, group: int = 1) -> bool:
     """Installs re-fitted input weights on a consumer.
 
     Parameters
@@ -252,15 +320,21 @@ def set_consumer(module: nn.Module, weights: np.ndarray, bias: Optional[np.ndarr
     bias : ndarray, shape (out,), or None
     n_channels : int
         Kept input channels (Conv2d ``in_channels``; a Linear gets ``weights.shape[1]`` inputs).
+    kept : array of int, shape (n_channels,), optional
+        The kept input channels (original numbering), ``group`` input columns each: a :func:`recording`
+        logs where the new weight's entries stood in the old one (without it, the change has no index).
 
     Returns
     -------
     bool : True if a bias was added (the consumer had none).
     """
     w = module.weight
-    new = _surgery(module, "re-fit the inputs of").set_in(module, torch.as_tensor(np.ascontiguousarray(weights)),
-                                                          n_channels)
+    s = _surgery(module, "re-fit the inputs of")
+    new = s.set_in(module, torch.as_tensor(np.ascontiguousarray(weights)), n_channels)
     module.weight = _param(w, new)
+    if _LOGS:
+        index = [s.in_index(module, _index(kept, w.device), group)] if kept is not None else None
+        _log(module, "weight", w, module.weight, index, refit=True)
     return set_bias(module, bias) if bias is not None else False
 
 
@@ -270,8 +344,11 @@ def set_bias(module: nn.Module, bias: np.ndarray) -> bool:
     if module.bias is None:
         module.bias = _param(w.new_empty(0), torch.as_tensor(np.asarray(bias)))
         module.bias.requires_grad_(w.requires_grad)
+        _log(module, "bias", None, module.bias, [], refit=True)
         return True
-    module.bias = _param(module.bias, torch.as_tensor(np.asarray(bias)))
+    old = module.bias
+    module.bias = _param(old, torch.as_tensor(np.asarray(bias)))
+    _log(module, "bias", old, module.bias, [], refit=True)
     return False
 
 
