@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import json
 import os
 import statistics
 import time
@@ -35,12 +36,11 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _record import record
+from _record import RESULTS, record
 
 import lsprune.torch as lt
 from lsprune import Budget
 from lsprune.torch import surgery
-from lsprune.torch.schedule import make_schedule
 
 BATCH = 64
 LR = 2e-3
@@ -255,12 +255,43 @@ def paired(rows):
     return out
 
 
+def plot(summary, path) -> None:
+    """Accuracy (mean ± spread over seeds) against the FLOPs kept, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    dense = [r for r in summary if r["arm"].startswith("e ")]
+    for key in ("a gradual LS", "b LS once", "c gradual magnitude", "d slimming"):
+        rs = sorted((r for r in summary if r["arm"].startswith(key)), key=lambda r: r["budget"])
+        if rs:
+            ax.errorbar([r["budget"] for r in rs], [r["accuracy"] for r in rs], yerr=[r["spread"] for r in rs],
+                        marker="o", capsize=3, label=key)
+    if dense:
+        ax.axhline(dense[0]["accuracy"], color="k", ls="--", lw=0.8, label="e unpruned")
+    ax.set_xscale("log")
+    ax.set_xlabel("FLOPs kept (fraction of the unpruned CNN)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Pruning while training (benchmarks/bench_training.py)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--budgets", default="0.5,0.25,0.1")
+    ap.add_argument("--plot-only", action="store_true", help="redraw results/training.png from results/training.json")
     args = ap.parse_args()
+    png = os.path.join(RESULTS, "training.png")
+    if args.plot_only:
+        with open(os.path.join(RESULTS, "training.json")) as f:
+            plot(json.load(f)["sections"]["Summary"], png)
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("lsprune.torch").setLevel(logging.ERROR)
     torch.set_num_threads(1)
@@ -302,6 +333,7 @@ def main():
                   ("Gradual LS (a) minus each arm, paired by seed", paired(rows),
                    ["budget", "versus", "a_minus_arm", "spread", "wins", "ties", "losses"]),
                   ("Runs", rows, ["arm", "budget", "seed", "accuracy", "flops", "wall_s", "prune_s"])], notes))
+    plot(summarise(rows), png)
 
 
 def _plain(seed, steps, train) -> Run:
