@@ -8,6 +8,7 @@ import time
 from typing import Optional
 
 from .errors import CLIError, InterruptedAfterWrite, one_line
+from .hf import eval_ppl, prune_hf  # noqa: F401  (sub-commands)
 from .io import Outputs, batches_of, check_paths, load_model, load_tensor
 
 

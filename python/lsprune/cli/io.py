@@ -252,6 +252,14 @@ class Outputs:
         self._pending.append([tmp, target])
         return lambda name: os.path.join(tmp, name)
 
+    def new_folder(self, target: str) -> str:
+        """A temporary folder (next to ``target``) that replaces the folder ``target`` as a whole at the commit:
+        a previous ``target`` is moved aside and removed once every output is in place."""
+        target = os.path.abspath(target)
+        tmp = new_temp_dir(os.path.dirname(target))
+        self._pending.append([tmp, target])
+        return tmp
+
     def abort(self) -> None:
         for tmp, _ in self._pending:
             _remove(tmp)
@@ -269,7 +277,7 @@ class Outputs:
                 raise
             for _, backup, _ in done:
                 if backup is not None:
-                    remove_quietly(backup)
+                    _remove(backup)
             self._pending = []
 
 
@@ -279,11 +287,15 @@ def _install(tmp: str, target: str, done: List[list]) -> None:
         plain_mode(tmp)  # a writer may have replaced the temporary file with one of its own mode
     backup = None
     if os.path.lexists(target):
-        backup = new_temp(os.path.dirname(target))
+        replaced_dir = os.path.isdir(target) and not os.path.islink(target)
+        # a folder is moved aside under a fresh folder name (a file cannot be renamed onto a folder, nor back)
+        backup = new_temp_dir(os.path.dirname(target)) if replaced_dir else new_temp(os.path.dirname(target))
         try:
+            if replaced_dir:
+                os.rmdir(backup)
             os.replace(target, backup)
         except BaseException:
-            remove_quietly(backup)
+            _remove(backup)
             raise
     done.append([target, backup, False])
     os.replace(tmp, target)

@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--example-shape", type=int, nargs="+", required=True, metavar="N",
                    help="shape of an example input, e.g. 1 3 32 32")
 
+    from .hf import add_arguments as add_hf_arguments
+
+    add_hf_arguments(sub, common, DEFAULT_DAMPING)
+
     b = sub.add_parser("bench", parents=[common], help="speed benchmarks (ratio tables): the engine against NumPy, "
                                                         "pruned models against dense ones")
     b.add_argument("which", nargs="?", choices=("solver", "statistics", "inference", "all"), default="all",
@@ -129,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             lsprune.set_num_threads(args.threads)
         from . import commands
 
-        return getattr(commands, args.command)(args)
+        return getattr(commands, args.command.replace("-", "_"))(args)
     except CLIError as e:
         print(f"lsprune: error: {one_line(e)}", file=sys.stderr)
         if e.details:  # a deliberate table, e.g. the skipped pairs and their reasons

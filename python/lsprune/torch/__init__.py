@@ -5,6 +5,8 @@
 * :class:`GradualPruner` — prune while training: LS prunes at scheduled steps, the optimizer's state shrunk alike.
 * :func:`find_pairs` — list the prunable producer -> consumer pairs of a model (and why others are skipped).
 * :func:`save_pruned` / :func:`load_pruned` — a pruned model as safetensors + structure, loaded into a fresh model.
+* :func:`save_pretrained` / :func:`load_pretrained` — a pruned transformers model as a Hugging Face folder
+  (config with the new widths where they are uniform, weights, structure) and back.
 * :func:`find_units` — the attention-head and MLP units of a transformer block.
 * :func:`apply_structure` — shrink a freshly built model to a report's channel counts (to load a pruned state_dict).
 * :func:`count_flops_params` — parameters and multiply-accumulates (MACs) of a model.
@@ -35,6 +37,7 @@ from .pairs import CoupledGroup, NoPrunablePairsError, Pair, PairSearch, Skipped
 from .report import PairReport, PruneReport
 from .blockwise import BlocksNotFoundError
 from .layouts import Unit, find_units
+from .pretrained import load_pretrained, save_pretrained
 from .saving import load_pruned, save_pruned
 from .surgery import apply_structure
 
@@ -42,4 +45,4 @@ __all__ = ["prune", "factorize", "Budget", "find_pairs", "apply_structure", "cou
            "PairSearch", "SkippedPair", "PairReport", "PruneReport", "FactorizeReport", "LayerFactorReport",
            "NotTraceableError", "MemoryLimitError", "DistributedError", "DEFAULT_MAX_POSITIONS", "save_pruned",
            "load_pruned", "find_units", "Unit", "BlocksNotFoundError", "NoPrunablePairsError", "CoupledGroup",
-           "GradualPruner"]
+           "GradualPruner", "save_pretrained", "load_pretrained"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import torch.nn as nn
 
@@ -33,14 +34,20 @@ def save_pruned(model: nn.Module, report: PruneReport, folder) -> None:
         Its report (the structure: which units/pairs lost how many channels).
     folder : str or os.PathLike
     """
-    from safetensors.torch import save_model
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(report, PruneReport):
         raise TypeError(f"report must be the PruneReport of the prune, got {type(report).__name__}")
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
+    write_pruned(model, report, folder)
+
+
+def write_pruned(model: nn.Module, report: PruneReport, folder: str, extra: Optional[dict] = None) -> None:
+    """``model.safetensors`` and ``structure.json`` (the report, the weights' checksum and ``extra``) into an
+    existing ``folder``, each file atomically."""
+    from safetensors.torch import save_model
+
     digest = []
 
     def write_weights(p):
@@ -49,7 +56,7 @@ def save_pruned(model: nn.Module, report: PruneReport, folder) -> None:
 
     atomic_write(os.path.join(folder, WEIGHTS), write_weights)
     # the weights' checksum: a corrupted file, or weights and structure from two different saves, are refused
-    text = json.dumps({**report.to_dict(), WEIGHTS_SHA256: digest[0]}, indent=2)
+    text = json.dumps({**report.to_dict(), **(extra or {}), WEIGHTS_SHA256: digest[0]}, indent=2)
 
     def write_text(p):
         with open(p, "w", encoding="utf-8") as f:
@@ -67,29 +74,36 @@ def load_pruned(model: nn.Module, folder) -> nn.Module:
     -------
     nn.Module : ``model``.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     folder = os.fspath(folder)
-    report, path = _read_structure(folder), os.path.join(folder, WEIGHTS)
+    report = read_structure(folder)
     backup = Backup(list(model.modules()))
     try:
         apply_structure(model, report)
-        _check_shapes(model, path)  # before any value is copied into the model's tensors
-        try:
-            load_model(model, path, strict=True)
-        except SafetensorError as e:
-            raise ValueError(f"{WEIGHTS} in {folder} is not a readable safetensors file (truncated or "
-                             f"corrupted?): {e}") from None
+        load_weights(model, folder)
     except BaseException:
         backup.restore()
         raise
     return model
 
 
-def _read_structure(folder: str) -> PruneReport:
+def load_weights(model: nn.Module, folder: str) -> None:
+    """``model.safetensors`` of ``folder`` into ``model`` (strict), after checking every tensor's name and shape
+    against the model, so that nothing is copied into a model of another architecture."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    path = os.path.join(folder, WEIGHTS)
+    _check_shapes(model, path)  # before any value is copied into the model's tensors
+    try:
+        load_model(model, path, strict=True)
+    except SafetensorError as e:
+        raise ValueError(f"{WEIGHTS} in {folder} is not a readable safetensors file (truncated or "
+                         f"corrupted?): {e}") from None
+
+
+def read_structure(folder: str) -> PruneReport:
     """The saved structure, after checking the weights file against the checksum it records (files saved
     before the checksum existed are read without it)."""
     try:
