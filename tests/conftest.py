@@ -26,7 +26,8 @@ def restore_lsprune_logging():
     import logging
 
     log = logging.getLogger("lsprune")
-    handlers, level = list(log.handlers), log.level
+    handlers, level, propagate = list(log.handlers), log.level, log.propagate
     yield
     log.handlers[:] = handlers
     log.setLevel(level)
+    log.propagate = propagate

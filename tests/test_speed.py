@@ -33,7 +33,7 @@ def test_unknown_workload_is_refused():
         speed.run_inference(speed.SpeedConfig.quick(), which=("gpu",))
 
 
-def test_cli_bench_inference_quick(capsys):
+def test_cli_bench_inference_quick(capsys, restore_lsprune_logging):
     pytest.importorskip("transformers")
     assert main(["bench", "inference", "--quick", "--repeat", "1", "-q"]) == 0
     out = capsys.readouterr().out

@@ -35,7 +35,8 @@ CASES = {
 # name -> the coupled groups prune finds by default (their names: the first writer)
 GROUPS = {"resnet_basic": {"conv1", "layers.2.downsample.0"},
           "resnet_bottleneck": {"conv1", "layers.0.downsample.0", "layers.2.downsample.0"},
-          "mobilenetv2": {"stem.0"}}
+          "mobilenetv2": {"stem.0", "blocks.1.conv.6"},  # the second stream: the head reads x.mean((2, 3))
+          "conv_variants": {"c4"}}  # c4 -> the 2-group conv g -> c5: whole groups of 4 channels
 
 
 def _build(name):
@@ -45,15 +46,16 @@ def _build(name):
 
 
 def _check_group_sizes(r, mods, k):
-    """Every member of a coupled group's report entry has ``k`` channels."""
+    """Every member of a coupled group's report entry has ``k`` units of ``r.unit`` channels."""
+    u = r.unit
     for w in r.writers:
-        assert _channels(mods[w]) == k
+        assert _channels(mods[w]) == k * u
     for name, g in zip(r.readers, r.group_sizes):
         cons = mods[name]
-        assert (cons.in_channels if isinstance(cons, nn.Conv2d) else cons.in_features // g) == k
+        assert (cons.in_channels if isinstance(cons, nn.Conv2d) else cons.in_features * u // g) == k * u
     for b in r.between:
         bm = mods[b]
-        assert (bm.num_features if isinstance(bm, nn.BatchNorm2d) else bm.groups) == k
+        assert (bm.num_features if isinstance(bm, nn.BatchNorm2d) else bm.groups * u) == k * u
 
 
 def _channels(m):
@@ -86,7 +88,7 @@ def test_prune_architecture(name):
     orig = dict(model.named_modules())
     assert {p.producer for p in report.pairs} == {e[0] for e in expected} | GROUPS.get(name, set())
     for r in report.pairs:
-        C = _channels(orig[r.producer])
+        C = _channels(orig[r.producer]) // r.unit
         k = C - round(C / 2)
         assert (r.channels_before, r.channels_after, r.status) == (C, k, "pruned")
         assert 0 <= r.relative_error < 1 and r.samples > 0 and r.time_s >= 0

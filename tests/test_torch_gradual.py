@@ -150,6 +150,23 @@ def test_coupled_groups_and_residual_streams_keep_state_and_values_together():
     assert _check_tags(model, before, report, opt) >= 6
 
 
+@pytest.mark.parametrize("make, shape, kind", [
+    (lambda tm: tm.init_bn(tm.InceptionConcat()), (16, 3, 8, 8), "concat"),
+    (lambda tm: tm.FireNet(), (16, 1, 8, 8), "concat"),
+    (lambda tm: tm.init_bn(tm.EfficientToy()), (16, 1, 8, 8), "gate"),
+    (lambda tm: tm.init_bn(tm.GroupedNet()), (16, 1, 8, 8), "grouped"),
+], ids=["inception", "fire", "se_gate", "grouped_conv"])
+def test_concat_gate_and_grouped_units_keep_state_and_values_together(make, shape, kind):
+    import torch_models as tm
+    torch.manual_seed(0)
+    model = make(tm)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(*shape, generator=g) for _ in range(4)]
+    before, report, opt = _tagged_shrink(model, batches, ratio=0.5, coupled=True)
+    assert any(p.kind == kind for p in report.pairs if p.status == "pruned")
+    assert _check_tags(model, before, report, opt) >= 2  # cut parameters whose state was checked entry by entry
+
+
 def test_transformer_heads_and_neurons_keep_state_and_values_together():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

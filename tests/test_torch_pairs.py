@@ -28,14 +28,21 @@ def test_skip_reasons():
     text = str(search)
     assert "0 prunable pair(s), 11 skipped" in text and "residual add" in text
     assert {s.consumer for s in search.skipped if s.producer == "g"} == {"h"}
-    # with coupled groups: a/b form a residual stream read by b, c, d; e feeds f1 and f2; f1 + f2 feed a concat
+    # with coupled groups: a/b form a residual stream read by b, c, d; c and d are two slices of the concat read
+    # by e; e feeds f1 and f2; f1 + f2 feed a concat twice (cat([f, f]): refused); g feeds the 4-group conv h,
+    # pooled and read by lin1: whole groups of 2 channels
     search = lt.find_pairs(model, torch.randn(2, 3, 8, 8))
     groups = {g.name: g for g in search.groups}
-    assert set(groups) == {"a", "e"} and groups["e"].kind == "multi_consumer" and groups["a"].kind == "residual"
-    assert groups["a"].writers == ("a", "b") and groups["a"].readers == ("b", "c", "d")
+    assert set(groups) == {"a", "c", "d", "e", "g"} and groups["e"].kind == "multi_consumer"
+    assert (groups["g"].kind, groups["g"].unit, groups["g"].channels) == ("grouped", 2, 4)
+    assert groups["g"].readers == ("lin1",) and groups["g"].between == ("h",)
+    assert groups["a"].kind == "residual" and groups["a"].writers == ("a", "b")
+    assert groups["a"].readers == ("b", "c", "d")
+    assert (groups["c"].kind, groups["c"].readers, groups["c"].offsets, groups["d"].offsets) == \
+        ("concat", ("e",), (0,), (6,))
     r = _reasons(search)
-    assert "a" not in r and "e" not in r and "concat" in r["f1"] and "coupled residual group" in r["f2"]
-    assert "0 prunable pair(s), 2 coupled group(s), 8 skipped" in str(search)
+    assert "a" not in r and "e" not in r and "more than once" in r["f1"] and "coupled residual group" in r["f2"]
+    assert "0 prunable pair(s), 5 coupled group(s), 5 skipped" in str(search)
 
 
 def test_depthwise_and_variants():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+
 import torch
 import torch.nn as nn
 
@@ -106,3 +108,60 @@ def train_briefly(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
             torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- coupled groups
+def _removed(model: nn.Module, report):
+    """Per module, the original output rows and input indices (weight dim 1) the report removed."""
+    mods = dict(model.named_modules())
+    rows, ins = {}, {}
+    for r in report.pairs:
+        if r.status != "pruned":
+            continue
+        units = np.setdiff1d(np.arange(r.channels_before), r.kept)
+        gone = (units[:, None] * r.unit + np.arange(r.unit)).reshape(-1)  # a unit's channels (whole groups)
+        for w in r.writers or [r.producer]:
+            rows.setdefault(w, set()).update(gone.tolist())
+        for b, name in enumerate(r.between):
+            off = r.between_offsets[b] if r.between_offsets else 0
+            rows.setdefault(name, set()).update((off + gone).tolist())
+        readers = r.readers or [r.consumer]
+        for i, (c, g) in enumerate(zip(readers, r.group_sizes or [r.group_size])):
+            if isinstance(mods[c], nn.Conv2d):
+                gone_c, per = gone, 1
+            else:
+                gone_c, per = units, g
+            off = r.offsets[i] if r.offsets else 0
+            ins.setdefault(c, set()).update((off + gone_c[:, None] * per + np.arange(per)).reshape(-1).tolist())
+    return rows, ins
+
+
+def masked_reference(model: nn.Module, pruned: nn.Module, report) -> nn.Module:
+    """The unpruned architecture with every removed channel zeroed and the pruned weights scattered back."""
+    rows, ins = _removed(model, report)
+    ref = copy.deepcopy(model)
+    small = dict(pruned.named_modules())
+    with torch.no_grad():
+        for name, m in ref.named_modules():
+            if name not in rows and name not in ins:
+                continue
+            s = small[name]
+            if isinstance(m, nn.BatchNorm2d):
+                keep = torch.as_tensor(sorted(set(range(m.num_features)) - rows[name]))
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0)
+                for t in ("weight", "bias"):
+                    getattr(m, t).zero_()
+                for t in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(m, t)[keep] = getattr(s, t)
+                continue
+            r = torch.as_tensor(sorted(set(range(m.weight.shape[0])) - rows.get(name, set())))
+            c = torch.as_tensor(sorted(set(range(m.weight.shape[1])) - ins.get(name, set())))
+            w = torch.zeros_like(m.weight)
+            w[r[:, None], c[None, :]] = s.weight
+            m.weight.copy_(w)
+            if s.bias is not None:
+                b = torch.zeros(m.weight.shape[0])
+                b[r] = s.bias
+                m.bias = nn.Parameter(b)
+    return ref

@@ -369,3 +369,161 @@ def init_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
     return model
+
+
+class InceptionConcat(nn.Module):
+    """An Inception-style block: a stem feeding a 1x1 branch, a 1x1 -> 3x3 branch (with BN) and a pool -> 1x1
+    branch, concatenated along the channels (three concat slices) and read, after a max-pool, by a 1x1 and a
+    3x3 conv whose outputs are concatenated again and read by a Linear head after a flatten."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.b1 = nn.Conv2d(c, 4, 1)
+        self.b2a = nn.Conv2d(c, 6, 1)
+        self.b2b = nn.Conv2d(6, 5, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(5)
+        self.b3 = nn.Conv2d(c, 3, 1)
+        self.r1 = nn.Conv2d(12, 7, 1)
+        self.r2 = nn.Conv2d(12, 4, 3, padding=1)
+        self.fc = nn.Linear(11 * 4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        c = torch.cat([F.relu(self.b1(h)), F.relu(self.bn(self.b2b(F.relu(self.b2a(h))))),
+                       self.b3(F.max_pool2d(h, 3, 1, 1))], 1)
+        c = F.max_pool2d(c, 2)
+        y = torch.cat([self.r1(c), self.r2(c)], 1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(y), 2), 1))
+
+
+class Fire(nn.Module):
+    """SqueezeNet's Fire module: squeeze 1x1, then expand1x1 ‖ expand3x3 concatenated."""
+
+    def __init__(self, c_in, s, e):
+        super().__init__()
+        self.squeeze = nn.Conv2d(c_in, s, 1)
+        self.expand1x1 = nn.Conv2d(s, e, 1)
+        self.expand3x3 = nn.Conv2d(s, e, 3, padding=1)
+
+    def forward(self, x):
+        x = F.relu(self.squeeze(x))
+        return torch.cat([F.relu(self.expand1x1(x)), F.relu(self.expand3x3(x))], 1)
+
+
+class FireNet(nn.Module):
+    """A SqueezeNet-style CNN: conv stem, two Fire modules, a 1x1 classifier conv and global pooling."""
+
+    def __init__(self, c_in=1, n_out=10):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, 16, 3, padding=1)
+        self.fire1 = Fire(16, 6, 8)
+        self.fire2 = Fire(16, 8, 10)
+        self.classifier = nn.Conv2d(20, n_out, 1)
+
+    def forward(self, x):
+        x = self.fire2(F.max_pool2d(self.fire1(F.relu(self.conv(x))), 2))
+        return torch.flatten(F.adaptive_avg_pool2d(self.classifier(x), 1), 1)
+
+
+class SqueezeExcite(nn.Module):
+    """torchvision-style squeeze-excitation: global average pool, 1x1 conv (squeeze), SiLU, 1x1 conv
+    (excitation), sigmoid, the input multiplied by the gate."""
+
+    def __init__(self, c, r):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(c, r, 1)
+        self.fc2 = nn.Conv2d(r, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(F.silu(self.fc1(self.pool(x)))))
+
+
+class SqueezeExciteLinear(nn.Module):
+    """Squeeze-excitation with Linear layers on ``x.mean((2, 3))`` and the gate indexed back to (B, C, 1, 1)."""
+
+    def __init__(self, c, r):
+        super().__init__()
+        self.fc1 = nn.Linear(c, r)
+        self.fc2 = nn.Linear(r, c)
+
+    def forward(self, x):
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3))))))
+        return x * s[:, :, None, None]
+
+
+class MBConv(nn.Module):
+    """EfficientNet's inverted residual with SE: expand 1x1 + BN + SiLU, depthwise 3x3 + BN + SiLU, SE,
+    project 1x1 + BN, and the identity shortcut when the shapes allow."""
+
+    def __init__(self, c_in, c_out, expand=4, stride=1, se=SqueezeExcite):
+        super().__init__()
+        h = c_in * expand
+        self.expand = nn.Conv2d(c_in, h, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(h)
+        self.dw = nn.Conv2d(h, h, 3, stride=stride, padding=1, groups=h, bias=False)
+        self.bn2 = nn.BatchNorm2d(h)
+        self.se = se(h, max(2, c_in // 2))
+        self.project = nn.Conv2d(h, c_out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.res = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        h = F.silu(self.bn2(self.dw(F.silu(self.bn1(self.expand(x))))))
+        y = self.bn3(self.project(self.se(h)))
+        return x + y if self.res else y
+
+
+class EfficientToy(nn.Module):
+    """An EfficientNet-style CNN: stem, two MBConv blocks with SE (conv-style, then Linear-style), a 1x1 head
+    conv, global pooling and a Linear classifier."""
+
+    def __init__(self, c_in=1, n_out=10):
+        super().__init__()
+        self.stem = nn.Conv2d(c_in, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.b1 = MBConv(8, 8)
+        self.b2 = MBConv(8, 12, stride=2, se=SqueezeExciteLinear)
+        self.head = nn.Conv2d(12, 24, 1)
+        self.fc = nn.Linear(24, n_out)
+
+    def forward(self, x):
+        x = self.b2(self.b1(F.silu(self.bn(self.stem(x)))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.silu(self.head(x)), 1), 1))
+
+
+class GroupedBottleneck(nn.Module):
+    """A ResNeXt / RegNetY bottleneck: 1x1 conv + BN + ReLU, grouped 3x3 conv (``groups`` groups) + BN + ReLU,
+    optional squeeze-excitation, 1x1 conv + BN, identity shortcut."""
+
+    def __init__(self, c, width, groups, se=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.se = SqueezeExcite(width, max(2, c // 4)) if se else nn.Identity()
+        self.conv3 = nn.Conv2d(width, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        h = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return F.relu(x + self.bn3(self.conv3(self.se(h))))
+
+
+class GroupedNet(nn.Module):
+    """A small ResNeXt/RegNet-style CNN: stem, a ResNeXt bottleneck (4 groups of 4) and a RegNetY bottleneck
+    (3 groups of 8, with SE), global pooling, Linear head."""
+
+    def __init__(self, c_in=1, c=16, n_out=10):
+        super().__init__()
+        self.stem = nn.Conv2d(c_in, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.x1 = GroupedBottleneck(c, 16, 4)
+        self.y1 = GroupedBottleneck(c, 24, 3, se=True)
+        self.fc = nn.Linear(c, n_out)
+
+    def forward(self, x):
+        x = self.y1(self.x1(F.relu(self.bn(self.stem(x)))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

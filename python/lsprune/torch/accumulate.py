@@ -96,7 +96,8 @@ def iter_rows(consumer: nn.Module, name: str, x: torch.Tensor, y: Optional[torch
     if isinstance(consumer, nn.Conv2d):
         B = x.shape[0]
         smask = _row_mask(mask, (B,), name, pooled_ok=False)
-        D = consumer.in_channels * consumer.kernel_size[0] * consumer.kernel_size[1]
+        # the input's channels (a concatenation's reader may be measured after other slices lost inputs)
+        D = x.shape[1] * consumer.kernel_size[0] * consumer.kernel_size[1]
         # about D * H * W values per sample once unfolded; take as many samples as fit in chunk_bytes
         per_sample = max(1, D * x.shape[-1] * x.shape[-2] * x.element_size())
         n = max(1, chunk_bytes // per_sample)
@@ -317,11 +318,12 @@ class Sums:
         self._result: Optional[lsprune.Statistics] = None  # after statistics(): the (reduced) statistics
         self._local_rows: Optional[int] = None  # rows of this process, frozen by statistics()
 
-    def with_targets(self, n_targets: int) -> "Sums":
-        """Empty sums of the same back-end for ``n_targets`` targets (a consumer that lost output rows)."""
+    def with_targets(self, n_targets: int, n_features: Optional[int] = None) -> "Sums":
+        """Empty sums of the same back-end for ``n_targets`` targets (a consumer that lost output rows) and
+        ``n_features`` columns (default: the same; a concatenation's reader that lost other slices' inputs)."""
         if self._b is not None or self._result is not None:
             raise RuntimeError("the targets of sums that already hold rows cannot change")
-        out = Sums(self.D, n_targets, self.device, dist=self.dist)
+        out = Sums(self.D if n_features is None else n_features, n_targets, self.device, dist=self.dist)
         out.engine_dev, out.use_torch = self.engine_dev, self.use_torch
         return out
 

@@ -73,18 +73,19 @@ class PairCosts:
         self.kind = kind
         mods = dict(model.named_modules())
         self.n_channels = np.array([channels[p.producer] for p in pairs], dtype=np.int64)
-        out_of: Dict[str, int] = {}
-        in_of: Dict[str, tuple] = {}
+        # a module's outputs / inputs as units' channels (several: a concatenation's reader reads every slice)
+        out_of: Dict[str, List[Tuple[int, int]]] = {}
+        in_of: Dict[str, List[Tuple[int, int]]] = {}
         for i, p in enumerate(pairs):
             writers, between, readers = unit_members(p)
-            for w in writers:
-                out_of[w] = i
-            for b in between:
-                out_of[b] = i  # BatchNorm, PReLU, depthwise conv: their channels are the unit's
+            u = getattr(p, "unit", 1)  # channels per unit (whole groups of a grouped conv)
+            for w in (*writers, *between):  # BatchNorm, PReLU, depthwise/grouped conv: their channels are the unit's
+                out_of.setdefault(w, []).append((i, u))
             for r, g in readers:
-                in_of[r] = (i, 1 if isinstance(mods[r], nn.Conv2d) else g)
+                in_of.setdefault(r, []).append((i, u if isinstance(mods[r], nn.Conv2d) else g))
         affected = sorted(set(out_of) | set(in_of))
-        rec: List[tuple] = []  # (pos, out_pair, out_const, in_pair, in_mult, in_const, kernel, per_channel, add_pair)
+        rec: List[tuple] = []  # (pos, fixed outputs, fixed inputs, kernel, per-channel params)
+        terms: List[tuple] = []  # (record, side 0 = outputs / 1 = inputs, unit, multiplier)
         const = 0.0
         if kind == "flops":
             for n, pos in positions.items():
@@ -96,8 +97,6 @@ class PairCosts:
             m = mods[n]
             if kind == "flops" and (n not in positions or not isinstance(m, (nn.Conv2d, nn.Linear))):
                 continue
-            op = out_of.get(n, -1)
-            ip, im = in_of.get(n, (-1, 1))
             if isinstance(m, nn.Conv2d):
                 oc, ic, kern = m.out_channels, (1 if is_depthwise(m) else m.in_channels // m.groups), _kernel(m)
             elif isinstance(m, nn.Linear):
@@ -108,12 +107,18 @@ class PairCosts:
                 oc, ic, kern = m.weight.numel(), 0, 0
             else:
                 continue
-            add = ip if (refit and ip >= 0 and getattr(m, "bias", None) is None) else -1
-            rec.append((positions.get(n, 0.0) * scale, op, oc, ip, im, ic, kern, _per_channel_params(m), add))
-        a = np.array(rec, dtype=np.float64).reshape(-1, 9)
-        self._pos, self._kern, self._pc = a[:, 0], a[:, 6], a[:, 7]
-        self._op, self._ip, self._add = a[:, 1].astype(np.int64), a[:, 3].astype(np.int64), a[:, 8].astype(np.int64)
-        self._oc, self._ic, self._im = a[:, 2], a[:, 5], a[:, 4]
+            j = len(rec)
+            outs, ins = out_of.get(n, []), in_of.get(n, [])
+            oc -= sum(int(self.n_channels[u]) * k for u, k in outs)  # what no unit owns (other slices)
+            ic -= sum(int(self.n_channels[u]) * k for u, k in ins) if ins else 0
+            terms += [(j, 0, u, k) for u, k in outs] + [(j, 1, u, k) for u, k in ins]
+            # a re-fitted reader without a bias gains one when one of its units is pruned
+            gains = refit and bool(ins) and getattr(m, "bias", None) is None
+            rec.append((positions.get(n, 0.0) * scale, oc, ic, kern, _per_channel_params(m), gains))
+        a = np.array(rec, dtype=np.float64).reshape(-1, 6)
+        self._pos, self._oc, self._ic, self._kern, self._pc, self._gains = a.T
+        t = np.array(terms, dtype=np.int64).reshape(-1, 4)
+        self._rec, self._side, self._unit, self._mult = t.T
         self.const = float(const)
         self.full = self(self.n_channels)
 
@@ -121,11 +126,14 @@ class PairCosts:
         k = np.asarray(keep, dtype=np.float64).reshape(-1)
         if k.shape != self.n_channels.shape:
             raise ValueError(f"keep must have {self.n_channels.size} entries (one per pair)")
-        out = np.where(self._op >= 0, k[np.maximum(self._op, 0)], self._oc)
-        inn = np.where(self._ip >= 0, k[np.maximum(self._ip, 0)] * self._im, self._ic)
+        n = self._pos.size
+        part = k[self._unit] * self._mult
+        out = self._oc + np.bincount(self._rec[self._side == 0], part[self._side == 0], minlength=n)
+        inn = self._ic + np.bincount(self._rec[self._side == 1], part[self._side == 1], minlength=n)
         if self.kind == "flops":
             return self.const + float(np.round(self._pos * out * inn * self._kern).sum())
-        added = (self._add >= 0) & (k[np.maximum(self._add, 0)] < self.n_channels[np.maximum(self._add, 0)])
+        cut = (k[self._unit] < self.n_channels[self._unit]) & (self._side == 1)
+        added = (self._gains > 0) & (np.bincount(self._rec[cut], minlength=n) > 0)
         return self.const + float((out * (inn * self._kern + self._pc + added)).sum())
 
 

@@ -1,4 +1,4 @@
-"""Coupled channel groups on the traced graph (issue 19, first slice; docs/design.md, "Coupled groups").
+"""Coupled channel groups on the traced graph (issue 19; docs/design.md, "Coupled groups").
 
 A pair is one producer feeding one consumer. Here the values that carry one channel index are grown as a
 set: forward through channel-wise ops (as a pair's walk) to every reader, and backward from an elementwise
@@ -9,13 +9,18 @@ writer (rows), every per-channel module on the set (BatchNorm, PReLU, depthwise 
 another tensor, a hard-coded view, a grouped conv, a model output, a value that is not a Conv2d/Linear
 output, members of another width) is skipped with the reason; nothing else is decided here.
 
-Later slices (concat, SE gates, grouped convs, channel shuffle, permutes) add cases to :meth:`_Stream._kind`.
+A concatenation along the channel dim (``torch.cat``) is followed: the stream's channels become a slice
+(offset, width) of the concatenated value, so its readers and per-channel modules lose the slice's channels
+at that offset and keep the rest (kind ``"concat"``). Later slices (SE gates, grouped convs, channel shuffle,
+permutes) add cases to :meth:`_Stream._kind`.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -28,8 +33,32 @@ from .pairs import (CONSUMER_TYPES, PRODUCER_TYPES, CoupledGroup, PairSearch, Sk
                     check_consumer, check_producer, is_depthwise, producer_channels, shared_state)
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-#: A node's layout on the stream: (ndim, channel dim, columns per channel).
-Layout = Tuple[int, int, int]
+_PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
+#: Reductions that are channel-wise when they run over positions only (``x.mean((2, 3), keepdim=True)``).
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax}
+_REDUCE_METHODS = {"mean", "sum", "amax"}
+#: Reshapes that only add or drop trailing singleton dims when the shapes say so (a gate's (B, C) -> (B, C, 1, 1)).
+_UNSQUEEZE_FUNCTIONS = {torch.unsqueeze, torch.squeeze, operator.getitem}
+_UNSQUEEZE_METHODS = {"unsqueeze", "squeeze"}
+
+
+def _plain_index(u: fx.Node) -> bool:
+    """``x[:, :, None, None]``: an index of full slices, ``None`` and ``...`` only."""
+    idx = u.args[1] if len(u.args) > 1 else None
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    return all(i is None or i is Ellipsis or i == slice(None) for i in idx)
+
+
+def _singleton_reshape(src, dst, cdim: int, cols: int) -> bool:
+    """Whether ``src -> dst`` only adds or drops singleton dims after the channel dim ``cdim``."""
+    if src is None or dst is None or tuple(src) == tuple(dst):
+        return False
+    short, long_ = (tuple(src), tuple(dst)) if len(src) < len(dst) else (tuple(dst), tuple(src))
+    return cdim < len(short) and long_[:len(short)] == short and all(d == 1 for d in long_[len(short):])
+#: A node's layout on the stream: (ndim, channel dim, columns per channel, offset, width): channel ``c`` is the
+#: entries ``offset + c*cols + [0, cols)`` of the channel dim, which has ``width`` entries (offset 0 and width
+#: ``C*cols`` unless the value is a concatenation of the stream's channels with others).
+Layout = Tuple[int, int, int, int, int]
 
 
 @dataclass
@@ -71,25 +100,42 @@ class _Stream:
     """The set of values sharing the channel index of ``start`` (a producer's output), with its writers,
     readers and per-channel modules; ``blocked`` collects why it cannot be pruned."""
 
-    def __init__(self, g: _Graph, start: fx.Node):
+    def __init__(self, g: _Graph, start: fx.Node, unit: int = 1):
         self.g = g
-        self.C = producer_channels(g.modules[start.target])
+        self.unit = unit  # channels per unit: > 1 when a grouped conv on the stream loses whole groups
+        self.regroup: Optional[int] = None  # a grouped conv met with unit 1: the unit that would follow it
+        self.C = producer_channels(g.modules[start.target]) // unit
         self.layout: Dict[fx.Node, Layout] = {}
         self.writers: Dict[fx.Node, str] = {}
         self.readers: Dict[fx.Node, int] = {}  # reader node -> columns per channel
         self.between: Dict[fx.Node, str] = {}
         self.blocked: List[str] = []
-        self.has_add = False
+        self.offsets: Dict[fx.Node, int] = {}  # reader / between node -> its input offset (weight dim 1 / channel)
+        self.has_add = self.has_cat = self.has_gate = False
         self.via: List[str] = []
         self.work: List[fx.Node] = []
         ndim = len(g.shapes[start])
-        self._add(start, (ndim, 1 if isinstance(g.modules[start.target], nn.Conv2d) else ndim - 1, 1))
+        self._add(start, (ndim, 1 if isinstance(g.modules[start.target], nn.Conv2d) else ndim - 1, unit, 0,
+                          self.C * unit))
 
     @property
     def coupled(self) -> bool:
-        """More than a pair: several writers or readers, or an add (a pair's walk refuses each of them)."""
-        return len(self.writers) > 1 or len(self.readers) > 1 or self.has_add
+        """More than a pair: several writers or readers, an add or a concatenation (a pair's walk refuses each
+        of them)."""
+        return len(self.writers) > 1 or len(self.readers) > 1 or self.has_add or self.has_cat or self.has_gate or \
+            self.unit > 1
 
+    def _full(self, lay: Layout) -> bool:
+        """Whether a value holds the stream's channels only (not a concatenation with others)."""
+        return lay[3] == 0 and lay[4] == self.C * lay[2]
+
+    def _sliced_readers(self) -> Optional[str]:
+        """A concat group's joint problem forces every reader's other inputs (one group of columns): every
+        reader must have some, or none."""
+        full = [self._full(self.layout[r.args[0]]) for r in self.readers]
+        if any(full) and not all(full):
+            return "the stream is read both as a whole and as a slice of a concatenation"
+        return None
     def grow(self) -> "_Stream":
         while self.work:
             v = self.work.pop()
@@ -115,8 +161,8 @@ class _Stream:
         if shape is None:
             self._block(f"{describe(node, self.g.modules)} does not return a tensor")
             return
-        ndim, cdim, cols = lay
-        if len(shape) != ndim or shape[cdim] != self.C * cols:
+        ndim, cdim, cols, off, width = lay
+        if len(shape) != ndim or shape[cdim] != width or off + self.C * cols > width:
             self._block(f"the members disagree on width: {describe(node, self.g.modules)} has shape "
                         f"{tuple(shape)}, the stream {self.C} channels")
             return
@@ -127,7 +173,7 @@ class _Stream:
     def _kind(self, u: fx.Node) -> str:
         """How ``u`` relates to the channels of its stream input: ``layer`` (a Conv2d/Linear: a reader of its
         input, a writer of its output), ``same`` (channel-wise, same layout), ``pool``, ``per_channel`` (holds
-        one value per channel), ``flatten``, ``add``; raises ``_Skip`` for what this slice cannot follow."""
+        one value per channel), ``flatten``, ``add``, ``cat``; raises ``_Skip`` for what cannot be followed."""
         mods = self.g.modules
         if u.op == "output":
             raise _Skip("a value of the stream is a model output")
@@ -135,7 +181,8 @@ class _Stream:
             m = mods[u.target]
             if u.target in self.g.attr_owners:
                 raise _Skip(f"parameters of {u.target} are read directly in forward")
-            if isinstance(m, CONSUMER_TYPES) and not is_depthwise(m):
+            if isinstance(m, CONSUMER_TYPES) and not is_depthwise(m) and not \
+                    (isinstance(m, nn.Conv2d) and m.groups > 1):
                 return "layer"
             if isinstance(m, nn.Flatten):
                 return "flatten"
@@ -152,13 +199,23 @@ class _Stream:
             raise _Skip(f"unsupported node {u.op} on the stream")
         fn = u.target
         if u.op == "call_function" and fn in _CAT_FUNCTIONS:
-            raise _Skip("a value of the stream feeds a concat (concatenated channels are a later slice)")
+            if fn not in (torch.cat, torch.concat, torch.concatenate):
+                raise _Skip(f"{describe(u, mods)} stacks a stream value")
+            return "cat"
         if len([a for a in u.all_input_nodes if self.g.shapes.get(a) is not None]) > 1:
             if _is_add(u):
                 return "add"
-            raise _Skip(f"{describe(u, mods)} combines the stream with another tensor (gates are a later slice)")
+            if u.op == "call_function" and fn in _PRODUCT_FUNCTIONS or u.op == "call_method" and fn in ("mul", "mul_"):
+                return "product"
+            raise _Skip(f"{describe(u, mods)} combines the stream with another tensor")
         if u.op == "call_function" and fn in _POOL_FUNCTIONS:
             return "pool"
+        if u.op == "call_function" and fn in _REDUCE_FUNCTIONS or u.op == "call_method" and fn in _REDUCE_METHODS:
+            return "reduce"
+        if u.op == "call_function" and fn is operator.getitem and not _plain_index(u):
+            raise _Skip(f"{describe(u, mods)} indexes a stream value")
+        if u.op == "call_function" and fn in _UNSQUEEZE_FUNCTIONS or u.op == "call_method" and fn in _UNSQUEEZE_METHODS:
+            return "flatten"
         if u.op == "call_function" and fn in (_ELEMENTWISE_FUNCTIONS | _SCALAR_FUNCTIONS) or \
                 u.op == "call_method" and fn in (_ELEMENTWISE_METHODS | _SCALAR_METHODS):
             return "same"
@@ -173,36 +230,113 @@ class _Stream:
         if kind == "layer":
             self._reader(v, u)
             return
-        ndim, cdim, cols = lay = self.layout[v]
+        ndim, cdim, cols, off, width = lay = self.layout[v]
         mods, shapes = self.g.modules, self.g.shapes
         if kind == "add":
             if any(shapes.get(a) != shapes.get(u) for a in u.all_input_nodes if shapes.get(a) is not None):
                 raise _Skip(f"{describe(u, mods)} broadcasts a stream value")
+            if not self._full(lay):
+                raise _Skip(f"{describe(u, mods)} adds a concatenation that holds the stream to another tensor")
             self.has_add = True
         elif kind == "pool":
-            _need_channel_dim1(u, cdim, ndim, cols if cols > 1 else None, mods, min_ndim=3)
-            lay = (len(shapes[u]), cdim, cols) if shapes.get(u) is not None else lay
+            _need_channel_dim1(u, cdim, ndim, cols if cols > self.unit else None, mods, min_ndim=3)
+            lay = (len(shapes[u]), cdim, cols, off, width) if shapes.get(u) is not None else lay
         elif kind == "per_channel":
             self._per_channel(u, lay)
-        elif kind == "flatten":
-            g, ndim, cdim = _flatten(v, u, self.C, cdim, cols if cols > 1 else None, shapes, mods)
-            lay = (ndim, cdim, g or 1)
+        elif kind == "flatten" and u.op == "call_function" and u.target is operator.getitem and \
+                not (_plain_index(u) and _singleton_reshape(shapes.get(v), shapes.get(u), cdim, cols)):
+            raise _Skip(f"{describe(u, mods)} indexes a stream value")
+        elif kind == "flatten" and _singleton_reshape(shapes.get(v), shapes.get(u), cdim, cols):
+            lay = (len(shapes[u]), cdim, cols, off, width)  # (B, C) <-> (B, C, 1, 1)
+        elif kind == "flatten" and tuple(shapes.get(v) or ()) != tuple(shapes.get(u) or ()):
+            # (B, width, *S) -> (B, width*prod(S)): entry e of the channel dim becomes columns e*prod(S) + ...
+            g, ndim, cdim = _flatten(v, u, width, cdim, cols if cols > self.unit else None, shapes, mods)
+            lay = (ndim, cdim, cols * g, off * g, width * g)
+        elif kind == "cat":
+            lay = self._cat(v, u, lay)
+        elif kind == "product":
+            self._product(v, u, lay)
+        elif kind == "reduce":
+            lay = self._reduce(u, lay)
         self.via.append(describe(u, mods))
         self._add(u, lay)
 
+    def _product(self, v: fx.Node, u: fx.Node, lay: Layout) -> None:
+        """``v * t`` (an SE gate: ``t`` broadcasts over positions; or two stream values): every operand whose
+        channel dim has the stream's channels joins the stream (the gate's writer loses the same rows); an
+        operand of one channel (a per-sample scale) is channel-wise."""
+        ndim, cdim, cols, off, width = lay
+        shapes, what = self.g.shapes, describe(u, self.g.modules)
+        out = shapes.get(u)
+        if out is None or len(out) != ndim or out[cdim] != width or cols != self.unit:
+            raise _Skip(f"{what} broadcasts the stream's channels")
+        if not self._full(lay):
+            raise _Skip(f"{what} multiplies a concatenation that holds the stream")
+        for a in u.all_input_nodes:
+            sa = shapes.get(a)
+            if sa is None:
+                continue
+            if len(sa) != ndim or any(sa[d] not in (1, out[d]) for d in range(ndim)) or sa[cdim] not in (1, width):
+                raise _Skip(f"{what} multiplies the stream by a tensor of shape {tuple(sa)}")
+            if sa[cdim] == width and a is not v:
+                self._add(a, lay)
+        self.has_gate = True
+
+    def _reduce(self, u: fx.Node, lay: Layout) -> Layout:
+        """``x.mean((2, 3), keepdim=...)`` and the like over positions only: channel-wise pooling."""
+        ndim, cdim, cols, off, width = lay
+        dims = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim")
+        dims = (dims,) if isinstance(dims, int) else dims
+        out = self.g.shapes.get(u)
+        if not isinstance(dims, (tuple, list)) or not dims or out is None or cols != self.unit or \
+                any(not isinstance(d, int) or (d + ndim if d < 0 else d) <= cdim for d in dims):
+            raise _Skip(f"{describe(u, self.g.modules)} reduces over the stream's channels")
+        return (len(out), cdim, cols, off, width)
+
+    def _cat(self, v: fx.Node, u: fx.Node, lay: Layout) -> Layout:
+        """The stream's layout in ``torch.cat(tensors, dim)`` of the stream value ``v``: its slice of the
+        channel dim moves by the widths of the tensors before it."""
+        ndim, cdim, cols, off, width = lay
+        tensors = u.args[0] if u.args else u.kwargs.get("tensors")
+        dim = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)
+        what = describe(u, self.g.modules)
+        if self.unit > 1:
+            raise _Skip(f"{what} concatenates the groups of a grouped conv")
+        if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
+            raise _Skip(f"{what} with arguments the graph does not show")
+        if (dim + ndim if dim < 0 else dim) != cdim:
+            raise _Skip(f"{what} concatenates a stream value along a non-channel dimension")
+        if sum(t is v for t in tensors) != 1:
+            raise _Skip(f"{what} concatenates a stream value more than once")
+        before = 0
+        for t in tensors:
+            if t is v:
+                break
+            shape = self.g.shapes.get(t) if isinstance(t, fx.Node) else None
+            if shape is None or len(shape) != ndim:
+                raise _Skip(f"{what} concatenates a value of unknown shape")
+            before += shape[cdim]
+        out = self.g.shapes.get(u)
+        self.has_cat = True
+        return (ndim, cdim, cols, off + before, out[cdim] if out is not None else width)
+
     def _per_channel(self, u: fx.Node, lay: Layout) -> None:
         m, g = self.g.modules[u.target], self.g
-        reason = channel_passthrough_kind(m, self.C)
+        reason = channel_passthrough_kind(m, lay[4], unit=self.unit)  # on a concatenation: all its channels
+        if reason and self.unit == 1 and isinstance(m, nn.Conv2d) and m.groups > 1 and lay[2] == 1 and \
+                m.in_channels == m.out_channels == lay[4] == self.C and not is_depthwise(m):
+            self.regroup = m.in_channels // m.groups  # whole groups of this size could be removed
         if reason:
             raise _Skip(f"{u.target}: {reason}")
         if g.calls[u.target] > 1:
             raise _Skip(f"{describe(u, g.modules)} on the stream is called more than once")
         if u.target in g.ties:
             raise _Skip(f"{u.target} on the stream: {g.ties[u.target]}")
-        ndim, cdim, cols = lay
-        _need_channel_dim1(u, cdim, ndim, cols if cols > 1 else None, g.modules,
+        ndim, cdim, cols, off, width = lay
+        _need_channel_dim1(u, cdim, ndim, cols if cols > self.unit else None, g.modules,
                            min_ndim=4 if isinstance(m, nn.Conv2d) else 2)
         self.between[u] = u.target
+        self.offsets[u] = off
 
     def _reader(self, v: fx.Node, u: fx.Node) -> None:
         g, name = self.g, u.target
@@ -214,21 +348,23 @@ class _Stream:
                 raise _Skip(f"reader {name}: {reason}")
         if g.calls[name] > 1:
             raise _Skip(f"reader {name} is called {g.calls[name]} times in forward (shared weights)")
-        ndim, cdim, cols = self.layout[v]
+        ndim, cdim, cols, off, width = self.layout[v]
         if isinstance(m, nn.Conv2d):
-            if cols != 1 or cdim != 1 or ndim != 4:
+            if cols != self.unit or cdim != 1 or ndim != 4:
                 raise _Skip(f"reader {name} does not read the stream's channels as its input channels")
-            if m.in_channels != self.C:
+            if m.in_channels != width:
                 raise _Skip(f"the members disagree on width: reader {name} has {m.in_channels} input channels, "
-                            f"the stream {self.C}")
-            self.readers[u] = m.kernel_size[0] * m.kernel_size[1]
+                            f"the stream's value {width}")
+            self.readers[u] = m.kernel_size[0] * m.kernel_size[1] * self.unit
+            self.offsets[u] = off
             return
         if cdim != ndim - 1:
             raise _Skip(f"Linear reader {name} acts on a non-channel dimension of the stream")
-        if m.in_features != self.C * cols:
+        if m.in_features != width:
             raise _Skip(f"the members disagree on width: reader {name} has {m.in_features} input features, "
-                        f"expected {self.C}*{cols}")
+                        f"expected {width} ({self.C} channels of {cols})")
         self.readers[u] = cols
+        self.offsets[u] = off
 
     # ------------------------------------------------------------------------------------------ backward
     def _origin(self, v: fx.Node) -> None:
@@ -243,10 +379,28 @@ class _Stream:
             for a in v.all_input_nodes:
                 if self.g.shapes.get(a) is not None:
                     self._add(a, self.layout[v])
-        elif kind in ("same", "pool", "per_channel", "flatten"):
+        elif kind == "product":
+            for a in v.all_input_nodes:
+                sa, lay = self.g.shapes.get(a), self.layout[v]
+                if sa is not None and len(sa) == lay[0] and sa[lay[1]] == lay[4]:
+                    self._add(a, lay)
+        elif kind == "flatten" and v.all_input_nodes and v.all_input_nodes[0] not in self.layout and \
+                (v.target is not operator.getitem or _plain_index(v)) and \
+                _singleton_reshape(self.g.shapes.get(v.all_input_nodes[0]), self.g.shapes.get(v), self.layout[v][1],
+                                   self.layout[v][2]):
+            src, (_, cdim, cols, off, width) = v.all_input_nodes[0], self.layout[v]
+            self._add(src, (len(self.g.shapes[src]), cdim, cols, off, width))  # a gate's (B, C) -> (B, C, 1, 1)
+        elif kind == "cat":  # reached forward from one of its inputs; reached backward, it mixes producers
+            if not any(a in self.layout for a in v.all_input_nodes):
+                self._block(f"the stream also carries {describe(v, self.g.modules)}, a concatenation of other "
+                            "producers' channels")
+        elif kind in ("same", "pool", "per_channel", "flatten", "reduce"):
             src = [a for a in v.all_input_nodes if self.g.shapes.get(a) is not None]
-            if src[0] not in self.layout:  # reached backward: only a layout-keeping op can be walked back
-                if kind == "flatten":
+            if not src:
+                self._block(f"the stream also carries {describe(v, self.g.modules)}, which is not a Conv2d/Linear "
+                            "output whose channels could be removed")
+            elif src[0] not in self.layout:  # reached backward: only a layout-keeping op can be walked back
+                if kind in ("flatten", "reduce"):
                     self._block(f"{describe(v, self.g.modules)} joins the stream from a flattened value")
                 else:
                     self._add(src[0], self.layout[v])
@@ -262,8 +416,8 @@ class _Stream:
             self._block(f"writer {name}: {reason}")
         elif g.calls[name] > 1:
             self._block(f"writer {name} is called {g.calls[name]} times in forward (shared weights)")
-        elif self.layout[v][2] != 1:
-            self._block(f"writer {name} writes a flattened value")
+        elif not self._full(self.layout[v]) or self.layout[v][2] != self.unit:
+            self._block(f"writer {name} writes a flattened value or only a slice of the stream's value")
         else:
             self.writers[v] = name
 
@@ -273,11 +427,15 @@ class _Stream:
         writers = sorted(self.writers, key=order.__getitem__)
         readers = sorted(self.readers, key=order.__getitem__)
         between = sorted(self.between, key=order.__getitem__)
+        kind = "residual" if self.has_add else "concat" if self.has_cat else "gate" if self.has_gate else \
+            "grouped" if self.unit > 1 else "multi_consumer"
         group = CoupledGroup(
-            name=writers[0].target, kind="residual" if self.has_add else "multi_consumer",
+            name=writers[0].target, kind=kind,
             writers=tuple(w.target for w in writers), readers=tuple(r.target for r in readers),
             group_sizes=tuple(self.readers[r] for r in readers), between=tuple(b.target for b in between),
-            channels=self.C, via=tuple(dict.fromkeys(self.via)))
+            channels=self.C, via=tuple(dict.fromkeys(self.via)),
+            offsets=tuple(self.offsets[r] for r in readers) if self.has_cat else (),
+            between_offsets=tuple(self.offsets[b] for b in between) if self.has_cat else (), unit=self.unit)
         return GroupChain(group, writers, readers)
 
 
@@ -311,11 +469,18 @@ def find_groups(graph: fx.Graph, model: nn.Module, shapes, search: PairSearch
         if not isinstance(m, PRODUCER_TYPES) or check_producer(m) or shapes.get(node) is None:
             continue
         s = _Stream(g, node).grow()
+        if s.regroup and s.C % s.regroup == 0:  # a grouped conv on the stream: units of whole groups
+            whole = _Stream(g, node, unit=s.regroup).grow()
+            s = whole if not whole.blocked else s  # else the reasons of the channel-level walk
+        mixed = s._sliced_readers() if s.has_cat and not s.blocked else None
+        if mixed:
+            s._block(mixed)
         seen.update(s.writers, [node])
         if not s.coupled or any(w.target in paired for w in s.writers):
             continue  # a chain (the pair walk's business), or a set that holds a pair
         if s.blocked:
-            kind = "residual" if s.has_add else "multi_consumer"
+            kind = "residual" if s.has_add else "concat" if s.has_cat else "gate" if s.has_gate else \
+                "grouped" if s.unit > 1 else "multi_consumer"
             why = s.blocked[0] + (f" (and {len(s.blocked) - 1} more)" if len(s.blocked) > 1 else "")
             for w in [node, *s.writers]:
                 blocked[w.target] = f"as a coupled {kind} group ({len(s.writers)} writer(s), {len(s.readers)} " \
@@ -347,5 +512,13 @@ def match_groups(declared: List[CoupledGroup], chains: Dict[str, GroupChain],
             why = skipped.get(d.name) or (f"the graph shows {c.group}" if c is not None else
                                           f"{d.name} writes no coupled group in the graph")
             raise ValueError(f"coupled group {d.name} cannot be pruned as declared: {why}")
+        if d.unit != c.group.unit:
+            raise ValueError(f"coupled group {d.name} cannot be pruned as declared: unit {d.unit}, but the graph "
+                             f"shows units of {c.group.unit} channels (whole groups of a grouped conv)")
+        if d.offsets and dict(zip(d.readers, d.offsets)) != dict(zip(c.group.readers, c.group.offsets or
+                                                                      (0,) * len(c.group.readers))):
+            raise ValueError(f"coupled group {d.name} cannot be pruned as declared: its readers' offsets "
+                             f"{list(d.offsets)} are not where the graph shows the channels "
+                             f"({list(c.group.offsets)})")
         out.append(c)
     return out

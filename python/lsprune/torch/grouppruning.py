@@ -22,10 +22,10 @@ from .baselines import filter_norms, no_refit_error, no_refit_path, random_order
 from .checkpoint import Checkpoint
 from .coupling import GroupChain
 from .distributed import Dist
-from .pairs import CoupledGroup, Pair
+from .pairs import CoupledGroup, Pair, per_channel_width
 from .pruning import PairJob, Timer, effective_damping, job_statistics, log_engine_warnings, make_job, target_matrix
 from .report import PairReport
-from .surgery import set_consumer, shrink_channels, shrink_in, shrink_out
+from .surgery import set_consumer, shrink_channels, shrink_in, shrink_out, slice_inputs
 
 logger = logging.getLogger("lsprune.torch")
 
@@ -50,6 +50,10 @@ class GroupJob:
     ref_writers: List[nn.Module]
     independent: bool
     rows: Dict[str, np.ndarray]
+    # concat groups: the prune's registry {module: original inputs / channels it still has} (see PairJob.inputs),
+    # and the between modules' original channel counts
+    inputs: Optional[Dict[str, np.ndarray]] = None
+    between_widths: List[int] = dataclasses.field(default_factory=list)
     refit: bool = True
     norm: str = "l1"
     seed: int = 0
@@ -103,13 +107,16 @@ class GroupJob:
 
 
 def make_group_job(index: int, chain: GroupChain, n_keep: int, ref_modules, pruned_modules, *, rows, device,
+                   inputs: Optional[Dict[str, np.ndarray]] = None,
                    independent: bool, use_torch_sums: Optional[bool], seed: int, max_positions: Optional[int] = None,
                    n_samples: int = 1, refit: bool = True, norm: str = "l1", dist: Optional[Dist] = None,
                    ckpt: Optional[Checkpoint] = None, stage: str = "prune",
                    time_budget: Optional[float] = None) -> GroupJob:
     """A group's job: one reader job per reader (its own sums and position sampler), the members.
+    ``inputs``: the registry of inputs a concatenation's readers still have (concat groups only).
     ``time_budget`` is not applied: the joint selection has no time limit (yet)."""
     g = chain.group
+    concat = g.kind == "concat"
     readers = []
     for r, (name, gs) in enumerate(zip(g.readers, g.group_sizes)):
         job = make_job(index, Pair(g.name, name, (), gs), g.channels, n_keep, ref_modules, pruned_modules,
@@ -117,10 +124,14 @@ def make_group_job(index: int, chain: GroupChain, n_keep: int, ref_modules, prun
                        max_positions=max_positions, n_samples=n_samples, refit=refit, norm=norm, dist=dist)
         job.generator.manual_seed(int(seed) * 1_000_003 + index + 104_729 * (r + 1))  # one sampler per reader
         job.rows = rows
+        if concat:  # the reader's input is wider than the group: its columns per channel are the group's
+            job.group_size, job.inputs = int(gs), inputs
         readers.append(job)
     gj = GroupJob(index, g, chain, g.channels, n_keep, readers, [pruned_modules[w] for w in g.writers],
                   [pruned_modules[b] for b in g.between], [ref_modules[w] for w in g.writers], independent, rows,
-                  refit=bool(refit), norm=norm, seed=int(seed), dist=dist, ckpt=ckpt)
+                  refit=bool(refit), norm=norm, seed=int(seed), dist=dist, ckpt=ckpt,
+                  inputs=inputs if concat else None,
+                  between_widths=[per_channel_width(ref_modules[b]) or g.channels for b in g.between])
     for job in readers:
         job.group = gj
     gj.attach(stage)
@@ -136,46 +147,119 @@ def group_order(gjob: GroupJob, method: str) -> np.ndarray:
         return random_order(gjob.channels, gjob.seed, gjob.index)
     score = np.zeros(gjob.channels)
     for w in gjob.ref_writers:
-        s = filter_norms(w, gjob.norm)
+        s = filter_norms(w, gjob.norm).reshape(gjob.channels, -1).sum(1)  # a unit's channels (whole groups)
         score += s / max(float(s.max()), np.finfo(float).tiny)
     return np.argsort(-score, kind="stable")
 
 
-def _problems(gjob: GroupJob, stats: List[lsprune.Statistics]) -> List[dict]:
-    """One engine problem per reader: its statistics and group size (independent mode: its own map
-    ``W x + b`` on the rows it still has as targets)."""
+@dataclass
+class _Slice:
+    """A concatenation's reader at selection time, in its statistics' column numbering: ``groups[c]`` are the
+    columns of the group's channel ``c``, ``fixed`` those of the other slices it still reads (always kept: one
+    forced group), ``original[i]`` the original input column of statistics column ``i``."""
+
+    groups: List[np.ndarray]
+    fixed: np.ndarray
+    original: np.ndarray
+    width: int  # original inputs (weight dim 1)
+    offset: int
+    per: int  # inputs per channel: 1 (Conv2d) or the group size (Linear)
+
+
+def _slices(gjob: GroupJob) -> Optional[List[_Slice]]:
+    """Concat groups: each reader's slice (see :class:`_Slice`); None for other groups."""
+    if gjob.group.kind != "concat":
+        return None
     out = []
-    for r, s in zip(gjob.readers, stats):
+    for r, job in enumerate(gjob.readers):
+        m = job.ref_consumer
+        conv = isinstance(m, nn.Conv2d)
+        unit = m.kernel_size[0] * m.kernel_size[1] if conv else 1
+        width = m.in_channels if conv else m.in_features
+        per = 1 if conv else job.group_size
+        off = gjob.group.offset(r)
+        measured = job.measured if job.measured is not None else np.arange(width, dtype=np.int64)
+        current = (gjob.inputs or {}).get(job.pair.consumer)
+        current = np.arange(width, dtype=np.int64) if current is None else current
+        if not np.isin(current, measured).all():
+            raise RuntimeError(f"internal: reader {job.pair.consumer} has inputs its statistics do not cover")
+
+        def cols(idx, measured=measured, unit=unit):
+            pos = np.searchsorted(measured, idx)
+            return (pos[:, None] * unit + np.arange(unit)).reshape(-1).astype(np.int64)
+
+        sl = off + np.arange(gjob.channels * per, dtype=np.int64)
+        groups = [cols(off + c * per + np.arange(per, dtype=np.int64)) for c in range(gjob.channels)]
+        original = (measured[:, None] * unit + np.arange(unit)).reshape(-1)
+        out.append(_Slice(groups, cols(np.setdiff1d(current, sl)), original, width, off, per))
+        job.fixed_columns = int(out[-1].fixed.size)
+    if len({sl.fixed.size > 0 for sl in out}) > 1:
+        raise RuntimeError(f"internal: some readers of {gjob.name} read other slices, some do not")
+    return out
+
+
+def _forced(slices: Optional[List[_Slice]]) -> bool:
+    """Whether the readers' other slices are one forced group (index ``C``) of the joint problems."""
+    return bool(slices) and slices[0].fixed.size > 0
+
+
+def _problems(gjob: GroupJob, stats: List[lsprune.Statistics], slices=None) -> List[dict]:
+    """One engine problem per reader: its statistics and group size, or a concatenation's reader's groups:
+    the slice's channels, then its other inputs as one more group (independent mode: its own map ``W x + b``
+    on the rows it still has as targets)."""
+    out = []
+    for i, (r, s) in enumerate(zip(gjob.readers, stats)):
         p = dict(stats=s, group_size=r.group_size)
+        if slices is not None:
+            sl = slices[i]
+            p = dict(stats=s, groups=sl.groups + ([sl.fixed] if sl.fixed.size else []))
         if gjob.independent:
             W, b = target_matrix(r)
-            p.update(weights_in=W, bias_in=b)
+            p.update(weights_in=W if slices is None else W[:, slices[i].original], bias_in=b)
         out.append(p)
     return out
 
 
-def _select(gjob: GroupJob, problems: List[dict], method: str, damping: float) -> lsprune.JointSelection:
+def _joint(problems, n_keep: int, forced: bool, C: int, **kw) -> lsprune.JointSelection:
+    """``select_joint`` keeping ``n_keep`` of the group's channels; with ``forced`` the other slices' group
+    (index ``C``) is kept too and taken out of the result (selection, kept set, path)."""
+    if not forced:
+        return lsprune.select_joint(problems, n_keep=n_keep, **kw)
+    force = list(kw.pop("force", None) or []) + [C]
+    j = lsprune.select_joint(problems, n_keep=n_keep + 1, force=force, **kw)
+    path = None
+    if j.kept_path is not None:
+        on = j.kept_path >= 1  # forward/omp: the first entry is before the forced group
+        path = (j.error_path[on], j.relative_error_path[on], j.kept_path[on] - 1)
+    return dataclasses.replace(
+        j, selected=j.selected[j.selected != C], kept=j.kept[j.kept != C], removed=j.removed[j.removed != C],
+        error_path=path[0] if path else None, relative_error_path=path[1] if path else None,
+        kept_path=path[2] if path else None)
+
+
+def _select(gjob: GroupJob, problems: List[dict], method: str, damping: float, slices=None) -> lsprune.JointSelection:
     """The joint choice of ``gjob.n_keep`` channels: an LS solver, or the first channels of an order
     baseline re-fitted; an early stop is filled up by the readers' summed relative input variance."""
-    k = gjob.n_keep
+    k, forced, C = gjob.n_keep, _forced(slices), gjob.channels
     if method in lsprune.METHODS:
-        j = lsprune.select_joint(problems, n_keep=k, method=method, damping=damping)
+        j = _joint(problems, k, forced, C, method=method, damping=damping)
     else:
-        j = lsprune.select_joint(problems, n_keep=k, force=group_order(gjob, method)[:k].tolist(),
-                                 damping=damping)
+        j = _joint(problems, k, forced, C, force=group_order(gjob, method)[:k].tolist(), damping=damping)
     if j.kept.size < k:
-        var = sum(_relative_variance(p["stats"], p["group_size"]) for p in problems)
+        var = sum(_relative_variance(p["stats"], r.group_size, sl) for p, r, sl in
+                  zip(problems, gjob.readers, slices or [None] * len(problems)))
         rest = [int(c) for c in np.argsort(-var, kind="stable") if c not in set(j.kept.tolist())]
         logger.warning("%s: selection stopped after %d of %d channels (the others are degenerate on the "
                        "calibration data); keeping %d channels by input variance", gjob.name, j.kept.size, k,
                        k - j.kept.size)
-        j = lsprune.select_joint(problems, n_keep=k, force=j.kept.tolist() + rest[: k - j.kept.size],
-                                 damping=_policy.fill_up_damping(damping))
+        j = _joint(problems, k, forced, C, force=j.kept.tolist() + rest[: k - j.kept.size],
+                   damping=_policy.fill_up_damping(damping))
     return j
 
 
-def _relative_variance(stats: lsprune.Statistics, g: int) -> np.ndarray:
-    var = np.diag(stats.cov_x).reshape(-1, g).sum(1)
+def _relative_variance(stats: lsprune.Statistics, g: int, sl: Optional[_Slice] = None) -> np.ndarray:
+    d = np.diag(stats.cov_x)
+    var = d.reshape(-1, g).sum(1) if sl is None else np.array([d[c].sum() for c in sl.groups])
     return var / max(float(var.sum()), np.finfo(float).tiny)
 
 
@@ -196,17 +280,18 @@ def finish_group(gjob: GroupJob, *, method: str, damping: float, timer: Timer) -
     t = time.perf_counter()
     with timer("selection"):
         stats = [job_statistics(r) for r in gjob.readers]
+        slices = _slices(gjob)  # before the damping: a concat reader's other slices are fitted columns too
         damping = _damping(gjob, stats, damping)
-        problems = _problems(gjob, stats)
+        problems = _problems(gjob, stats, slices)
         try:
             with log_engine_warnings(gjob.name, what="coupled"):
-                j = _select(gjob, problems, method, damping)
+                j = _select(gjob, problems, method, damping, slices)
         except Exception as e:
             if hasattr(e, "add_note"):
                 e.add_note(f"while selecting the channels of {gjob.name}")
             raise
     kept = np.asarray(j.kept, dtype=np.int64)
-    errors = _reader_errors(gjob, stats, j, kept)
+    errors = _reader_errors(gjob, stats, j, kept, slices)
     with timer("surgery"):
         added = _surgery(gjob, kept, [(s.weights, s.bias) for s in j.selections] if gjob.refit else None)
     gjob.seconds += time.perf_counter() - t + sum(r.seconds for r in gjob.readers)  # the readers' statistics
@@ -226,12 +311,16 @@ def finish_group(gjob: GroupJob, *, method: str, damping: float, timer: Timer) -
     return gjob.report
 
 
-def _reader_errors(gjob: GroupJob, stats, j: lsprune.JointSelection, kept: np.ndarray) -> List[float]:
+def _reader_errors(gjob: GroupJob, stats, j: lsprune.JointSelection, kept: np.ndarray, slices=None) -> List[float]:
     """Each reader's relative error (re-fitted, or its original weights on the kept channels)."""
     out = []
-    for r, s, sel in zip(gjob.readers, stats, j.selections):
+    for i, (r, s, sel) in enumerate(zip(gjob.readers, stats, j.selections)):
         if gjob.refit:
             plain = sel.plain_error
+        elif slices is not None:  # the kept channels' columns and the other slices', original weights
+            W, b = target_matrix(r)
+            plain = no_refit_error(s, W[:, slices[i].original], b if r.consumer.bias is not None else None,
+                                   _slice_columns(slices[i], kept), 1)
         else:
             W, b = target_matrix(r)
             plain = no_refit_error(s, W, b if r.consumer.bias is not None else None, kept, r.group_size)
@@ -239,23 +328,46 @@ def _reader_errors(gjob: GroupJob, stats, j: lsprune.JointSelection, kept: np.nd
     return out
 
 
+def _slice_columns(sl: _Slice, kept: np.ndarray) -> np.ndarray:
+    """A concat reader's statistics columns of the kept channels and of the other slices, ascending."""
+    parts = [sl.fixed] + [sl.groups[int(c)] for c in kept]
+    return np.sort(np.concatenate(parts)).astype(np.int64)
+
+
 def _surgery(gjob: GroupJob, kept: np.ndarray, fits) -> List[bool]:
     """Readers first (a module that reads and writes the stream gets its re-fit on every row, then loses
-    rows), then writers and per-channel modules; returns per reader whether it gained a bias."""
+    rows), then writers and per-channel modules; returns per reader whether it gained a bias. A concatenation's
+    readers and per-channel modules lose the slice's removed channels wherever earlier surgery left the slice
+    (the ``inputs`` registry), the other slices keep theirs."""
     added = []
+    g, concat = gjob.group, gjob.group.kind == "concat"
+    rows = (kept[:, None] * g.unit + np.arange(g.unit)).reshape(-1)  # the kept units' channels
     for r, reader in enumerate(gjob.readers):
+        conv = isinstance(reader.ref_consumer, nn.Conv2d)
+        idx, group, n_in = (rows if conv else kept), reader.group_size, int(rows.size)
+        if concat:
+            m = reader.ref_consumer
+            conv = isinstance(m, nn.Conv2d)
+            idx, new = slice_inputs(gjob.inputs.get(g.readers[r]), m.in_channels if conv else m.in_features,
+                                    g.offset(r), 1 if conv else reader.group_size, gjob.channels, kept)
+            gjob.inputs[g.readers[r]] = new
+            group, n_in = 1, int(new.size)
         if fits is not None:
-            added.append(bool(set_consumer(reader.consumer, fits[r][0], fits[r][1], int(kept.size), kept=kept,
-                                           group=reader.group_size)))
+            added.append(bool(set_consumer(reader.consumer, fits[r][0], fits[r][1], n_in, kept=idx, group=group)))
         else:
-            shrink_in(reader.consumer, kept, reader.group_size)
+            shrink_in(reader.consumer, idx, group)
             added.append(False)
-    for name, w in zip(gjob.group.writers, gjob.writers):
-        shrink_out(w, kept)
+    for name, w in zip(g.writers, gjob.writers):
+        shrink_out(w, rows)
         prev = gjob.rows.get(name)
-        gjob.rows[name] = kept if prev is None else prev[kept]
-    for m in gjob.between:
-        shrink_channels(m, kept)
+        gjob.rows[name] = rows if prev is None else prev[rows]
+    for b, (name, m) in enumerate(zip(g.between, gjob.between)):
+        if concat:
+            idx, gjob.inputs[name] = slice_inputs(gjob.inputs.get(name), gjob.between_widths[b], g.between_offset(b),
+                                                  1, gjob.channels, kept)
+            shrink_channels(m, idx)
+        else:
+            shrink_channels(m, rows)
     if gjob.dist is not None:
         gjob.dist.sync_modules(gjob.modules, kept.tolist(), gjob.name)
     return added
@@ -274,7 +386,7 @@ def _report(gjob: GroupJob, kept, errors, j, added, method, samples, *, path, da
         n_kept_path=[int(v) for v in path[1]] if path else [], bias_added=any(added), samples=int(samples),
         damping=float(damping), time_s=gjob.seconds, method=method, refit=gjob.refit, kind=g.kind,
         writers=list(g.writers), readers=list(g.readers), group_sizes=list(g.group_sizes), reader_errors=errors,
-        biases_added=added)
+        biases_added=added, offsets=list(g.offsets), between_offsets=list(g.between_offsets), unit=g.unit)
 
 
 def _apply_saved(gjob: GroupJob, timer: Timer) -> PairReport:
@@ -297,7 +409,8 @@ def unchanged_group_report(group: CoupledGroup) -> PairReport:
                       group_size=group.group_sizes[0], channels_before=group.channels,
                       channels_after=group.channels, kept=list(range(group.channels)), status="unchanged",
                       kind=group.kind, writers=list(group.writers), readers=list(group.readers),
-                      group_sizes=list(group.group_sizes), biases_added=[False] * len(group.readers))
+                      group_sizes=list(group.group_sizes), biases_added=[False] * len(group.readers),
+                      offsets=list(group.offsets), between_offsets=list(group.between_offsets), unit=group.unit)
 
 
 # ---------------------------------------------------------------------------------------------- budget
@@ -309,31 +422,37 @@ def group_error_path(gjob: GroupJob, method: str, damping: float, lo: int, hi: i
     if gjob.saved is not None:
         return gjob.ckpt.load_arrays(gjob.saved)["path"]
     stats = [job_statistics(r) for r in gjob.readers]
+    slices = _slices(gjob)
     damping = _damping(gjob, stats, damping)
-    problems = _problems(gjob, stats)
+    problems = _problems(gjob, stats, slices)
+    forced, C = _forced(slices), gjob.channels
     with log_engine_warnings(gjob.name, what="coupled"):
         if method in lsprune.METHODS:
             n = lo if method == "backward" else hi
-            j = lsprune.select_joint(problems, n_keep=int(n), method=method, damping=damping)
+            j = _joint(problems, int(n), forced, C, method=method, damping=damping)
         else:
-            j = lsprune.select_joint(problems, n_keep=int(hi), force=group_order(gjob, method)[:hi].tolist(),
-                                     damping=damping)
+            j = _joint(problems, int(hi), forced, C, force=group_order(gjob, method)[:hi].tolist(), damping=damping)
     path = np.full(gjob.channels + 1, np.nan)
     if gjob.refit:
         path[np.asarray(j.kept_path)] = j.relative_error_path
     else:
         order = np.concatenate([j.selected, np.setdiff1d(np.arange(gjob.channels), j.selected)]) \
             if method != "backward" else np.concatenate([j.kept, j.removed[::-1]])
-        path[lo:hi + 1] = _no_refit_path(gjob, stats, j, order.astype(np.int64))[lo:hi + 1]
+        path[lo:hi + 1] = _no_refit_path(gjob, stats, j, order.astype(np.int64), slices)[lo:hi + 1]
     if gjob.ckpt is not None:
         gjob.ckpt.save_done(gjob.key, gjob.stem, None, {"path": path})
     return path
 
 
-def _no_refit_path(gjob: GroupJob, stats, j: lsprune.JointSelection, order: np.ndarray) -> np.ndarray:
+def _no_refit_path(gjob: GroupJob, stats, j: lsprune.JointSelection, order: np.ndarray, slices=None) -> np.ndarray:
     w = np.asarray(j.weights, dtype=np.float64)
     energy = np.array([s.target_energy for s in j.selections], dtype=np.float64)
-    num = sum(wr * no_refit_path(s, target_matrix(r)[0], order, r.group_size)
-              for wr, r, s in zip(w, gjob.readers, stats))
+    if slices is None:
+        num = sum(wr * no_refit_path(s, target_matrix(r)[0], order, r.group_size)
+                  for wr, r, s in zip(w, gjob.readers, stats))
+    else:  # a concat reader keeps its other slices: the error of each prefix of the order, one at a time
+        num = sum(wr * np.array([no_refit_error(s, target_matrix(r)[0][:, sl.original], None,
+                                                _slice_columns(sl, order[:n]), 1) for n in range(gjob.channels + 1)])
+                  for wr, r, s, sl in zip(w, gjob.readers, stats, slices))
     den = float(w @ energy)
     return num / den if den > 0 else np.zeros(gjob.channels + 1)

@@ -185,6 +185,8 @@ class PairPrune:
                            norm=o.norm, dist=dist, ckpt=self.ckpt, time_budget=o.time_budget)
         # output rows each module still has, shared by the jobs (only coupled groups remove a consumer's rows)
         self.rows: Optional[Dict[str, object]] = {} if self.group_chains else None
+        # inputs (channels) each module still has, kept by concat groups (a reader of several slices)
+        self.inputs_left: Dict[str, object] = {}
         self.common = dict(complete=self._finish, progress=o.progress, timer=self.timer)
         self.passes = s.per_batch if f.use_graph else (1.0 + len(f.probes)) * s.per_batch
 
@@ -253,7 +255,8 @@ class PairPrune:
         memory guard's decision for a pair (a group always has exact statistics in a sweep)."""
         if isinstance(unit, CoupledGroup):
             return make_group_job(i, self.group_chains[unit.name], n_keep, self.ref_mods, self.pr_mods,
-                                  rows=self.rows, independent=independent, stage=stage, **self.job_kw)
+                                  rows=self.rows, inputs=self.inputs_left, independent=independent, stage=stage,
+                                  **self.job_kw)
         job = make_job(i, unit, self.channels[unit.producer], n_keep, self.ref_mods, self.pr_mods,
                        independent=independent, stage=stage, lean=lean, own_pass=own_pass, **self.job_kw)
         job.rows = self.rows

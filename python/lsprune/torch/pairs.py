@@ -55,8 +55,9 @@ class Pair:
         return f"{self.producer} -> {mid + ' -> ' if mid else ''}{self.consumer}"
 
 
-#: Kinds of coupled channel groups: one producer read by several consumers, or a residual stream.
-GROUP_KINDS = ("multi_consumer", "residual")
+#: Kinds of coupled channel groups: one producer read by several consumers, a residual stream, a slice of a
+#: channel concatenation, channels multiplied by a gate (squeeze-excitation), or whole groups of a grouped conv.
+GROUP_KINDS = ("multi_consumer", "residual", "concat", "gate", "grouped")
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,12 @@ class CoupledGroup:
     name : str
         The group's key: its first writer (graph order), as a pair is keyed by its producer
         (``keep=``, budget weights, :meth:`PruneReport.pair`).
-    kind : {"multi_consumer", "residual"}
-        One writer read by several consumers, or writers added into a stream (elementwise add).
+    kind : {"multi_consumer", "residual", "concat", "gate"}
+        One writer read by several consumers, writers added into a stream (elementwise add), channels
+        that reach their readers as one slice of a concatenation (``torch.cat`` along the channel dim), or
+        channels multiplied by a gate (squeeze-excitation: the gate's excitation layer is a writer, its
+        squeeze layer a reader), or a chain through a grouped conv whose whole groups are removed (``unit``
+        channels per group; the other kinds take precedence when they apply too).
     writers : tuple of str
         ``nn.Conv2d`` / ``nn.Linear`` modules whose output channels are removed.
     readers : tuple of str
@@ -87,6 +92,18 @@ class CoupledGroup:
         The shared width C.
     via : tuple of str
         Human-readable ops on the shared values (informational).
+    offsets : tuple of int
+        Per reader, where the group's channel 0 starts in its input, as an index along the reader's weight
+        dim 1 (input channel of a Conv2d, input feature of a Linear): channel ``c`` is inputs
+        ``offsets[r] + c*per + [0, per)`` with ``per = 1`` (Conv2d) or ``group_sizes[r]`` (Linear). The
+        reader's other inputs (the other slices of a concatenation) stay. Empty: every offset is 0 and every
+        reader reads only the group's channels.
+    between_offsets : tuple of int
+        Per ``between`` module, the index of the group's channel 0 among its channels (empty: all 0).
+    unit : int
+        Channels per unit: each of the ``channels`` units is ``unit`` consecutive channels of every writer,
+        ``between`` module and reader (a grouped conv on the shared values loses whole groups of ``unit``
+        channels; its ``groups`` count follows). 1 otherwise; ``channels`` counts units.
     """
 
     name: str
@@ -97,14 +114,33 @@ class CoupledGroup:
     between: Tuple[str, ...] = ()
     channels: int = 0
     via: Tuple[str, ...] = ()
+    offsets: Tuple[int, ...] = ()
+    between_offsets: Tuple[int, ...] = ()
+    unit: int = 1
 
     def __post_init__(self):
-        for f in ("writers", "readers", "group_sizes", "between", "via"):
+        for f in ("writers", "readers", "group_sizes", "between", "via", "offsets", "between_offsets"):
             object.__setattr__(self, f, tuple(getattr(self, f)))
         if self.kind not in GROUP_KINDS:
             raise ValueError(f"CoupledGroup kind must be one of {GROUP_KINDS}, got {self.kind!r}")
         if not self.writers or not self.readers or len(self.readers) != len(self.group_sizes):
             raise ValueError("a CoupledGroup needs writers, readers and one group size per reader")
+        if self.offsets and len(self.offsets) != len(self.readers) or \
+                self.between_offsets and len(self.between_offsets) != len(self.between):
+            raise ValueError("a CoupledGroup's offsets need one entry per reader, between_offsets one per between "
+                             "module")
+        if any(int(o) < 0 for o in (*self.offsets, *self.between_offsets)):
+            raise ValueError("a CoupledGroup's offsets must be >= 0")
+        if not isinstance(self.unit, int) or self.unit < 1 or self.unit > 1 and self.offsets:
+            raise ValueError("a CoupledGroup's unit must be an int >= 1 (and 1 for a concat slice)")
+
+    def offset(self, r: int) -> int:
+        """Reader ``r``'s input offset (see ``offsets``)."""
+        return int(self.offsets[r]) if self.offsets else 0
+
+    def between_offset(self, b: int) -> int:
+        """``between[b]``'s channel offset (see ``between_offsets``)."""
+        return int(self.between_offsets[b]) if self.between_offsets else 0
 
     @property
     def producer(self) -> str:
@@ -236,8 +272,10 @@ def normalize_pairs(pairs) -> List[Pair]:
     return out
 
 
-def channel_passthrough_kind(module: nn.Module, channels: int) -> Optional[str]:
-    """Whether ``module`` (placed between producer and consumer) can lose channels with them.
+def channel_passthrough_kind(module: nn.Module, channels: int, unit: int = 1) -> Optional[str]:
+    """Whether ``module`` (placed between producer and consumer) can lose channels with them; ``unit``:
+    channels are removed in whole groups of ``unit`` consecutive channels (a grouped conv of ``unit``
+    channels per group can then lose whole groups).
 
     Returns ``None`` if it can, otherwise a reason string.
     """
@@ -250,6 +288,9 @@ def channel_passthrough_kind(module: nn.Module, channels: int) -> Optional[str]:
         return None if n in (1, channels) else f"PReLU has {n} parameters, the producer {channels} channels"
     if isinstance(module, nn.Conv2d):
         if is_depthwise(module) and module.in_channels == channels:
+            return None
+        if unit > 1 and module.groups > 1 and module.in_channels == module.out_channels == channels and \
+                module.in_channels // module.groups == unit:
             return None
         if module.groups > 1 and module.out_channels != module.in_channels:
             return f"depthwise conv with channel multiplier {module.out_channels // module.in_channels}"
@@ -294,12 +335,15 @@ def check_consumer(module: nn.Module) -> Optional[str]:
 def group_width_reason(modules: Dict[str, nn.Module], group: CoupledGroup) -> Optional[str]:
     """Why ``group`` cannot be pruned as declared (module kinds, widths, group sizes), or None: every writer
     has ``C`` outputs (``C = group.channels``, or the first writer's when 0), every reader reads ``C``
-    channels of ``group_sizes[r]`` columns, every ``between`` module holds ``C`` channels."""
+    channels of ``group_sizes[r]`` columns from its offset on (all its input when the offset is 0 and nothing
+    else is read: a reader with other inputs must have its offset given), every ``between`` module holds
+    ``C`` channels from its offset on."""
     for n in group.members:
         if n not in modules:
             return f"the model has no module {n!r}"
     first = modules[group.writers[0]]
-    C = group.channels or (producer_channels(first) if isinstance(first, PRODUCER_TYPES) else 0)
+    u = group.unit
+    C = group.channels * u or (producer_channels(first) if isinstance(first, PRODUCER_TYPES) else 0)
     for w in group.writers:
         reason = check_producer(modules[w])
         if reason:
@@ -307,22 +351,41 @@ def group_width_reason(modules: Dict[str, nn.Module], group: CoupledGroup) -> Op
         if producer_channels(modules[w]) != C:
             return f"the members disagree on width: writer {w} has {producer_channels(modules[w])} output " \
                    f"channels, the group {C}"
-    for r, g in zip(group.readers, group.group_sizes):
-        m = modules[r]
+    for r, (name, g) in enumerate(zip(group.readers, group.group_sizes)):
+        m = modules[name]
         reason = check_consumer(m)
         if reason:
-            return f"reader {r}: {reason}"
-        per = m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else None
-        if per is not None and (m.in_channels != C or g != per):
-            return f"the members disagree on width: reader {r} has {m.in_channels} input channels of {per} " \
-                   f"columns, the group {C} channels of {g}"
-        if per is None and m.in_features != C * g:
-            return f"the members disagree on width: reader {r} has {m.in_features} input features, the group " \
-                   f"{C} channels of {g} columns"
-    for b in group.between:
-        reason = channel_passthrough_kind(modules[b], C)
+            return f"reader {name}: {reason}"
+        off = group.offset(r)
+        per = m.kernel_size[0] * m.kernel_size[1] * u if isinstance(m, nn.Conv2d) else None
+        sliced = bool(group.offsets) and group.kind == "concat"
+        if per is not None and (g != per or (m.in_channels < off + C if sliced else m.in_channels != C)):
+            return f"the members disagree on width: reader {name} has {m.in_channels} input channels of {per} " \
+                   f"columns, the group {C} channels of {g} from input {off}"
+        if per is None and (m.in_features < off + C * g if sliced else m.in_features * u != C * g):
+            return f"the members disagree on width: reader {name} has {m.in_features} input features, the group " \
+                   f"{C} channels of {g} columns from input {off}"
+    for b, name in enumerate(group.between):
+        width = per_channel_width(modules[name])
+        off = group.between_offset(b)
+        reason = channel_passthrough_kind(modules[name], width if width is not None and width >= off + C else C,
+                                          unit=u)
         if reason:
-            return f"between module {b}: {reason}"
+            return f"between module {name}: {reason}"
+        if off and (width is None or width < off + C):
+            return f"between module {name} has no channels {off}..{off + C - 1}"
+    return None
+
+
+def per_channel_width(module: nn.Module) -> Optional[int]:
+    """Channels of a module that holds one value per channel (BatchNorm, per-channel PReLU, depthwise conv), or
+    None (a shared PReLU slope, another module)."""
+    if isinstance(module, _NORM_TYPES):
+        return module.num_features
+    if isinstance(module, nn.PReLU):
+        return module.weight.numel() if module.weight.numel() > 1 else None
+    if isinstance(module, nn.Conv2d) and module.groups > 1 and module.in_channels == module.out_channels:
+        return module.in_channels  # depthwise, or a grouped conv losing whole groups
     return None
 
 

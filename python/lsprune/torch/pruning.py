@@ -127,7 +127,7 @@ ORDER_METHODS = ("magnitude", "random") + STATS_ORDER_METHODS
 def effective_damping(job: "PairJob", n_rows: int, damping: float) -> float:
     """The damping used for a pair: :func:`lsprune._policy.underdetermined_damping` of its kept
     input columns (``n_keep * group_size``), logged when raised; the report records each pair's damping."""
-    cols = job.n_keep * job.group_size
+    cols = job.n_keep * job.group_size + job.fixed_columns
     used = _policy.underdetermined_damping(n_rows, cols, damping)
     if used != damping:
         logger.warning("pair %s: %d calibration rows for %d kept input columns: the LS fit is underdetermined; "
@@ -190,6 +190,11 @@ class PairJob:
     # coupled group removed reproduces only those rows (None: no registry, every row stays)
     rows: Optional[Dict[str, np.ndarray]] = None
     group: Optional[object] = None  # the GroupJob this job is a reader of (None: a pair)
+    # the prune's registry {module: original inputs (weight dim 1) / channels it still has}, kept by concat groups;
+    # a reader measured on the pruned network has sums over those inputs only (``measured``; None: all)
+    inputs: Optional[Dict[str, np.ndarray]] = None
+    measured: Optional[np.ndarray] = None
+    fixed_columns: int = 0  # a concat reader's columns of the other slices, always kept (the damping rule)
     lean: bool = False  # lean statistics: `sums` are channel-level; the kept columns are streamed again
     own_pass: bool = False  # pruned in a pass of its own (the memory guard's decision; the report says so)
     time_budget: Optional[float] = None  # seconds of selection (prune(time_budget=))
@@ -319,6 +324,7 @@ def accumulate(job: PairJob, x: torch.Tensor, y: Optional[torch.Tensor], mask, t
         return
     t = time.perf_counter()
     with timer("statistics"):
+        _measured_inputs(job)
         y = _kept_targets(job, y)
         _resume(job)
         try:
@@ -329,6 +335,21 @@ def accumulate(job: PairJob, x: torch.Tensor, y: Optional[torch.Tensor], mask, t
         if job.ckpt is not None and job.ckpt.want_partial(job.key, job.sums.pending_rows):
             job.ckpt.save_partial(job.key, job.stem, job.sums.snapshot(), batch + 1, job.generator)
     job.seconds += time.perf_counter() - t
+
+
+def _measured_inputs(job: PairJob) -> None:
+    """A concatenation's reader measured on the pruned network (sequential) reads only the inputs the registry
+    says it still has (other slices were pruned before): its sums get that many columns."""
+    if job.inputs is None or job.independent or job.measured is not None:
+        return
+    cur = job.inputs.get(job.pair.consumer)
+    if cur is None:
+        return
+    job.measured = np.asarray(cur, dtype=np.int64)
+    unit = job.ref_consumer.kernel_size[0] * job.ref_consumer.kernel_size[1] \
+        if isinstance(job.ref_consumer, nn.Conv2d) else 1
+    if job.sums.D != job.measured.size * unit:
+        job.sums = job.sums.with_targets(job.sums.m, job.measured.size * unit)
 
 
 def _kept_targets(job: PairJob, y: Optional[torch.Tensor], sums=None) -> Optional[torch.Tensor]:

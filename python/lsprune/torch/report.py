@@ -62,7 +62,8 @@ class PairReport:
         ``"pair"`` (producer -> consumer), ``"mlp"`` (MLP neurons of a transformer block; ``producer``
         names the MLP module), ``"heads"`` (attention heads, or whole KV groups under GQA;
         ``producer`` names the attention module and channels count heads or groups), or a coupled
-        group (:class:`lsprune.torch.CoupledGroup`): ``"multi_consumer"`` / ``"residual"``; then
+        group (:class:`lsprune.torch.CoupledGroup`): ``"multi_consumer"`` / ``"residual"`` / ``"concat"`` /
+        ``"gate"``; then
         ``producer`` is the group's name (its first writer), ``consumer`` its first reader,
         ``between`` its per-channel modules, ``group_size`` the first reader's, ``relative_error``
         the joint relative error ``Σ_r w_r E_r / Σ_r w_r energy_r`` (``w_r = 1/energy_r``: the mean
@@ -76,6 +77,13 @@ class PairReport:
         Coupled groups: each reader's relative error ``‖Y_r - Ŷ_r‖² / ‖Y_r - Ȳ_r‖²``.
     biases_added : list of bool
         Coupled groups: per reader, whether it gained a bias (the LS intercept).
+    offsets, between_offsets : list of int
+        Concat groups (``kind == "concat"``): where the group's channels start in each reader's input (index
+        along its weight dim 1) and among each ``between`` module's channels (:class:`CoupledGroup`); empty
+        for other groups.
+    unit : int
+        Coupled groups: channels per unit (> 1 when a grouped conv loses whole groups; ``channels_*`` and
+        ``kept`` then count units, unit ``j`` being channels ``j*unit ... (j+1)*unit - 1``).
     swaps : list of [int, int]
         With ``prune(refine=)``: the exchanges of swap refinement, (channel out, channel in), in
         order; each added one entry to ``error_path``.
@@ -125,6 +133,9 @@ class PairReport:
     group_sizes: List[int] = field(default_factory=list)
     reader_errors: List[float] = field(default_factory=list)
     biases_added: List[bool] = field(default_factory=list)
+    offsets: List[int] = field(default_factory=list)
+    between_offsets: List[int] = field(default_factory=list)
+    unit: int = 1
 
     @property
     def members(self) -> List[str]:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .pairs import (GROUP_KINDS, CoupledGroup, channel_passthrough_kind, check_consumer, check_producer,
-                    consumer_in_features, group_width_reason, producer_channels)
+                    consumer_in_features, group_width_reason, per_channel_width, producer_channels)
 
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
                 "num_parameters", "nf", "nx", "num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads",
@@ -234,9 +234,11 @@ class _Conv2dSurgery(ModuleSurgery):
         m.in_channels = n_channels
         return new.reshape(m.weight.shape[0], n_channels, *m.weight.shape[2:])
 
-    def shrink_channels(self, m, idx):  # depthwise: one filter per channel
+    def shrink_channels(self, m, idx):  # depthwise (one filter per channel), or whole groups of a grouped conv
+        per = m.in_channels // m.groups  # inputs per group: 1 for a depthwise conv
         self.shrink_out(m, idx)
-        m.in_channels = m.out_channels = m.groups = len(idx)
+        m.in_channels = m.out_channels = len(idx)
+        m.groups = len(idx) // per
 
 
 @register(nn.Linear)
@@ -283,6 +285,36 @@ def _surgery(m: nn.Module, what: str) -> ModuleSurgery:
     if s is None:
         raise TypeError(f"cannot {what} {type(m).__name__}")
     return s
+
+
+# ---------------------------------------------------------------------------------------------- slices
+def slice_inputs(current: Optional[np.ndarray], width: int, offset: int, per: int, channels: int,
+                 kept: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """A module that reads (or holds) a concatenation loses channels of one slice.
+
+    Parameters
+    ----------
+    current : ndarray of int or None
+        The original indices (along the module's input / channel dim) it still has; None: all ``width``.
+    width : int
+        Its original number of inputs (channels).
+    offset, per, channels : int
+        The slice: channel ``c`` is original indices ``offset + c*per + [0, per)``, ``c < channels``.
+    kept : ndarray of int
+        Kept channels of the slice.
+
+    Returns
+    -------
+    (positions of the remaining indices among ``current`` (what to keep of the module now), the remaining
+    original indices) — the other slices keep their inputs, wherever earlier surgery moved them.
+    """
+    cur = np.arange(width, dtype=np.int64) if current is None else np.asarray(current, dtype=np.int64)
+    sl = offset + np.arange(channels * per, dtype=np.int64)
+    keep_sl = (np.asarray(kept, dtype=np.int64)[:, None] * per + np.arange(per) + offset).reshape(-1)
+    if not np.isin(sl, cur).all():
+        raise RuntimeError(f"internal: inputs {offset}..{offset + channels * per - 1} were already cut")
+    new = np.union1d(np.setdiff1d(cur, sl), keep_sl)
+    return np.searchsorted(cur, new).astype(np.int64), new
 
 
 # ---------------------------------------------------------------------------------------------- operations
@@ -465,8 +497,9 @@ def apply_structure(model: nn.Module, report) -> nn.Module:
                     shrink_channels(modules[b], idx)
                 shrink_in(cons, idx, p["group_size"])
             _add_zero_bias(cons, p["bias_added"])
+        inputs: dict = {}  # what the concat groups left of each reader's inputs (original numbering)
         for p, g in groups:
-            _shrink_group(modules, g, p["channels_after"], p["biases_added"])
+            _shrink_group(modules, g, p["channels_after"], p["biases_added"], inputs)
     return model
 
 
@@ -501,7 +534,8 @@ def _group_of_record(modules, p, i: int) -> CoupledGroup:
         raise ValueError(f"report pair {i} ({p['kind']} group) lacks {missing}")
     try:
         g = CoupledGroup(p["producer"], p["kind"], p["writers"], p["readers"], p["group_sizes"], p["between"],
-                         int(p["channels_before"]))
+                         int(p["channels_before"]), offsets=p.get("offsets") or (),
+                         between_offsets=p.get("between_offsets") or (), unit=int(p.get("unit", 1)))
     except (TypeError, ValueError) as e:
         raise ValueError(f"report pair {i}: not a valid coupled group record ({e})") from None
     reason = group_width_reason(modules, g)
@@ -510,18 +544,40 @@ def _group_of_record(modules, p, i: int) -> CoupledGroup:
     return g
 
 
-def _shrink_group(modules, g: CoupledGroup, k: int, biases_added) -> None:
-    """Keeps the first ``k`` channels of every member of ``g``; readers that gained a bias get one."""
+def _shrink_group(modules, g: CoupledGroup, k: int, biases_added, inputs: dict) -> None:
+    """Keeps the first ``k`` channels of every member of ``g``; readers that gained a bias get one. A concat
+    group's readers and per-channel modules keep their other slices (``inputs``: what earlier groups left)."""
     idx = np.arange(k)
+    rows = np.arange(k * g.unit)  # the channels of the first k units
     if k != g.channels:
-        for r, gs in zip(g.readers, g.group_sizes):
-            shrink_in(modules[r], idx, gs)
+        for r, (name, gs) in enumerate(zip(g.readers, g.group_sizes)):
+            if g.kind != "concat":
+                conv = isinstance(modules[name], nn.Conv2d)
+                shrink_in(modules[name], rows if conv else idx, gs)
+                continue
+            m = modules[name]
+            conv = isinstance(m, nn.Conv2d)
+            width = _original_width(m, inputs.get(name), conv)
+            pos, inputs[name] = slice_inputs(inputs.get(name), width, g.offset(r), 1 if conv else gs, g.channels, idx)
+            shrink_in(m, pos, 1)
         for w in g.writers:
-            shrink_out(modules[w], idx)
-        for b in g.between:
-            shrink_channels(modules[b], idx)
+            shrink_out(modules[w], rows)
+        for b, name in enumerate(g.between):
+            if g.kind != "concat":
+                shrink_channels(modules[name], rows)
+                continue
+            width = per_channel_width(modules[name]) if name not in inputs else None
+            pos, inputs[name] = slice_inputs(inputs.get(name), width or 0, g.between_offset(b), 1, g.channels, idx)
+            shrink_channels(modules[name], pos)
     for r, added in zip(g.readers, biases_added):
         _add_zero_bias(modules[r], bool(added))
+
+
+def _original_width(m: nn.Module, current, conv: bool) -> int:
+    """A fresh reader's inputs before any group cut them (``current``: what is left, or None)."""
+    if current is not None:
+        return 0  # slice_inputs reads the width only when nothing was cut yet
+    return m.in_channels if conv else m.in_features
 
 
 def _add_zero_bias(cons: nn.Module, added: bool) -> None:

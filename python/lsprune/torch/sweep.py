@@ -117,7 +117,9 @@ class _Sweep:
         self.pruned, self.inputs, self.masks = pruned, inputs, masks
         self.nb = len(inputs)
         self.sequential, self.timer, self.complete, self.collect_only = sequential, timer, complete, collect_only
-        self.by_consumer = {(chains[p].consumer_node if p in chains else job_nodes[p]): jobs[p] for p in jobs}
+        self.by_consumer: Dict[fx.Node, List[PairJob]] = {}  # several: the readers of a concatenation's slices
+        for p in jobs:
+            self.by_consumer.setdefault(chains[p].consumer_node if p in chains else job_nodes[p], []).append(jobs[p])
         self.chain_of = {chains[p].consumer_node: chains[p] for p in jobs if p in chains}
         self.last_use = {}
         for i, n in enumerate(self.nodes):
@@ -152,9 +154,10 @@ class _Sweep:
             self.n_ops += 1
             div = self._diverges(node)
             self.orig[node] = self._evaluate(node, self.ref_run, self.orig, wrap_errors=True)
-            job = self.by_consumer.get(node)
-            if job is not None:
+            for job in self.by_consumer.get(node, ()):
                 div = self._at_consumer(node, job) or div
+                if self.stopped:
+                    break
             if self.stopped:
                 return None
             if self.sequential:
