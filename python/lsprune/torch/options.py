@@ -30,6 +30,7 @@ from .layouts import UNIT_KINDS, normalize_units
 from .pairs import (CoupledGroup, Pair, channel_passthrough_kind, check_consumer, check_producer, group_width_reason,
                     normalize_pairs, producer_channels, shared_state)
 from .pruning import SELECTORS, TIME_LIMITED
+from .reconstruct import ReconstructOptions, as_reconstruct
 
 MODES = ("sequential", "independent")
 STRATEGIES = ("auto", "graph", "hooks", "blocks")
@@ -322,7 +323,7 @@ def _check_names(what: str, names, modules) -> None:
 FINGERPRINT = ("ratio", "keep", "budget", "method", "refit", "norm", "mode", "damping", "max_positions", "seed",
                "coupled", "refine", "statistics")
 #: Options every rank of a distributed prune must agree on (device and memory limit may differ per rank).
-AGREED = FINGERPRINT + ("pairs", "units", "targets", "blocks", "time_budget")
+AGREED = FINGERPRINT + ("pairs", "units", "targets", "blocks", "time_budget", "reconstruct")
 
 
 @dataclass(frozen=True)
@@ -361,6 +362,7 @@ class PruneOptions:
     refine: Any = param(Refine())
     statistics: str = param(OneOf(STATISTICS))
     time_budget: Optional[float] = param(Seconds())
+    reconstruct: Optional[ReconstructOptions] = param(Converted(as_reconstruct))
 
     @classmethod
     def create(cls, model: nn.Module, **kwargs) -> "PruneOptions":
@@ -431,7 +433,8 @@ class PruneOptions:
         return dict(mode=self.mode, method=self.method, ratio=self.ratio, refit=self.refit,
                     norm=self.norm if self.method == "magnitude" else None, damping=float(self.damping),
                     max_positions=self.max_positions, seed=self.seed, refine=self.refine, statistics=self.statistics,
-                    time_budget=self.time_budget, coupled=self.coupled)
+                    time_budget=self.time_budget, coupled=self.coupled,
+                    reconstruct=None if self.reconstruct is None else self.reconstruct.to_dict())
 
 
 def _check_group(group: CoupledGroup, modules, ties) -> None:
