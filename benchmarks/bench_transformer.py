@@ -88,8 +88,8 @@ def rss_gib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-def run_cell(model, cal, test, units, ratio, label, kwargs, t_fwd):
-    """One prune call and its measurements (a row)."""
+def run_cell(model, cal, test, units, ratio, label, kwargs, t_fwd, extra=None):
+    """One prune call and its measurements (a row); ``extra(report)`` -> more columns."""
     row = {"units": units, "ratio": ratio, "method": label}
     gc.collect()
     row["rss_before_gib"] = rss_gib()
@@ -109,6 +109,8 @@ def run_cell(model, cal, test, units, ratio, label, kwargs, t_fwd):
                params=rep.params_after / rep.params_before if getattr(rep, "params_before", 0) else None,
                channels=f"{sum(p.channels_before for p in rep.pairs)} -> {sum(p.channels_after for p in rep.pairs)}",
                mean_rel_error=sum(errs) / len(errs) if errs else None)
+    if extra is not None:
+        row.update(extra(rep))
     del pruned, rep
     return row
 

@@ -5,7 +5,7 @@ import os
 from typing import Callable, Optional, Tuple, Union
 
 #: The files :func:`write_plots` may write.
-PLOT_NAMES = ("error_paths.png", "channels.png", "accuracy_vs_flops.png")
+PLOT_NAMES = ("error_paths.png", "channels.png", "accuracy_vs_flops.png", "reconstruction.png")
 
 
 def _plt():
@@ -20,7 +20,9 @@ def _plt():
 def write_plots(report, folder: Union[str, Callable[[str], str]],
                 accuracy: Optional[Tuple[float, float]] = None) -> list:
     """Writes error_paths.png (per-pair relative error E(k)/E(0) with the chosen k marked),
-    channels.png (channels kept per pair) and, with accuracies, accuracy_vs_flops.png into ``folder``
+    channels.png (channels kept per pair), with block reconstruction reconstruction.png (each window's
+    calibration loss before and after, relative to its targets' energy) and, with accuracies,
+    accuracy_vs_flops.png into ``folder``
     (or to ``folder(name)``: where the CLI writes each file before the outputs are committed).
     Returns the written paths."""
     path_of = folder if callable(folder) else (lambda name: os.path.join(folder, name))
@@ -53,6 +55,10 @@ def write_plots(report, folder: Union[str, Callable[[str], str]],
     ax.legend()
     out.append(_save(fig, path_of("channels.png"), plt))
 
+    windows = getattr(report, "reconstruction", None) or []
+    if windows:
+        out.append(_reconstruction(windows, path_of("reconstruction.png"), plt))
+
     if accuracy is not None:
         fig, ax = plt.subplots(figsize=(5, 4))
         f0 = report.flops_before
@@ -64,6 +70,25 @@ def write_plots(report, folder: Union[str, Callable[[str], str]],
         ax.set_title("Accuracy vs FLOPs")
         out.append(_save(fig, path_of("accuracy_vs_flops.png"), plt))
     return out
+
+
+def _reconstruction(windows, path, plt):
+    """Per window, the loss before (LS) and after reconstruction, as a fraction of the targets' mean square."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(windows) + 2), 4))
+    x = list(range(len(windows)))
+    scale = [w.target_energy or 1.0 for w in windows]
+    ax.bar([i - 0.2 for i in x], [w.loss_before / s for w, s in zip(windows, scale)], 0.4, color="#cccccc",
+           label="LS")
+    ax.bar([i + 0.2 for i in x], [w.loss_after / s for w, s in zip(windows, scale)], 0.4, color="#3070b0",
+           label="reconstructed")
+    ax.set_xticks(x)
+    ax.set_xticklabels([w.window + (" (non-finite)" if w.status == "non_finite" else "") for w in windows],
+                       rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("calibration MSE / target mean square")
+    ax.set_yscale("log")
+    ax.set_title("Block reconstruction per window")
+    ax.legend()
+    return _save(fig, path, plt)
 
 
 def _save(fig, path, plt):

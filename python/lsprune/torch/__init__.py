@@ -10,6 +10,8 @@
 * :func:`find_units` — the attention-head and MLP units of a transformer block.
 * :func:`apply_structure` — shrink a freshly built model to a report's channel counts (to load a pruned state_dict).
 * :func:`count_flops_params` — parameters and multiply-accumulates (MACs) of a model.
+* :class:`ReconstructOptions` — settings of block reconstruction after LS selection (``prune(reconstruct=)``);
+  :class:`WindowReport` its per-window record, :class:`ReconstructionWarning` a window stopped on a NaN/Inf loss.
 * :class:`PruneReport`, :class:`PairReport`, :class:`FactorizeReport`, :class:`LayerFactorReport`, :class:`Pair`,
   :class:`CoupledGroup` (layers that share one channel index), :class:`SkippedPair`, :class:`PairSearch`;
   :class:`Budget` (= :class:`lsprune.Budget`).
@@ -38,6 +40,8 @@ from .report import PairReport, PruneReport
 from .blockwise import BlocksNotFoundError
 from .layouts import Unit, find_units
 from .pretrained import load_pretrained, save_pretrained
+from .reconstruct import ReconstructionWarning, ReconstructOptions
+from .report import WindowReport
 from .saving import load_pruned, save_pruned
 from .surgery import apply_structure
 
@@ -45,4 +49,5 @@ __all__ = ["prune", "factorize", "Budget", "find_pairs", "apply_structure", "cou
            "PairSearch", "SkippedPair", "PairReport", "PruneReport", "FactorizeReport", "LayerFactorReport",
            "NotTraceableError", "MemoryLimitError", "DistributedError", "DEFAULT_MAX_POSITIONS", "save_pruned",
            "load_pruned", "find_units", "Unit", "BlocksNotFoundError", "NoPrunablePairsError", "CoupledGroup",
-           "GradualPruner", "save_pretrained", "load_pretrained"]
+           "GradualPruner", "save_pretrained", "load_pretrained", "ReconstructOptions", "ReconstructionWarning",
+           "WindowReport"]

@@ -96,7 +96,8 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
           strategy: str = "auto", distributed: Optional[bool] = None, checkpoint=None,
           checkpoint_interval: float = 60.0, memory_limit="auto", units=None, targets: str = "layer",
           blocks: Optional[str] = None, coupled: bool = False, refine=None, statistics: str = "auto",
-          time_budget: Optional[float] = None, round_to=None) -> Tuple[nn.Module, PruneReport]:
+          time_budget: Optional[float] = None, round_to=None,
+          reconstruct=None) -> Tuple[nn.Module, PruneReport]:
     """Structurally prunes a trained model by layerwise least squares (no labels, no fine-tuning).
 
     For every prunable pair producer -> (BatchNorm, activation, pooling, depthwise conv,
@@ -256,6 +257,17 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
         multiple with ``Budget.multiple``) and stays at or under its target, ``keep`` counts must be
         multiples. ``report.round_to`` and ``report.removed_fraction`` say what was reached. A unit
         to be pruned that is narrower than its multiple raises ``ValueError``.
+    reconstruct : dict or ReconstructOptions, optional
+        Blocks strategy: block reconstruction after LS selection (label-free; off by default). After a
+        block's units are selected and re-fitted, its kept weights (and, with ``norms=True``, its norm
+        scales) take a bounded number of optimizer steps on the cached calibration inputs, starting from
+        the LS solution, to match the dense network's output (``window="block"``) or each sublayer's
+        (``"sublayer"``: attention and MLP separately); then the block's outputs are recomputed for the
+        next block. The best evaluated iterate is kept, so a window's calibration loss never ends above
+        the LS solution's; a loss that turns NaN/Inf keeps the LS weights and warns
+        (:class:`lsprune.torch.ReconstructionWarning`). Options (window, steps, lr, batch_size, optimizer,
+        targets, norms, seed): see :class:`lsprune.torch.ReconstructOptions` and the README;
+        ``report.reconstruction`` holds each window's losses and time.
 
     Returns
     -------
@@ -280,6 +292,10 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
             session = CalibrationSession(model, calibration, opts)
             with session.opened():
                 return session.finish(*prune_blockwise(session, opts))
+        if opts.reconstruct is not None:
+            raise ValueError("reconstruct= belongs to the blocks strategy (transformer blocks): the model was not "
+                             "pruned block by block (strategy='blocks', or 'auto' on a model with transformer "
+                             "blocks and no pairs=)")
         if opts.time_budget is not None and dist.active:
             raise ValueError("time_budget= is not supported with distributed calibration (the ranks could stop "
                              "their selections at different steps): give time_budget=None or distributed=False")

@@ -23,8 +23,9 @@ from . import budget as budgeting
 from .costs import UnitCosts
 from .plan import budget_bounds, plan_channels, unit_multiples
 from .pruning import PairJob, Timer, accumulate, error_path, finish, make_job
+from .reconstruct import BlockReconstructor
 from .reporting import prune_report, record_budget
-from .surgery import weight_rows
+from .surgery import linear_like, weight_rows
 
 logger = logging.getLogger("lsprune.torch")
 
@@ -37,11 +38,31 @@ def default_mask(batch, device) -> Optional[torch.Tensor]:
     return None
 
 
+def reconstruction_bytes(reconstruct, calls, blocks: nn.ModuleList, *, original: bool) -> int:
+    """Block reconstruction's memory at once, beside the sweep's: the dense stream's inputs and outputs of a
+    block (``targets="dense"``; with ``original`` statistics targets the sweep holds one copy already), a
+    window's cached inputs and targets (about two copies of the hidden states), the largest block's float32
+    training copy with its gradients and Adam's two moments, and the activations autograd keeps for one
+    minibatch (every linear's outputs plus a few hidden-state copies)."""
+    if reconstruct is None:
+        return 0
+    cache = sum(c.nbytes() for c in calls)
+    # the dense stream's inputs of the block being reconstructed stay alive beside its outputs
+    stream = cache * (1 if original else 2) if (original or reconstruct.targets == "dense") else 0
+    params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    width = max(sum(weight_rows(m) for m in b.modules() if linear_like(m)) for b in blocks)
+    hidden = calls[0].hidden
+    tokens = min(reconstruct.batch_size, sum(c.hidden.numel() // max(1, hidden.shape[-1]) for c in calls))
+    activations = tokens * (width + 8 * hidden.shape[-1]) * 4 * 2
+    return int(stream + 2 * cache + 4 * 4 * params + activations)
+
+
 def check_memory(limit_option, calls, units: List[Unit], plan, modules, *, original: bool, method: str,
-                 refit: bool, model_copy: int) -> dict:
+                 refit: bool, model_copy: int, reconstruct: int = 0) -> dict:
     """The memory guard for the block sweep: the model copy being pruned, the cached hidden states (two
-    streams with ``original`` targets), the largest block's statistics and one solver; raises
-    MemoryLimitError before any statistics are allocated. Returns the estimate for the report."""
+    streams with ``original`` targets), the largest block's statistics and one solver, and ``reconstruct``
+    (bytes, :func:`reconstruction_bytes`); raises MemoryLimitError before any statistics are allocated.
+    Returns the estimate for the report."""
     cache = sum(c.nbytes() for c in calls) * (2 if original else 1)
     per_block: Dict[str, int] = {}
     solver = 0
@@ -53,15 +74,17 @@ def check_memory(limit_option, calls, units: List[Unit], plan, modules, *, origi
         per_block[block] = per_block.get(block, 0) + st
         solver = max(solver, solver_bytes(D, m, plan[u.name] * u.group_size, method=method, refit=refit,
                                           independent=not original))
-    est = model_copy + cache + max(per_block.values(), default=0) + solver
+    est = model_copy + cache + max(per_block.values(), default=0) + solver + reconstruct
     limit = resolve_limit(limit_option)
     if limit.bytes is not None and est > limit.bytes:
+        extra = f", block reconstruction {gib(reconstruct)}" if reconstruct else ""
         raise MemoryLimitError(f"the block-wise prune needs about {gib(est)} (cached hidden states {gib(cache)}, "
-                               f"the largest block's statistics and a solver) but the limit is {gib(limit.bytes)} "
-                               f"({limit.source}); use fewer calibration batches, targets='layer' or "
-                               "memory_limit=None")
+                               f"the largest block's statistics and a solver{extra}) but the limit is "
+                               f"{gib(limit.bytes)} ({limit.source}); use fewer calibration batches, targets="
+                               "'layer'" + (", a smaller reconstruct batch_size" if reconstruct else "")
+                               + " or memory_limit=None")
     return {"limit": limit.bytes, "limit_source": limit.source, "available": limit.available, "estimate": int(est),
-            "device_estimate": 0, "model_copy": int(model_copy),
+            "device_estimate": 0, "model_copy": int(model_copy), "reconstruction": int(reconstruct),
             "passes": [{"pass": "the block sweep", "estimate": int(est), "device_estimate": 0, "waves": 1,
                         "largest_pair": None}]}
 
@@ -188,7 +211,8 @@ def prune_blocks(ref: nn.Module, pruned: nn.Module, batches: list, run, *, opts,
     positions per module on ``batches[0]`` (FLOPs of a budget)."""
     kinds = opts.unit_kinds
     name, ref_blocks = find_blocks(ref, opts.blocks, kinds)
-    per_block, skipped = usable_units(ref, block_units(ref_blocks, name, kinds))
+    found = block_units(ref_blocks, name, kinds)
+    per_block, skipped = usable_units(ref, found)
     units = [u for _, us in per_block for u in us]
     if not units:
         raise NoPrunablePairsError(f"the blocks {name!r} hold no {' or '.join(kinds)} units that lsprune can prune"
@@ -209,7 +233,8 @@ def prune_blocks(ref: nn.Module, pruned: nn.Module, batches: list, run, *, opts,
                           multiples=_multiples(units, opts)) if opts.budget is None else \
         {u.name: keep.get(u.name, 1) for u in units}
     memory = check_memory(opts.memory_limit, calls, units, least, ref_mods, original=original,
-                          method=opts.method, refit=opts.refit, model_copy=_model_bytes(pruned))
+                          method=opts.method, refit=opts.refit, model_copy=_model_bytes(pruned),
+                          reconstruct=reconstruction_bytes(opts.reconstruct, calls, ref_blocks, original=original))
     paths, passes = None, 0.0
     if opts.budget is None:
         plan = least
@@ -233,10 +258,14 @@ def prune_blocks(ref: nn.Module, pruned: nn.Module, batches: list, run, *, opts,
         for u in block_units_:
             finish(jobs[u.name], method=opts.method, damping=float(opts.damping), timer=timer, refine=opts.refine)
 
+    recon = None if opts.reconstruct is None else BlockReconstructor(
+        opts.reconstruct, ref_modules=ref_mods, pr_modules=pr_mods, block_units=dict(found), blocks_name=name,
+        masks=masks, device=device, progress=opts.progress, timer=timer)
     passes += sweep_blocks(ref_blocks, pr_blocks, active, calls, original=original, ref_modules=ref_mods,
-                           pr_modules=pr_mods, on_rows=on_rows, on_block=on_block, progress=opts.progress)
+                           pr_modules=pr_mods, on_rows=on_rows, on_block=on_block, progress=opts.progress,
+                           dense_stream=recon is not None and opts.reconstruct.targets == "dense", after_block=recon)
     return {"units": units, "jobs": jobs, "plan": plan, "paths": paths, "passes": passes, "memory": memory,
-            "blocks": name, "skipped": skipped}
+            "blocks": name, "skipped": skipped, "reconstruction": [] if recon is None else recon.reports}
 
 
 def prune_blockwise(session, opts) -> tuple:
@@ -263,6 +292,7 @@ def prune_blockwise(session, opts) -> tuple:
         r.kind = u.kind
     report.memory = out["memory"]
     report.targets = opts.targets
+    report.reconstruction = out["reconstruction"]
     if opts.budget is not None:
         record_budget(report, out["plan"].budget, opts.budget, out["paths"])
     return pruned, report

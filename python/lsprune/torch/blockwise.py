@@ -207,7 +207,8 @@ class ConsumerTaps:
 def sweep_blocks(ref_blocks: nn.ModuleList, pr_blocks: nn.ModuleList, per_block: List[Tuple[int, List[Unit]]],
                  calls: List[BlockCall], *, original: bool, ref_modules: Dict[str, nn.Module],
                  pr_modules: Dict[str, nn.Module], on_rows: Callable, on_block: Callable,
-                 progress: bool = False, unchanged: bool = False) -> float:
+                 progress: bool = False, unchanged: bool = False, dense_stream: bool = False,
+                 after_block: Optional[Callable] = None) -> float:
     """Streams every block's units, block after block, and returns the block passes made (in units of
     one pass over all blocks).
 
@@ -216,12 +217,19 @@ def sweep_blocks(ref_blocks: nn.ModuleList, pr_blocks: nn.ModuleList, per_block:
     None); ``on_block(units)`` is called once a block's units have seen every batch and must prune them.
     ``calls`` (the first block's inputs, one per batch) are advanced in place. ``unchanged``: ``on_block``
     does not change the blocks (statistics only), so the streaming pass's outputs are the next inputs.
+    ``dense_stream``: the original network's stream is kept even without ``original`` targets.
+    ``after_block(i, units, calls, dense_in, dense_out)`` runs after ``on_block`` (block reconstruction),
+    before the pruned block's outputs are computed: ``calls`` are block ``i``'s inputs on the pruned stream,
+    ``dense_in`` / ``dense_out`` its inputs / outputs on the original stream (None without one); it may return
+    the pruned block's outputs per call (computed with its final weights), which then are the next inputs.
     """
     from tqdm.auto import tqdm
 
-    orig = list(calls) if original else None
+    keep_dense = original or dense_stream
+    orig = list(calls) if keep_dense else None
     n_blocks, passes = len(pr_blocks), 0.0
     for i, units in tqdm(per_block, desc="blocks", disable=not progress, leave=False):
+        dense_in = list(orig) if keep_dense else None
         if units:
             for b, call in enumerate(calls):
                 ys: Dict[str, torch.Tensor] = {}
@@ -236,11 +244,12 @@ def sweep_blocks(ref_blocks: nn.ModuleList, pr_blocks: nn.ModuleList, per_block:
             on_block(units)
             if unchanged:
                 continue
-        elif original:
+        if keep_dense and not (units and original):
             for b in range(len(orig)):
                 orig[b] = orig[b].with_hidden(run_block(ref_blocks[i], orig[b]))
             passes += 1.0 / n_blocks
+        outs = after_block(i, units, calls, dense_in, orig) if after_block is not None and units else None
         for b, call in enumerate(calls):
-            calls[b] = call.with_hidden(run_block(pr_blocks[i], call))
+            calls[b] = call.with_hidden(outs[b] if outs is not None else run_block(pr_blocks[i], call))
         passes += 1.0 / n_blocks
     return passes

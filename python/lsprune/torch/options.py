@@ -31,6 +31,7 @@ from .pairs import (CoupledGroup, Pair, channel_passthrough_kind, check_consumer
                     normalize_pairs, producer_channels, shared_state)
 from .plan import ROUND_TO_KINDS
 from .pruning import SELECTORS, TIME_LIMITED
+from .reconstruct import ReconstructOptions, as_reconstruct
 
 MODES = ("sequential", "independent")
 STRATEGIES = ("auto", "graph", "hooks", "blocks")
@@ -349,7 +350,7 @@ def _check_names(what: str, names, modules) -> None:
 FINGERPRINT = ("ratio", "keep", "budget", "method", "refit", "norm", "mode", "damping", "max_positions", "seed",
                "coupled", "refine", "statistics", "round_to")
 #: Options every rank of a distributed prune must agree on (device and memory limit may differ per rank).
-AGREED = FINGERPRINT + ("pairs", "units", "targets", "blocks", "time_budget")
+AGREED = FINGERPRINT + ("pairs", "units", "targets", "blocks", "time_budget", "reconstruct")
 
 
 @dataclass(frozen=True)
@@ -389,6 +390,7 @@ class PruneOptions:
     statistics: str = param(OneOf(STATISTICS))
     time_budget: Optional[float] = param(Seconds())
     round_to: Any = param(RoundTo())
+    reconstruct: Optional[ReconstructOptions] = param(Converted(as_reconstruct))
 
     @classmethod
     def create(cls, model: nn.Module, **kwargs) -> "PruneOptions":
@@ -459,7 +461,8 @@ class PruneOptions:
         return dict(mode=self.mode, method=self.method, ratio=self.ratio, refit=self.refit,
                     norm=self.norm if self.method == "magnitude" else None, damping=float(self.damping),
                     max_positions=self.max_positions, seed=self.seed, refine=self.refine, statistics=self.statistics,
-                    time_budget=self.time_budget, coupled=self.coupled, round_to=self.round_to)
+                    time_budget=self.time_budget, coupled=self.coupled, round_to=self.round_to,
+                    reconstruct=None if self.reconstruct is None else self.reconstruct.to_dict())
 
 
 def _check_group(group: CoupledGroup, modules, ties) -> None:

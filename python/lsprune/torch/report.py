@@ -146,6 +146,58 @@ class PairReport:
 
 
 @dataclass
+class WindowReport:
+    """Block reconstruction of one window (``prune(reconstruct=)``, blocks strategy).
+
+    Attributes
+    ----------
+    block : str
+        The block (e.g. ``model.layers.3``).
+    window : str
+        The module that was fitted: the block (``window="block"``) or a sublayer (attention, MLP).
+    tap : str or None
+        The module inside ``window`` whose output was fitted (a sublayer that is not a module of its own, e.g.
+        BERT's MLP: its down projection); None: ``window``'s own output.
+    units : list of str
+        The pruned units the window covers.
+    params : int
+        Parameters that were trained (the units' kept weights and biases, norm scales with ``norms=True``).
+    steps : int
+        Optimizer steps run (fewer than asked when a non-finite loss stopped the fit).
+    best_step : int
+        The step whose weights were kept (0: the LS solution).
+    loss_before, loss_after : float
+        Mean squared error of the window's output to its targets over the calibration set (padding excluded):
+        the LS solution's and the kept weights' (never above ``loss_before``).
+    target_energy : float
+        Mean square of the targets (the loss of a zero output), the scale of the losses.
+    time_s : float
+        Seconds spent on this window (inputs, targets, steps, evaluations).
+    status : str
+        ``"improved"``, ``"unchanged"`` (no step beat the LS solution, or ``steps=0``) or ``"non_finite"`` (the
+        loss turned NaN/Inf: stopped, LS weights kept, a ``ReconstructionWarning`` was emitted).
+    """
+
+    block: str
+    window: str
+    tap: Optional[str] = None
+    units: List[str] = field(default_factory=list)
+    params: int = 0
+    steps: int = 0
+    best_step: int = 0
+    loss_before: float = 0.0
+    loss_after: float = 0.0
+    target_energy: float = 0.0
+    time_s: float = 0.0
+    status: str = "unchanged"
+
+    @property
+    def gain(self) -> float:
+        """Fraction of the LS loss removed, ``1 - loss_after / loss_before`` (0 when the loss was 0)."""
+        return 1.0 - self.loss_after / self.loss_before if self.loss_before > 0 else 0.0
+
+
+@dataclass
 class PruneReport(ModelReport):
     """Result of :func:`lsprune.torch.prune` (next to the pruned model).
 
@@ -217,6 +269,10 @@ class PruneReport(ModelReport):
     removed_fraction : float (property)
         The fraction of the pruned units' channels actually removed, ``1 - Σ after / Σ before`` over
         ``pairs`` (with ``round_to`` it can differ from ``ratio``).
+    reconstruct : dict or None
+        ``prune(reconstruct=)``: the :class:`lsprune.torch.ReconstructOptions` as a dict (None: off).
+    reconstruction : list of WindowReport
+        Block reconstruction, one record per window in the order they were fitted (empty when off).
     """
 
     pairs: List[PairReport] = field(default_factory=list)
@@ -250,6 +306,8 @@ class PruneReport(ModelReport):
     statistics: str = "auto"
     time_budget: Optional[float] = None
     round_to: Any = None
+    reconstruct: Optional[dict] = None
+    reconstruction: List[WindowReport] = field(default_factory=list)
 
     FORMAT = REPORT_FORMAT
     VERSION = REPORT_VERSION
@@ -261,6 +319,12 @@ class PruneReport(ModelReport):
         """``1 - Σ channels_after / Σ channels_before`` over the reported pairs and units (0 when none)."""
         before = sum(p.channels_before for p in self.pairs)
         return 1.0 - sum(p.channels_after for p in self.pairs) / before if before else 0.0
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PruneReport":
+        report = super().from_dict(data)
+        report.reconstruction = [WindowReport(**w) for w in data.get("reconstruction", [])]
+        return report
 
     def pair(self, producer: str) -> PairReport:
         """The report of the pair whose producer is ``producer``."""
@@ -293,4 +357,22 @@ class PruneReport(ModelReport):
         if self.round_to is not None:
             out += (f"\nround_to={self.round_to}: {self.removed_fraction:.4g} of the channels removed"
                     + (f" (ratio {self.ratio:g} asked)" if self.ratio is not None else ""))
-        return out + self._budget_line() + "\n" + self.table()
+        return out + self._budget_line() + self._reconstruction_lines() + "\n" + self.table()
+
+    def _reconstruction_lines(self) -> str:
+        """The reconstruction's summary line and, per window, its losses."""
+        if not self.reconstruct:
+            return ""
+        w = self.reconstruction
+        before, after = sum(r.loss_before for r in w), sum(r.loss_after for r in w)
+        r = self.reconstruct
+        out = (f"\nreconstruction ({r['window']} windows, {r['targets']} targets, {r['steps']} steps, lr {r['lr']:g}):"
+               f" {len(w)} window(s), summed loss {before:.4g} -> {after:.4g}"
+               f" ({1 - after / before if before > 0 else 0.0:.1%} lower), {sum(x.time_s for x in w):.2f}s")
+        bad = [x.window for x in w if x.status == "non_finite"]
+        if bad:
+            out += f"; stopped on a non-finite loss (LS weights kept): {', '.join(bad)}"
+        rows = [("window", "loss before", "loss after", "best step", "time")]
+        rows += [(x.window + (f" -> {x.tap.rsplit('.', 1)[-1]}" if x.tap else ""), f"{x.loss_before:.4g}",
+                  f"{x.loss_after:.4g}", f"{x.best_step}/{x.steps}", f"{x.time_s:.2f}s") for x in w]
+        return out + "\n" + table(rows)
