@@ -132,6 +132,9 @@ def cnn_rows(cfg: SpeedConfig, log=print) -> List[dict]:
                 x = torch.randn(batch, 3, cfg.cnn_hw, cfg.cnn_hw)
                 modes = [("eager", dense, pruned)]
                 if cfg.compile:
+                    # a fresh dynamo cache per pair: each new width is a recompile, and past dynamo's recompile
+                    # limit a compiled call silently runs eagerly
+                    torch._dynamo.reset()
                     cd, cp = torch.compile(dense), torch.compile(pruned)
                     modes.append(("compile", cd, cp))
                 for mode, d, p in modes:
