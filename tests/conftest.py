@@ -31,3 +31,15 @@ def restore_lsprune_logging():
     log.handlers[:] = handlers
     log.setLevel(level)
     log.propagate = propagate
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test, restored afterwards: small convs run several times faster so (and
+    steadily on a shared machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

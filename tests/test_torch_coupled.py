@@ -32,13 +32,7 @@ STEM_GROUP = ("conv1", "layers.0.conv2", "layers.1.conv2")
 STEM_READERS = ("layers.0.conv1", "layers.1.conv1", "layers.2.downsample.0", "layers.2.conv1")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These small convs run several times faster on one torch thread (and steadily on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _resnet():
