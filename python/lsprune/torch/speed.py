@@ -145,12 +145,23 @@ def cnn_rows(cfg: SpeedConfig, log=print) -> List[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- transformers
-def _transformers():
+def _hf_dense(workload: str, cfg: SpeedConfig, log):
+    """The workload's randomly initialised transformer, seeded (None, and a note, without transformers)."""
     try:
-        import transformers
+        import transformers as tf
     except ImportError:
+        log(f"({workload} rows skipped: transformers is not installed)")
         return None
-    return transformers
+    torch.manual_seed(0)
+    if workload == "encoder":
+        return tf.BertModel(tf.BertConfig(
+            vocab_size=1024, hidden_size=cfg.enc_hidden, num_hidden_layers=cfg.enc_layers,
+            num_attention_heads=cfg.enc_heads, intermediate_size=cfg.enc_ffn,
+            max_position_embeddings=max(512, cfg.enc_seq)), add_pooling_layer=False).eval()
+    return tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=1024, hidden_size=cfg.dec_hidden, intermediate_size=cfg.dec_ffn, num_hidden_layers=cfg.dec_layers,
+        num_attention_heads=cfg.dec_heads, num_key_value_heads=cfg.dec_kv_heads,
+        head_dim=cfg.dec_hidden // cfg.dec_heads, max_position_embeddings=cfg.prompt + cfg.new_tokens + 8)).eval()
 
 
 def _tokens(n: int, b: int, t: int, vocab: int, seed: int = 1) -> list:
@@ -159,15 +170,9 @@ def _tokens(n: int, b: int, t: int, vocab: int, seed: int = 1) -> list:
 
 
 def encoder_rows(cfg: SpeedConfig, log=print) -> List[dict]:
-    tf = _transformers()
-    if tf is None:
-        log("(encoder rows skipped: transformers is not installed)")
+    dense = _hf_dense("encoder", cfg, log)
+    if dense is None:
         return []
-    conf = tf.BertConfig(vocab_size=1024, hidden_size=cfg.enc_hidden, num_hidden_layers=cfg.enc_layers,
-                         num_attention_heads=cfg.enc_heads, intermediate_size=cfg.enc_ffn,
-                         max_position_embeddings=max(512, cfg.enc_seq))
-    torch.manual_seed(0)
-    dense = tf.BertModel(conf, add_pooling_layer=False).eval()
     calib = _tokens(cfg.calib_batches, 4, cfg.enc_seq, 1024)
     x = _tokens(1, cfg.enc_batch, cfg.enc_seq, 1024, seed=2)[0]
     rows = []
@@ -187,16 +192,9 @@ def _generate(model, ids, n: int):
 
 
 def decoder_rows(cfg: SpeedConfig, log=print) -> List[dict]:
-    tf = _transformers()
-    if tf is None:
-        log("(decoder rows skipped: transformers is not installed)")
+    dense = _hf_dense("decoder", cfg, log)
+    if dense is None:
         return []
-    conf = tf.LlamaConfig(vocab_size=1024, hidden_size=cfg.dec_hidden, intermediate_size=cfg.dec_ffn,
-                          num_hidden_layers=cfg.dec_layers, num_attention_heads=cfg.dec_heads,
-                          num_key_value_heads=cfg.dec_kv_heads, head_dim=cfg.dec_hidden // cfg.dec_heads,
-                          max_position_embeddings=cfg.prompt + cfg.new_tokens + 8)
-    torch.manual_seed(0)
-    dense = tf.LlamaForCausalLM(conf).eval()
     calib = _tokens(cfg.calib_batches, 4, min(cfg.prompt, 128), 1024)
     ids = _tokens(1, 1, cfg.prompt, 1024, seed=2)[0]["input_ids"]
     n = cfg.new_tokens
