@@ -172,6 +172,18 @@ def test_round_to_aligns_the_written_widths(folders, tmp_path, monkeypatch):
     assert torch.equal(_logits(plain, ids), _logits(pruned, ids))
 
 
+def test_reconstruct_option_reaches_prune(folders, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    code, (pruned, report) = _run(monkeypatch, "prune-hf", folders / "llama", "--calib", folders / "calib.txt",
+                                  "--ratio", "0.5", "--mlp", "--reconstruct", "steps=3,batch_size=64,seed=1", "-o",
+                                  out, "--seq-len", "32", "--max-sequences", "8", "-q")
+    assert code == 0
+    assert report.reconstruct["steps"] == 3 and report.reconstruct["seed"] == 1 and report.reconstruction
+    assert all(w.loss_after <= w.loss_before for w in report.reconstruction)
+    ids = _ids(out, folders / "held.txt")[None, :40]
+    assert torch.equal(_logits(lt.load_pretrained(out), ids), _logits(pruned, ids))
+
+
 @pytest.mark.parametrize("units,widths", [("--mlp", "pruned"), (None, "original")])
 def test_bert_encoder(folders, tmp_path, monkeypatch, units, widths):
     out = tmp_path / "out"
@@ -263,6 +275,8 @@ def _bad_cases(folders, tmp):
         "round-to not positive": (llama, calib, tmp / "o", ["--round-to", "0"], "--round-to"),
         "round-to unknown kind": (llama, calib, tmp / "o", ["--round-to", "attn=8"], "unknown kind 'attn'"),
         "round-to wider than a unit": (llama, calib, tmp / "o", ["--round-to", "mlp=128"], "round_to=128 is larger"),
+        "reconstruct bad value": (llama, calib, tmp / "o", ["--reconstruct", "steps=-1"], "--reconstruct"),
+        "reconstruct unknown key": (llama, calib, tmp / "o", ["--reconstruct", "epochs=3"], "--reconstruct"),
     }
 
 

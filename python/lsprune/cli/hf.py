@@ -50,6 +50,9 @@ def add_arguments(sub, common, damping: float) -> None:
     h.add_argument("--round-to", default=None, metavar="N|KIND=N,...",
                    help="aligned widths: kept counts multiples of N, or per kind, e.g. mlp=64,heads=2 (heads count "
                         "KV groups under GQA)")
+    h.add_argument("--reconstruct", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
+                   help="block reconstruction after LS selection (label-free), with the defaults or e.g. "
+                        "steps=50,lr=1e-3,window=sublayer (see lsprune.torch.ReconstructOptions)")
     h.add_argument("-o", "--output", required=True, help="the pruned model folder to write")
     h.add_argument("--overwrite", action="store_true", help="replace an output folder that is not empty")
 
@@ -218,6 +221,7 @@ def _check_prune_hf_args(args) -> None:
 
     _memory_limit(args.memory_limit)
     parse_round_to(args.round_to)
+    parse_reconstruct(args.reconstruct)
     _check_model_dir(args.model_dir)
     if not os.path.isfile(args.calib):
         raise CLIError(f"--calib {args.calib!r} is not a file")
@@ -292,6 +296,41 @@ def budget_spec(text: str):
     return lsprune.Budget(**{kind: f})
 
 
+def parse_reconstruct(text):
+    """``--reconstruct [KEY=VALUE,...]`` -> ``prune(reconstruct=)`` (None: off; ``""``: the defaults), checked by
+    :class:`lsprune.torch.ReconstructOptions` so that a bad value fails before any work."""
+    if text is None:
+        return None
+    import dataclasses
+
+    from lsprune.torch.reconstruct import ReconstructOptions, as_reconstruct
+
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(ReconstructOptions)}
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in kinds:
+            raise CLIError(f"--reconstruct: {item!r} is not KEY=VALUE with KEY one of {', '.join(kinds)}")
+        try:
+            out[key] = _typed(value.strip(), kinds[key])
+        except ValueError:
+            raise CLIError(f"--reconstruct: {key}={value!r} is not a {kinds[key].__name__}") from None
+    try:
+        as_reconstruct(out)
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"--reconstruct: {one_line(e)}") from e
+    return out
+
+
+def _typed(value: str, kind: type):
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(value)
+        return value.lower() in ("true", "1")
+    return kind(value)
+
+
 def hf_prune_options(args) -> dict:
     """The keyword arguments of ``lsprune.torch.prune`` from the prune-hf arguments (the one place)."""
     from .commands import _memory_limit, parse_round_to
@@ -303,6 +342,8 @@ def hf_prune_options(args) -> dict:
               memory_limit=_memory_limit(args.memory_limit), time_budget=args.time_budget)
     if args.round_to is not None:
         kw["round_to"] = parse_round_to(args.round_to)
+    if args.reconstruct is not None:
+        kw["reconstruct"] = parse_reconstruct(args.reconstruct)
     if args.no_refit:
         kw["refit"] = False
     if args.ratio is not None:
