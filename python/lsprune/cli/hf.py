@@ -358,7 +358,7 @@ def _load_hint(record: dict, cls) -> str:
         auto = "AutoModelForCausalLM" if _causal(cls) else "AutoModel"
         return (f"every block has the same widths: config.json carries them, so {auto}.from_pretrained(OUT) loads "
                 "the pruned model too (as does lsprune.torch.load_pretrained(OUT))")
-    return (f"config.json keeps the original widths ({record.get('reason')}): load with "
+    return (f"config.json keeps the original widths ({one_line(record.get('reason') or '')}): load with "
             "lsprune.torch.load_pretrained(OUT); plain from_pretrained refuses the folder (size mismatch)")
 
 

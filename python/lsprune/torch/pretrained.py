@@ -132,7 +132,7 @@ def _invalid(cfg) -> str:
         validate()
     except (StrictDataclassError, ValueError) as e:
         cause = e.__cause__ if e.__cause__ is not None else e  # the validator's own message
-        return f"transformers refuses the new widths in {type(cfg).__name__}: {_first_line(cause)}"
+        return f"transformers refuses the new widths in {type(cfg).__name__}: {cause}"
     return ""
 
 
@@ -327,7 +327,7 @@ def read_config(folder: str):
     try:
         return transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{folder!r}: transformers cannot read its {CONFIG} ({_first_line(e)})") from None
+        raise ValueError(f"{folder!r}: transformers cannot read its {CONFIG}: {type(e).__name__}: {e}") from e
 
 
 def _record(folder: str) -> dict:
@@ -336,11 +336,6 @@ def _record(folder: str) -> dict:
     if not isinstance(rec, dict) or rec.get("config_widths", "original") not in ("pruned", "original"):
         raise ValueError(f"{STRUCTURE} in {folder}: the {RECORD!r} record is damaged")
     return rec
-
-
-def _first_line(e: BaseException) -> str:
-    """Formatting only: transformers' messages run over several lines."""
-    return next((s.strip() for s in str(e).splitlines() if s.strip()), type(e).__name__)
 
 
 __all__ = ["save_pretrained", "load_pretrained", "WEIGHTS"]
