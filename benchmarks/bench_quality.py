@@ -15,12 +15,19 @@ calibration data (no labels, no fine-tuning), by
   labels), to show the gap between zero-shot LS and fine-tuned pruning.
 
 Records test accuracy, agreement with the unpruned model's predictions (less noisy than accuracy
-on 1,000 images), the FLOPs/params fractions reached and the prune time of every cell,
-plus the naive-greedy ("thinet") vs engine forward-selection speed on one VGG layer.
+on 1,000 images), the relative output error, the FLOPs/params fractions reached and the prune time
+of every cell, plus the naive-greedy ("thinet") vs engine forward-selection speed on one VGG layer.
+
+``--coupled`` sets ``prune(coupled=)`` of the zero-shot prune rows: ``off`` (pairs only, the recorded
+quality.md), ``on`` (coupled channel groups too, rows labelled ", coupled") or ``both`` (each such row
+pairs-only and coupled, same model, calibration and budget, plus a section comparing them). The
+fine-tune rows use the first setting only (pairs-only with ``both``). ``--kinds`` runs only some
+kinds of rows (prune: the zero-shot prune rows, factorize, tp: Torch-Pruning, finetune).
 
     python benchmarks/bench_quality.py [--models vgg,resnet,mlp] [--budgets 0.75,0.5,0.35,0.25]
+        [--coupled off|on|both] [--kinds prune,factorize,tp,finetune] [--name quality]
 
-Writes benchmarks/results/quality.{json,md} and benchmarks/results/quality.png.
+Writes benchmarks/results/<name>.{json,md} and benchmarks/results/<name>.png.
 """
 from __future__ import annotations
 
@@ -42,24 +49,35 @@ CAL_BATCH = 128
 FINETUNE_EPOCHS = 2
 LS_METHODS = ("forward", "omp", "backward")
 LAST_LAYER = {"vgg": "fc2", "resnet": "fc", "mlp": "out"}
+#: --coupled: the prune(coupled=) settings of the zero-shot prune rows.
+COUPLED = {"off": (False,), "on": (True,), "both": (False, True)}
+#: --kinds: the kinds of rows.
+KINDS = ("prune", "factorize", "tp", "finetune")
+#: The zero-shot prune rows: (label, method, refit).
+PRUNE_ROWS = tuple((f"LS {m}", m, True) for m in LS_METHODS) + tuple(
+    row for m in ("magnitude", "random") for row in ((f"{m} + re-fit", m, True), (m, m, False)))
 
 
-def variants():
-    """(label, allocation, run kwargs) of every pruned model per cell."""
+def tagged(label: str, coupled: bool) -> str:
+    return label + (", coupled" if coupled else "")
+
+
+def variants(coupled=(False,), kinds=KINDS):
+    """(label, allocation, run kwargs) of every pruned model per cell (rows of ``kinds``); the prune rows once
+    per ``coupled`` setting."""
     out = []
     for alloc in ("global", "uniform"):
-        for m in LS_METHODS:
-            out.append((f"LS {m}", alloc, dict(kind="prune", method=m, refit=True)))
-        for m in ("magnitude", "random"):
-            out.append((f"{m} + re-fit", alloc, dict(kind="prune", method=m, refit=True)))
-            out.append((m, alloc, dict(kind="prune", method=m, refit=False)))
+        for c in coupled:
+            out += [(tagged(label, c), alloc, dict(kind="prune", method=m, refit=r, coupled=c))
+                    for label, m, r in PRUNE_ROWS]
         out.append(("LS factorization", alloc, dict(kind="factorize")))
         out.append(("Torch-Pruning magnitude", alloc, dict(kind="tp")))
-    out.append((f"LS forward + {FINETUNE_EPOCHS} ep. fine-tune", "global",
-                dict(kind="finetune", method="forward", refit=True)))
-    out.append((f"magnitude + {FINETUNE_EPOCHS} ep. fine-tune", "uniform",
-                dict(kind="finetune", method="magnitude", refit=False)))
-    return out
+    c = coupled[0]
+    out.append((tagged(f"LS forward + {FINETUNE_EPOCHS} ep. fine-tune", c), "global",
+                dict(kind="finetune", method="forward", refit=True, coupled=c)))
+    out.append((tagged(f"magnitude + {FINETUNE_EPOCHS} ep. fine-tune", c), "uniform",
+                dict(kind="finetune", method="magnitude", refit=False, coupled=c)))
+    return [v for v in out if v[2]["kind"] in kinds]
 
 
 def flops_of(model, x) -> float:
@@ -98,11 +116,11 @@ def run_cell(name, entry, data, cal, frac, label, alloc, spec):
     base_flops = flops_of(model, xt)
     base_params = sum(p.numel() for p in model.parameters())
     budget = lsprune.Budget(flops=frac, allocation=alloc)
-    row = {"model": name, "method": label, "allocation": alloc, "budget": frac}
+    row = {"model": name, "method": label, "allocation": alloc, "budget": frac, "coupled": spec.get("coupled")}
     try:
         if spec["kind"] == "prune":
             pruned, rep = lt.prune(model, cal, budget=budget, method=spec["method"], refit=spec["refit"],
-                                   progress=False)
+                                   coupled=spec["coupled"], progress=False)
             secs = rep.time_s
         elif spec["kind"] == "factorize":
             pruned, rep = lt.factorize(model, cal, budget=budget, progress=False)
@@ -111,14 +129,16 @@ def run_cell(name, entry, data, cal, frac, label, alloc, spec):
             pruned, secs = tp_prune(model, xt[:1], frac, alloc == "global", LAST_LAYER[name])
         else:  # prune, then fine-tune with labels
             pruned, rep = lt.prune(model, cal, budget=budget, method=spec["method"], refit=spec["refit"],
-                                   progress=False)
+                                   coupled=spec["coupled"], progress=False)
             t = time.perf_counter()
             qm.train(pruned, x, y, epochs=FINETUNE_EPOCHS, lr=3e-4, seed=1)
             secs = rep.time_s + (time.perf_counter() - t)
     except ValueError as e:
         row.update(accuracy=None, error=str(e).splitlines()[0])
         return row
-    row.update(accuracy=qm.accuracy(pruned, xt, yt), agreement=qm.agreement(pruned, model, xt), prune_s=secs,
+    if "logits" not in entry:  # the unpruned model's test outputs, once
+        entry["logits"] = qm.logits(model, xt)
+    row.update(**qm.scores(qm.logits(pruned, xt), entry["logits"], yt), prune_s=secs,
                flops=flops_of(pruned, xt) / base_flops,
                params=sum(p.numel() for p in pruned.parameters()) / base_params)
     return row
@@ -139,29 +159,31 @@ def thinet_speed(entry, cal):
             "relative error": out["forward"]["relative_error"]}
 
 
-def goals(rows, originals, budgets):
+def goals(rows, originals, budgets, coupled=False):
     """The issue's goals, per model and budget: best LS selection >= magnitude + re-fit >= magnitude
-    (same allocation), and at 50% FLOPs the best zero-shot LS selection within 1 point on the CNNs."""
+    (same allocation), and at 50% FLOPs the best zero-shot LS selection within 1 point on the CNNs;
+    for the rows with ``coupled`` groups or without."""
     cell = {(r["model"], r["method"], r["allocation"], r["budget"]): r for r in rows}
 
     def get(name, label, alloc, b, key="accuracy"):
-        r = cell.get((name, label, alloc, b))
+        r = cell.get((name, tagged(label, coupled), alloc, b))
         return None if r is None else r.get(key)
 
     lines = []
     for name in originals:
+        tag = tagged(name, coupled)
         for b in budgets:
             for alloc in ("uniform", "global"):
                 ls = [get(name, f"LS {m}", alloc, b) for m in LS_METHODS]
                 mr, mg = get(name, "magnitude + re-fit", alloc, b), get(name, "magnitude", alloc, b)
                 if None in ls or None in (mr, mg):
-                    lines.append(f"- {name} @ {b:g} ({alloc}): not every cell is reachable")
+                    lines.append(f"- {tag} @ {b:g} ({alloc}): not every cell is reachable")
                     continue
                 best = max(ls)
                 agree = (max(get(name, f"LS {m}", alloc, b, "agreement") for m in LS_METHODS),
                          get(name, "magnitude + re-fit", alloc, b, "agreement"),
                          get(name, "magnitude", alloc, b, "agreement"))
-                lines.append(f"- {name} @ {b:g} ({alloc}): best LS {best:.1f} {'>=' if best >= mr else '<'} "
+                lines.append(f"- {tag} @ {b:g} ({alloc}): best LS {best:.1f} {'>=' if best >= mr else '<'} "
                              f"magnitude + re-fit {mr:.1f} {'>=' if mr >= mg else '<'} magnitude {mg:.1f}: "
                              f"{'met' if best >= mr >= mg else 'NOT met'}; agreement with the unpruned model "
                              f"{agree[0]:.1f} / {agree[1]:.1f} / {agree[2]:.1f}")
@@ -170,10 +192,53 @@ def goals(rows, originals, budgets):
             accs = [v for v in accs if v is not None]
             if accs:
                 loss = originals[name] - max(accs)
-                lines.append(f"- {name} @ 0.5: best zero-shot LS selection loses {loss:.1f} points "
+                lines.append(f"- {tag} @ 0.5: best zero-shot LS selection loses {loss:.1f} points "
                              f"({originals[name]:.1f} -> {max(accs):.1f}): {'met' if loss <= 1.0 else 'NOT met'} "
                              "(goal: <= 1)")
     return "\n".join(lines)
+
+
+#: What the coupled comparison puts side by side (pairs-only, coupled).
+COMPARED = ("accuracy", "agreement", "output_error", "flops", "params", "prune_s")
+
+
+def coupled_vs_pairs(rows):
+    """Every zero-shot prune cell run both ways (``--coupled both``): its pairs-only and coupled values."""
+    cell = {(r["model"], r["method"], r["allocation"], r["budget"]): r for r in rows}
+    labels = {label for label, _, _ in PRUNE_ROWS}
+    out = []
+    for r in rows:
+        c = cell.get((r["model"], tagged(r["method"], True), r["allocation"], r["budget"]))
+        if r["coupled"] is not False or r["method"] not in labels or c is None:
+            continue
+        row = {k: r[k] for k in ("model", "budget", "allocation", "method")}
+        for k in COMPARED:
+            row[f"{k} pairs"], row[f"{k} coupled"] = r.get(k), c.get(k)
+        out.append(row)
+    return out
+
+
+def coupled_summary(compared):
+    """Per model and method, over budgets and allocations where both were reachable: in how many cells the
+    coupled prune agrees at least as well, the median differences (coupled − pairs) and time ratio."""
+    import statistics
+
+    groups = {}
+    for r in compared:
+        if r["accuracy pairs"] is not None and r["accuracy coupled"] is not None:
+            groups.setdefault((r["model"], r["method"]), []).append(r)
+    out = []
+    for (model, method), rs in groups.items():
+        def med(f):
+            return statistics.median(f(r) for r in rs)
+        out.append({"model": model, "method": method, "cells": len(rs),
+                    "agreement >= pairs": sum(r["agreement coupled"] >= r["agreement pairs"] for r in rs),
+                    "median Δ agreement": med(lambda r: r["agreement coupled"] - r["agreement pairs"]),
+                    "median Δ accuracy": med(lambda r: r["accuracy coupled"] - r["accuracy pairs"]),
+                    "median output error ratio": med(lambda r: r["output_error coupled"] / r["output_error pairs"]),
+                    "median Δ params kept": med(lambda r: r["params coupled"] - r["params pairs"]),
+                    "median prune time ratio": med(lambda r: r["prune_s coupled"] / r["prune_s pairs"])})
+    return out
 
 
 def plot(rows, originals, path):
@@ -183,6 +248,7 @@ def plot(rows, originals, path):
     import matplotlib.pyplot as plt
 
     shown = [("LS forward", "global", "C0", "-o"), ("LS forward", "uniform", "C0", "--o"),
+             ("LS forward, coupled", "global", "C5", "-h"), ("LS forward, coupled", "uniform", "C5", "--h"),
              ("LS omp", "global", "C9", "-^"), ("LS backward", "global", "C1", "-s"),
              ("magnitude + re-fit", "uniform", "C2", "-d"), ("magnitude", "uniform", "C2", ":d"),
              ("random + re-fit", "uniform", "C7", "-x"), ("random", "uniform", "C7", ":x"),
@@ -214,34 +280,23 @@ def plot(rows, originals, path):
     fig.savefig(path, dpi=110)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="vgg,resnet,mlp")
-    ap.add_argument("--budgets", default="0.75,0.5,0.35,0.25")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    lsprune.set_num_threads(args.threads)
-    logging.getLogger("lsprune").setLevel(logging.ERROR)
-    names = args.models.split(",")
-    budgets = [float(b) for b in args.budgets.split(",")]
-    t0 = time.perf_counter()
-    data = qm.mnist()
-    trained = qm.trained_models(data, names)
-    cal = [data[0][i:i + CAL_BATCH] for i in range(0, CALIBRATION, CAL_BATCH)]  # images only, no labels
+def run_all(names, budgets, trained, data, cal, coupled, kinds):
+    """Every cell of every model (printed as it completes)."""
     rows = []
     for name in names:
         print(f"{name}: test accuracy {trained[name]['accuracy']:.1f}% ({trained[name]['train_s']:.0f}s training)",
               flush=True)
         for frac in budgets:
-            for label, alloc, spec in variants():
+            for label, alloc, spec in variants(coupled, kinds):
                 r = run_cell(name, trained[name], data, cal, frac, label, alloc, spec)
                 rows.append(r)
-                print(f"  {frac:<5g} {label:<32} {alloc:<8} " + (f"{r['accuracy']:5.1f}%  flops {r['flops']:.3f}  "
+                print(f"  {frac:<5g} {label:<42} {alloc:<8} " + (f"{r['accuracy']:5.1f}%  flops {r['flops']:.3f}  "
                       f"{r['prune_s']:.2f}s" if r["accuracy"] is not None else r["error"]), flush=True)
-    speed = thinet_speed(trained["vgg"], cal) if "vgg" in names else None
-    originals = {n: trained[n]["accuracy"] for n in names}
+    return rows
 
+
+def sections_of(names, budgets, trained, data, rows, coupled, kinds):
+    """The trained models, one accuracy table per model and, with ``--coupled both``, the comparison."""
     sections = [("Trained models", [{"model": n, "test accuracy (%)": trained[n]["accuracy"],
                                      "epochs": trained[n]["epochs"], "train time (s)": trained[n]["train_s"],
                                      "MACs/sample": flops_of(trained[n]["model"], data[2]),
@@ -251,7 +306,7 @@ def main():
     cols = ["method", "allocation"] + [f"{b:g}" for b in budgets]
     for name in names:
         table = []
-        for label, alloc, _ in variants():
+        for label, alloc, _ in variants(coupled, kinds):
             row = {"method": label, "allocation": alloc}
             for r in rows:
                 if r["model"] == name and r["method"] == label and r["allocation"] == alloc:
@@ -259,27 +314,67 @@ def main():
                                                if r["accuracy"] is not None else "unreachable")
             table.append(row)
         sections.append((f"{name}: test accuracy % (prune time) at FLOPs budget; unpruned "
-                         f"{originals[name]:.1f}%", table, cols))
+                         f"{trained[name]['accuracy']:.1f}%", table, cols))
+    if len(coupled) == 2:
+        compared = coupled_vs_pairs(rows)
+        summary = coupled_summary(compared)
+        sections.append(("Coupled vs pairs-only, per model and method (over budgets and allocations)", summary,
+                         list(summary[0]) if summary else []))
+        sections.append(("Coupled vs pairs-only, every cell", compared,
+                         ["model", "budget", "allocation", "method"] +
+                         [f"{k} {w}" for k in COMPARED for w in ("pairs", "coupled")]))
+    return sections
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="vgg,resnet,mlp")
+    ap.add_argument("--budgets", default="0.75,0.5,0.35,0.25")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--coupled", choices=tuple(COUPLED), default="off",
+                    help="prune(coupled=) of the zero-shot prune rows: off (pairs only), on, or both side by side")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="kinds of rows to run (comma-separated)")
+    ap.add_argument("--name", default="quality", help="results file name (benchmarks/results/<name>.md/.json/.png)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lsprune.set_num_threads(args.threads)
+    logging.getLogger("lsprune").setLevel(logging.ERROR)
+    names = args.models.split(",")
+    budgets = [float(b) for b in args.budgets.split(",")]
+    coupled = COUPLED[args.coupled]
+    kinds = tuple(args.kinds.split(","))
+    if not set(kinds) <= set(KINDS):
+        ap.error(f"--kinds: choose from {', '.join(KINDS)}")
+    t0 = time.perf_counter()
+    data = qm.mnist()
+    trained = qm.trained_models(data, names)
+    cal = [data[0][i:i + CAL_BATCH] for i in range(0, CALIBRATION, CAL_BATCH)]  # images only, no labels
+    rows = run_all(names, budgets, trained, data, cal, coupled, kinds)
+    speed = thinet_speed(trained["vgg"], cal) if "vgg" in names else None
+    originals = {n: trained[n]["accuracy"] for n in names}
+    sections = sections_of(names, budgets, trained, data, rows, coupled, kinds)
     if speed:
         sections.append(("Naive greedy (thinet) vs engine forward selection, same layer", [speed], list(speed)))
     notes = ("Accuracy on the 1,000 held-out images (one image = 0.1 point). Agreement = % of them on which the "
-             "pruned model predicts the unpruned model's class (quality.json, and the goal lines as best LS / "
-             "magnitude + re-fit / magnitude). Prune time is the whole lsprune.torch.prune / factorize call on 2 CPU "
-             "threads, including the extra independent pass of the global allocation; Torch-Pruning's is one prune "
+             f"pruned model predicts the unpruned model's class ({args.name}.json, and the goal lines as best LS / "
+             f"magnitude + re-fit / magnitude). Prune time is the whole lsprune.torch.prune / factorize call on "
+             f"{args.threads} CPU thread(s), including the extra independent pass of the global allocation; Torch-Pruning's is one prune "
              "at the bisected ratio; fine-tune rows include the training. The FLOPs and parameter fractions reached "
-             "by every cell are in quality.json.\n\nGoals (LS = the best of forward/omp/backward):\n" +
-             goals(rows, originals, budgets) + f"\n\nTotal benchmark time {time.perf_counter() - t0:.0f}s.")
-    record("quality", "Zero-shot pruning quality on MNIST", sections, notes)
-    plot(rows, originals, os.path.join(RESULTS, "quality.png"))
+             f"by every cell, and the relative output error on the held-out images, are in {args.name}.json.\n\n"
+             "Goals (LS = the best of forward/omp/backward):\n" +
+             "\n".join(goals(rows, originals, budgets, c) for c in coupled) +
+             f"\n\nTotal benchmark time {time.perf_counter() - t0:.0f}s.")
+    record(args.name, "Zero-shot pruning quality on MNIST", sections, notes)
+    plot(rows, originals, os.path.join(RESULTS, args.name + ".png"))
     # the full rows (reached FLOPs/params fractions) go next to the tables
     import json
-    path = os.path.join(RESULTS, "quality.json")
+    path = os.path.join(RESULTS, args.name + ".json")
     with open(path) as f:
         doc = json.load(f)
     doc["cells"] = rows
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
-    print(open(os.path.join(RESULTS, "quality.md")).read())
+    print(open(os.path.join(RESULTS, args.name + ".md")).read())
 
 
 if __name__ == "__main__":

@@ -144,6 +144,23 @@ def agreement(model: nn.Module, reference: nn.Module, x: torch.Tensor, batch: in
     return 100.0 * same / len(x)
 
 
+@torch.no_grad()
+def logits(model: nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """The model's outputs on ``x`` (eval mode), in batches."""
+    model.eval()
+    return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def scores(out: torch.Tensor, ref: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+    """From one pass of the pruned model (``out``) and the unpruned one's (``ref``): test accuracy and agreement
+    with the unpruned predictions in percent (as :func:`accuracy` / :func:`agreement`), and the relative output
+    error ``‖out − ref‖² / ‖ref‖²``."""
+    pred = out.argmax(1)
+    return {"accuracy": 100.0 * float((pred == y).float().mean()),
+            "agreement": 100.0 * float((pred == ref.argmax(1)).float().mean()),
+            "output_error": float(((out - ref) ** 2).sum() / (ref ** 2).sum())}
+
+
 def trained_models(data, names=("vgg", "resnet", "mlp"), seed: int = 0) -> Dict[str, dict]:
     """{name: {"model", "accuracy", "train_s", "epochs"}} trained from ``seed``."""
     x, y, xt, yt = data

@@ -26,3 +26,12 @@ def no_pairs():
 
 def fails_loudly():
     raise RuntimeError("the factory failed\nsecond line of the message\nthird line")
+
+
+def small_resnet():
+    """The coupled-group tests' ResNet (two residual streams: coupled groups)."""
+    import torch
+    from torch_models import SmallResNet, init_bn
+
+    torch.manual_seed(0)
+    return init_bn(SmallResNet()).eval()

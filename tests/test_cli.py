@@ -183,6 +183,30 @@ def test_demo_runs_end_to_end():
     assert "10% FLOPs" in out
 
 
+def test_coupled_groups_by_default_and_no_coupled(tmp_path):
+    """``lsprune prune`` prunes the coupled groups (residual streams) by default, as ``--coupled`` does;
+    ``--no-coupled`` prunes the pairs alone: the model ``prune(coupled=False)`` returns."""
+    import lsprune.torch as lt
+    from cli_factories import small_resnet
+    from lsprune.cli.main import main
+
+    calib = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.save(calib, tmp_path / "calib.pt")
+    base = ["prune", "cli_factories:small_resnet", "--calib", str(tmp_path / "calib.pt"), "--ratio", "0.5", "-q"]
+    got = {}
+    for flag in ("", "--coupled", "--no-coupled"):
+        out, rep = tmp_path / f"m{flag}.pt", tmp_path / f"r{flag}.json"
+        assert main(base + [flag] * bool(flag) + ["-o", str(out), "--report", str(rep)]) == 0
+        got[flag] = torch.load(out, weights_only=False).state_dict(), json.loads(rep.read_text())
+    (default, rep), (on, _), (off, off_rep) = got[""], got["--coupled"], got["--no-coupled"]
+    assert rep["coupled"] is True and any(p["writers"] for p in rep["pairs"])
+    assert off_rep["coupled"] is False and not any(p["writers"] for p in off_rep["pairs"])
+    want, _ = lt.prune(small_resnet(), [calib], ratio=0.5, coupled=False, progress=False)
+    for k, v in want.state_dict().items():
+        assert torch.equal(default[k], on[k]) and torch.equal(off[k], v), k
+    assert default["fc.weight"].shape[1] < off["fc.weight"].shape[1]  # the head's stream lost channels
+
+
 def test_checkpoint_and_memory_limit_options(files, tmp_path, capsys):
     from lsprune.cli.main import main
 

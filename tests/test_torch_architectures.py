@@ -160,7 +160,11 @@ def test_conv_variants_details():
     assert (pruned.c1.stride, pruned.c1.padding, pruned.c1.dilation) == ((2, 2), (2, 2), (2, 2))
     assert pruned.c3.padding_mode == "reflect"
     skipped = {s["producer"]: s["reason"] for s in report.skipped}
-    assert "groups=2" in skipped["c4"] and "grouped conv" in skipped["g"]
+    assert "grouped conv" in skipped["g"]
+    # c4 feeds the 2-group conv g: a coupled group losing whole groups of 4 channels; pairs only, it is skipped
+    assert (report.pair("c4").kind, report.pair("c4").unit) == ("grouped", 4)
+    off = lt.find_pairs(model, batches(shape, n=1, seed=2)[0], coupled=False)
+    assert "groups=2" in {s.producer: s.reason for s in off.skipped}["c4"]
 
 
 def test_ratio_zero_and_keep_dict():
@@ -197,8 +201,11 @@ def test_report_serialisation():
         assert key in d["pairs"][0]
     again = lt.PruneReport.from_dict(d)
     assert again.to_dict() == report.to_dict()
-    # one sweep, plus one partial sweep that stops after the stem's coupled group
-    assert report.forward_passes < 3.5 and report.strategy == "graph" and report.n_batches == 2
+    # sequential with coupled groups: one sweep per group (stopping after it) and a last one, each under two
+    # passes (the original and the pruned network)
+    sweeps = 1 + sum(bool(p.writers) for p in report.pairs)
+    assert sweeps == 3 and report.forward_passes < 2 * sweeps
+    assert report.strategy == "graph" and report.n_batches == 2
     text = str(report)
     assert "blocks.0.conv.0" in text and "->" in text
     p = report.pairs[0]

@@ -1,7 +1,6 @@
 """Coupled channel groups (issue 19, first front-end slice): a producer read by several consumers and
 residual streams, pruned jointly (lsprune.select_joint) with every member shrunk consistently."""
 import copy
-import functools
 import json
 
 import numpy as np
@@ -18,8 +17,8 @@ import torch_models as tm  # noqa: E402
 from torch_helpers import (assert_unchanged, batches, digits_data, output_error, snapshot,  # noqa: E402
                            train_briefly)
 
-#: coupled groups are opt-in (``prune(coupled=True)``): every call here asks for them unless it says otherwise
-prune = functools.partial(lt.prune, coupled=True)
+#: coupled groups are pruned by default: every call here prunes them unless it says ``coupled=False``
+prune = lt.prune
 
 #: The pruned model against the unpruned architecture with the removed channels zeroed and the pruned
 #: weights scattered back (float32: only the order of the summations differs).
@@ -310,6 +309,19 @@ def test_sequential_order_later_units_see_the_pruned_stream(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- coupling off
+def test_coupled_groups_are_the_default():
+    """``lt.prune`` without ``coupled=`` prunes the groups: the same model as ``coupled=True``."""
+    model = _resnet()
+    cal = batches(RESNET_SHAPE, n=2, seed=1)
+    pruned, report = lt.prune(model, cal, ratio=0.5, progress=False)
+    on, on_report = lt.prune(model, cal, ratio=0.5, progress=False, coupled=True)
+    assert report.coupled is True
+    assert {p.producer for p in report.pairs if p.writers} == {"conv1", "layers.2.downsample.0"}
+    assert [p.kept for p in report.pairs] == [p.kept for p in on_report.pairs]
+    for (k, a), b in zip(pruned.state_dict().items(), on.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_coupling_off_prunes_the_pairs_alone(monkeypatch):
     """``coupled=False`` never looks for groups, and gives what pruning the same pairs by name gives."""
     def never(*a, **k):
@@ -404,12 +416,22 @@ def test_declared_groups():
     assert_unchanged(model, snap)
 
 
-def test_methods_without_a_group_variant_leave_the_groups_alone():
+@pytest.mark.parametrize("method", ["thinet", "wanda_sp", "flap"])
+def test_methods_without_a_group_variant_leave_the_groups_alone(method):
+    """Under the default (coupled groups on) these methods prune the pairs alone: the same model as
+    ``coupled=False``, with every group's writers listed in ``report.skipped`` with the reason."""
     model = _resnet()
     cal = batches(RESNET_SHAPE, n=2, seed=1)
-    _, report = prune(model, cal, ratio=0.5, method="flap", progress=False)
-    assert all(not r.writers for r in report.pairs)
-    assert any("no coupled-group variant" in s["reason"] for s in report.skipped if s["producer"] == "conv1")
+    groups = lt.find_pairs(model, cal[0]).groups
+    pruned, report = prune(model, cal, ratio=0.5, method=method, progress=False)
+    off, off_report = prune(model, cal, ratio=0.5, method=method, progress=False, coupled=False)
+    assert groups and all(not r.writers for r in report.pairs)
+    assert [p.kept for p in report.pairs] == [p.kept for p in off_report.pairs] and report.pairs
+    for (k, a), b in zip(pruned.state_dict().items(), off.state_dict().values()):
+        assert torch.equal(a, b), k
+    reasons = {s["producer"]: s["reason"] for s in report.skipped}
+    for g in groups:
+        assert all("no coupled-group variant" in reasons[w] for w in g.writers), g.name
 
 
 @pytest.mark.parametrize("kw", [dict(ratio=0.5), dict(budget=lsprune.Budget(flops=0.4), mode="independent")])

@@ -15,7 +15,7 @@ import lsprune.torch as lt  # noqa: E402
 import torch_models as tm  # noqa: E402
 from torch_helpers import assert_unchanged, batches, masked_reference, output_error, snapshot  # noqa: E402
 
-prune = functools.partial(lt.prune, coupled=True, progress=False)
+prune = functools.partial(lt.prune, progress=False)  # coupled groups: the default
 MASK_RTOL = 1e-5
 SHAPE = (16, 1, 8, 8)
 

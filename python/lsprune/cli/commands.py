@@ -148,13 +148,11 @@ def _prune_options(args) -> dict:
     kw = dict(method=args.method, mode=args.mode, damping=args.damping, max_batches=args.max_batches,
               device=args.device, progress=not args.quiet, seed=args.seed, checkpoint=args.checkpoint,
               memory_limit=_memory_limit(args.memory_limit), statistics=args.statistics,
-              time_budget=args.time_budget)
+              time_budget=args.time_budget, coupled=args.coupled)
     if args.round_to is not None:
         kw["round_to"] = parse_round_to(args.round_to)
     if args.no_refit:
         kw["refit"] = False
-    if args.coupled:
-        kw["coupled"] = True
     if args.ratio is not None:
         kw["ratio"] = args.ratio
     else:

@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     amount.add_argument("--params", type=float, help="keep this fraction of the model's parameters")
     r.add_argument("--method", choices=METHODS, default="forward")
     r.add_argument("--no-refit", action="store_true", help="magnitude/random: keep the original consumer weights")
-    r.add_argument("--coupled", action="store_true",
-                   help="also prune coupled channel groups (residual streams, outputs read by several consumers)")
+    r.add_argument("--coupled", action=argparse.BooleanOptionalAction, default=True,
+                   help="also prune coupled channel groups (residual streams, outputs read by several consumers; "
+                        "the default); --no-coupled prunes producer -> consumer pairs only")
     r.add_argument("--mode", choices=("sequential", "independent"), default="sequential")
     r.add_argument("--damping", type=float, default=DEFAULT_DAMPING)
     r.add_argument("--batch-size", type=int, default=64, help="calibration batch size (default 64)")

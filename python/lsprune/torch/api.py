@@ -95,7 +95,7 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
           max_positions: Optional[int] = DEFAULT_MAX_POSITIONS, seed: int = 0,
           strategy: str = "auto", distributed: Optional[bool] = None, checkpoint=None,
           checkpoint_interval: float = 60.0, memory_limit="auto", units=None, targets: str = "layer",
-          blocks: Optional[str] = None, coupled: bool = False, refine=None, statistics: str = "auto",
+          blocks: Optional[str] = None, coupled: bool = True, refine=None, statistics: str = "auto",
           time_budget: Optional[float] = None, round_to=None,
           reconstruct=None) -> Tuple[nn.Module, PruneReport]:
     """Structurally prunes a trained model by layerwise least squares (no labels, no fine-tuning).
@@ -196,13 +196,13 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
     blocks : str, optional
         Blocks strategy: the name of the ``nn.ModuleList`` of repeated blocks (e.g.
         ``"model.layers"``); found automatically when omitted.
-    coupled : bool, default False
+    coupled : bool, default True
         Graph strategy: also prune coupled channel groups (:class:`CoupledGroup`, see
         :func:`find_pairs`): a producer whose output feeds several consumers, and residual streams
         (every writer into the stream by elementwise add and every reader of it). Channel ``j`` leaves
         every member; the channels are chosen jointly over the readers' LS problems
-        (:func:`lsprune.select_joint`) and each reader is re-fitted. ``False`` (default for now): only
-        pairs, as before.
+        (:func:`lsprune.select_joint`) and each reader is re-fitted. ``False``: only pairs (the result
+        of lsprune before coupled groups, bit for bit).
         Methods with a group variant: forward, omp, backward, magnitude (group magnitude), random;
         with the others the groups are left alone (``report.skipped``).
 
