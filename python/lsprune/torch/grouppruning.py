@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -227,6 +228,8 @@ def _joint(problems, n_keep: int, forced: bool, C: int, **kw) -> lsprune.JointSe
         return lsprune.select_joint(problems, n_keep=n_keep, **kw)
     force = list(kw.pop("force", None) or []) + [C]
     j = lsprune.select_joint(problems, n_keep=n_keep + 1, force=force, **kw)
+    while C not in j.kept:  # the engine skips a forced group it finds degenerate: raise the damping until it is not
+        j = _other_slices_kept(problems, n_keep + 1, force, C, kw)
     path = None
     if j.kept_path is not None:
         on = j.kept_path >= 1  # forward/omp: the first entry is before the forced group
@@ -235,6 +238,22 @@ def _joint(problems, n_keep: int, forced: bool, C: int, **kw) -> lsprune.JointSe
         j, selected=j.selected[j.selected != C], kept=j.kept[j.kept != C], removed=j.removed[j.removed != C],
         error_path=path[0] if path else None, relative_error_path=path[1] if path else None,
         kept_path=path[2] if path else None)
+
+
+def _other_slices_kept(problems, n_keep: int, force: List[int], C: int, kw: dict) -> lsprune.JointSelection:
+    """The readers' other slices (group ``C``) are degenerate at ``kw["damping"]``: their kept channels are dead or
+    linearly dependent on the calibration data (a Fire module's expand1x1 has more outputs than its squeeze has
+    channels), and float32 sums can leave that block of the centred Gram indefinite, which a tiny ridge does not
+    cure. They stay in the readers whatever the choice, so the re-fit must cover them: ``select_joint`` again
+    with the damping raised one escalation step (``kw["damping"]`` is updated)."""
+    damping = _policy.escalate(kw["damping"])
+    if damping > _policy.MAX_DAMPING:
+        raise lsprune.NumericalError(f"the other slices' columns stay degenerate up to damping={_policy.MAX_DAMPING:g}")
+    warnings.warn(f"the concatenation's other slices are degenerate on the calibration data at damping="
+                  f"{kw['damping']:g} (dead or linearly dependent kept channels); selecting again with damping="
+                  f"{damping:g}", lsprune.DampingRaisedWarning)  # logged with the group's name
+    kw["damping"] = damping
+    return lsprune.select_joint(problems, n_keep=n_keep, force=force, **kw)
 
 
 def _select(gjob: GroupJob, problems: List[dict], method: str, damping: float, slices=None) -> lsprune.JointSelection:
