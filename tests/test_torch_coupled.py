@@ -15,7 +15,7 @@ import lsprune  # noqa: E402
 import lsprune.torch as lt  # noqa: E402
 import lsprune.torch.grouppruning as grouppruning  # noqa: E402
 import torch_models as tm  # noqa: E402
-from torch_helpers import (assert_unchanged, batches, digits_data, output_error, snapshot,  # noqa: E402
+from torch_helpers import (assert_unchanged, batches, digits_data, module_io, output_error, snapshot,  # noqa: E402
                            train_briefly)
 
 #: coupled groups are opt-in (``prune(coupled=True)``): every call here asks for them unless it says otherwise
@@ -226,14 +226,7 @@ def test_apply_structure_round_trip():
 # ---------------------------------------------------------------------------------------------- selection
 def _reader_statistics(model: nn.Module, cal, readers):
     """Each reader's statistics on the original network: unfolded inputs (Conv2d) or rows, original outputs."""
-    mods = dict(model.named_modules())
-    seen = {n: [] for n in readers}
-    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: seen[n].append((i[0], o))) for n in readers]
-    with torch.no_grad():
-        for x in cal:
-            model(x)
-    for h in hooks:
-        h.remove()
+    mods, seen = dict(model.named_modules()), module_io(model, cal, readers)
     out = []
     for n in readers:
         m = mods[n]

@@ -146,8 +146,10 @@ def group_order(gjob: GroupJob, method: str) -> np.ndarray:
     if method == "random":
         return random_order(gjob.channels, gjob.seed, gjob.index)
     score = np.zeros(gjob.channels)
-    for w in gjob.ref_writers:
-        s = filter_norms(w, gjob.norm).reshape(gjob.channels, -1).sum(1)  # a unit's channels (whole groups)
+    for name, w in zip(gjob.group.writers, gjob.ref_writers):
+        s = filter_norms(w, gjob.norm)  # summed over a unit's channels (whole groups, or a shuffle's positions)
+        s = s.reshape(-1, gjob.channels).sum(0) if name in gjob.group.interleaved else \
+            s.reshape(gjob.channels, -1).sum(1)
         score += s / max(float(s.max()), np.finfo(float).tiny)
     return np.argsort(-score, kind="stable")
 
@@ -358,16 +360,17 @@ def _surgery(gjob: GroupJob, kept: np.ndarray, fits) -> List[bool]:
             shrink_in(reader.consumer, idx, group)
             added.append(False)
     for name, w in zip(g.writers, gjob.writers):
-        shrink_out(w, rows)
+        mine = g.rows(name, kept)
+        shrink_out(w, mine)
         prev = gjob.rows.get(name)
-        gjob.rows[name] = rows if prev is None else prev[rows]
+        gjob.rows[name] = mine if prev is None else prev[mine]
     for b, (name, m) in enumerate(zip(g.between, gjob.between)):
         if concat:
             idx, gjob.inputs[name] = slice_inputs(gjob.inputs.get(name), gjob.between_widths[b], g.between_offset(b),
                                                   1, gjob.channels, kept)
             shrink_channels(m, idx)
         else:
-            shrink_channels(m, rows)
+            shrink_channels(m, g.rows(name, kept))
     if gjob.dist is not None:
         gjob.dist.sync_modules(gjob.modules, kept.tolist(), gjob.name)
     return added
@@ -386,7 +389,8 @@ def _report(gjob: GroupJob, kept, errors, j, added, method, samples, *, path, da
         n_kept_path=[int(v) for v in path[1]] if path else [], bias_added=any(added), samples=int(samples),
         damping=float(damping), time_s=gjob.seconds, method=method, refit=gjob.refit, kind=g.kind,
         writers=list(g.writers), readers=list(g.readers), group_sizes=list(g.group_sizes), reader_errors=errors,
-        biases_added=added, offsets=list(g.offsets), between_offsets=list(g.between_offsets), unit=g.unit)
+        biases_added=added, offsets=list(g.offsets), between_offsets=list(g.between_offsets), unit=g.unit,
+        interleaved=list(g.interleaved))
 
 
 def _apply_saved(gjob: GroupJob, timer: Timer) -> PairReport:
@@ -410,7 +414,8 @@ def unchanged_group_report(group: CoupledGroup) -> PairReport:
                       channels_after=group.channels, kept=list(range(group.channels)), status="unchanged",
                       kind=group.kind, writers=list(group.writers), readers=list(group.readers),
                       group_sizes=list(group.group_sizes), biases_added=[False] * len(group.readers),
-                      offsets=list(group.offsets), between_offsets=list(group.between_offsets), unit=group.unit)
+                      offsets=list(group.offsets), between_offsets=list(group.between_offsets), unit=group.unit,
+                      interleaved=list(group.interleaved))
 
 
 # ---------------------------------------------------------------------------------------------- budget
