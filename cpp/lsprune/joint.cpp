@@ -74,7 +74,7 @@ JointResult joint_forward(const std::vector<Problem*>& probs, const std::vector<
   std::vector<double> E(R);
   double energy = 0;  // weighted; one problem with w = 1: exactly its energy
   for (std::size_t r = 0; r < R; ++r) {
-    st.push_back(make_forward_state(*probs[r], opt.method == Method::Omp, opt.rcond));
+    st.push_back(make_cpu_forward_state(*probs[r], opt));
     if (opt.n_keep >= 0) st[r]->reserve(largest_columns(probs[r]->groups(), opt.n_keep));
     E[r] = probs[r]->energy();
     energy += w[r] * E[r];

@@ -12,7 +12,7 @@ from . import _arrays, _policy
 from ._errors import DegenerateGroupWarning
 from ._native import _core
 from ._problem import groups_spec, problem_args
-from .selection import METHODS, Selection, _selection, _warn_damping, _warn_skipped, _warn_stopped, check_options
+from .selection import METHODS, Selection, _selection, _warn_damping, _warn_skipped, _warn_stopped, check_options, check_update
 from .statistics import Statistics
 
 
@@ -174,7 +174,8 @@ def _joint_result(method, r, out_dtypes, return_path) -> JointSelection:
 def select_joint(problems: Sequence[Union[JointProblem, Mapping, Statistics]], *, n_keep: Optional[int] = None,
                  tol: Optional[float] = None, method: str = "forward", weights="relative",
                  force: Optional[Sequence[int]] = None, damping: float = _policy.DEFAULT_DAMPING,
-                 fit_intercept: bool = True, return_path: bool = True, rcond: float = 1e-10) -> JointSelection:
+                 fit_intercept: bool = True, return_path: bool = True, rcond: float = 1e-10,
+                 update: str = "auto") -> JointSelection:
     """Chooses one set of shared channels for several layers that read them, and re-fits
     each layer on the kept channels from its own statistics.
 
@@ -199,8 +200,8 @@ def select_joint(problems: Sequence[Union[JointProblem, Mapping, Statistics]], *
         Explicit weights must be finite, non-negative, with at least one positive.
     force : sequence of int, optional
         Groups that must be kept.
-    damping, fit_intercept, rcond :
-        As in :func:`lsprune.select`, for every reader.
+    damping, fit_intercept, rcond, update :
+        As in :func:`lsprune.select`, for every reader (``update="auto"`` decides per reader).
     return_path : bool, default True
         Keep the error paths.
 
@@ -253,6 +254,6 @@ def select_joint(problems: Sequence[Union[JointProblem, Mapping, Statistics]], *
     nk, tl, fl = check_options(n_keep, tol, force, counts[0])
     r = _core.select_joint(problems=[s for s, _, _ in specs], weights=_reader_weights(weights, len(readers)),
                            method=method, n_keep=nk, tol=tl, force=fl,
-                           rcond=_arrays.check_float(rcond, "rcond", lo=0.0))
+                           rcond=_arrays.check_float(rcond, "rcond", lo=0.0), update=check_update(update))
     _warn_joint(r, method, damping)
     return _joint_result(method, r, [dt for _, _, dt in specs], bool(return_path))
