@@ -77,6 +77,16 @@ def test_blocked_equals_residual_across_flushes(rng, case):
         assert b.selected[:3].tolist() == [7, 3, 90]
 
 
+@pytest.mark.parametrize("g, keep", [(1, 500), (7, 60)])
+def test_blocked_equals_residual_across_compactions(rng, g, keep):
+    """Most columns kept: the blocked state drops the chosen positions from S and M several times."""
+    X, Y, st = _stats(rng, 1500, 640 if g == 1 else 700, 20)
+    a, b = (lsprune.select(st, n_keep=keep, group_size=g, update=u) for u in UPDATES)
+    assert a.selected.tolist() == b.selected.tolist()
+    np.testing.assert_allclose(a.error_path, b.error_path, rtol=0, atol=AGREE_RTOL * a.target_energy)
+    np.testing.assert_allclose(b.weights, a.weights, rtol=0, atol=1e-9 * np.abs(a.weights).max())  # ill-posed
+
+
 def test_blocked_dead_and_duplicated_columns(rng):
     """Dead, duplicated and constant columns: the same skipped groups, early stop and finite weights."""
     X, Y = correlated_problem(rng, 400, 130, 6)

@@ -37,10 +37,12 @@ struct BlockedState final : ForwardStateBase {
   const bool omp;
   const double rcond;
   const Index NG, m, Du;
-  std::vector<Index> pos2col;      // position (group order) -> column
-  std::vector<char> state;
-  std::vector<double> S, M;        // Du x Du, upper triangle valid, as of the last flush
-  std::vector<double> Cb, Vb;      // nb x Du: the rows c, v added since the last flush
+  Index Dact, dead = 0;            // positions in the layout; those of chosen/degenerate groups in it
+  std::vector<Index> pos2col;      // position -> column
+  std::vector<Index> wstart;       // group -> its first position
+  std::vector<char> state, counted;
+  std::vector<double> S, M;        // Dact x Dact (leading dim Dact), upper triangle valid, as of the last flush
+  std::vector<double> Cb, Vb;      // nb rows of stride Du (Dact used): the rows c, v added since the last flush
   Index nb = 0;
   std::vector<double> Sblk, Mblk;  // every group's g x g diagonal blocks, always current
   std::vector<Index> dboff;
@@ -49,8 +51,11 @@ struct BlockedState final : ForwardStateBase {
 
   BlockedState(Problem& p, bool omp_, double rc)
       : P(p), grp(p.groups()), omp(omp_), rcond(rc), NG(grp.size()), m(p.m()), Du(Index(grp.columns.size())) {
+    Dact = Du;
     pos2col = grp.columns;
+    wstart.assign(grp.offsets.begin(), grp.offsets.end() - 1);
     state.assign(NG, ACTIVE);
+    counted.assign(NG, 0);
     gain.assign(NG, 0.0);
     S.resize(std::size_t(Du) * Du);
 #pragma omp parallel for schedule(static)
@@ -86,16 +91,54 @@ struct BlockedState final : ForwardStateBase {
 
   // Row p of a flushed symmetric matrix (upper triangle) into out.
   void row_of(const std::vector<double>& A, Index p, double* out) const {
-    for (Index q = 0; q < p; ++q) out[q] = A[std::size_t(q) * Du + p];
-    std::memcpy(out + p, &A[std::size_t(p) * Du + p], sizeof(double) * (Du - p));
+    for (Index q = 0; q < p; ++q) out[q] = A[std::size_t(q) * Dact + p];
+    std::memcpy(out + p, &A[std::size_t(p) * Dact + p], sizeof(double) * (Dact - p));
   }
 
-  // Brings S and M up to date with the nb rows added since the last flush.
+  // Brings S and M up to date with the nb rows added since the last flush, then drops the
+  // positions of chosen and degenerate groups once they are a quarter of the layout.
   void flush() {
     if (nb == 0) return;
-    blas::syrk_t(Du, nb, -1.0, Cb.data(), Du, 1.0, S.data(), Du);
-    blas::syr2k_t(Du, nb, -1.0, Cb.data(), Du, Vb.data(), Du, 1.0, M.data(), Du);
+    blas::syrk_t(Dact, nb, -1.0, Cb.data(), Du, 1.0, S.data(), Dact);
+    blas::syr2k_t(Dact, nb, -1.0, Cb.data(), Du, Vb.data(), Du, 1.0, M.data(), Dact);
     nb = 0;
+    count_dead();
+    if (dead >= kBlock && dead * 4 >= Dact) compact();
+  }
+
+  void count_dead() {
+    for (Index g = 0; g < NG; ++g)
+      if (state[g] != ACTIVE && !counted[g]) {
+        counted[g] = 1;
+        dead += grp.size_of(g);
+      }
+  }
+
+  // Moves the active groups' rows and columns of S and M to the front, in place: new entry (i, j)
+  // comes from (from[i], from[j]) with from increasing, so every read lies at or after every write
+  // made before it.
+  void compact() {
+    std::vector<Index> live, from;
+    for (Index g = 0; g < NG; ++g)
+      if (state[g] == ACTIVE) live.push_back(g);
+    std::sort(live.begin(), live.end(), [&](Index a, Index b) { return wstart[a] < wstart[b]; });
+    for (Index g : live) {
+      const Index o = wstart[g];
+      wstart[g] = Index(from.size());
+      for (Index a = 0; a < grp.size_of(g); ++a) from.push_back(o + a);
+    }
+    const Index Dn = Index(from.size());
+    for (std::vector<double>* A : {&S, &M}) {
+      double* a = A->data();
+      for (Index i = 0; i < Dn; ++i) {
+        const double* src = a + std::size_t(from[i]) * Dact;
+        double* dst = a + std::size_t(i) * Dn;
+        for (Index j = i; j < Dn; ++j) dst[j] = src[from[j]];
+      }
+    }
+    for (Index i = 0; i < Dn; ++i) pos2col[i] = pos2col[from[i]];
+    Dact = Dn;
+    dead = 0;
   }
 
   // Gain of active group g from its current blocks, or marks it degenerate.
@@ -146,10 +189,11 @@ struct BlockedState final : ForwardStateBase {
       if (state[g] == ACTIVE) evaluate(g);
   }
 
-  // Adds the column at position p (its pivot l2 = the current S_pp), returns ||z||^2.
-  double add_column(Index p, Index J) {
-    const double l2 = Sblk[dboff[J] + (p - grp.offsets[J]) * (grp.size_of(J) + 1)];
-    const double mpp = Mblk[dboff[J] + (p - grp.offsets[J]) * (grp.size_of(J) + 1)];
+  // Adds column t of group J (its pivot l2 = the current S_pp at position p), returns ||z||^2.
+  double add_column(Index J, Index t) {
+    const Index p = wstart[J] + t;
+    const double l2 = Sblk[dboff[J] + t * (grp.size_of(J) + 1)];
+    const double mpp = Mblk[dboff[J] + t * (grp.size_of(J) + 1)];
     if (!(l2 > 0) || !std::isfinite(l2)) throw NumericalError("internal: chosen group is singular");
     row_of(S, p, scol.data());
     row_of(M, p, mcol.data());
@@ -159,14 +203,14 @@ struct BlockedState final : ForwardStateBase {
         a[i] = Cb[std::size_t(i) * Du + p];
         b[i] = Vb[std::size_t(i) * Du + p];
       }
-      blas::gemv_t(nb, Du, -1.0, Cb.data(), Du, a.data(), 1.0, scol.data());
-      blas::gemv_t(nb, Du, -1.0, Cb.data(), Du, b.data(), 1.0, mcol.data());
-      blas::gemv_t(nb, Du, -1.0, Vb.data(), Du, a.data(), 1.0, mcol.data());
+      blas::gemv_t(nb, Dact, -1.0, Cb.data(), Du, a.data(), 1.0, scol.data());
+      blas::gemv_t(nb, Dact, -1.0, Cb.data(), Du, b.data(), 1.0, mcol.data());
+      blas::gemv_t(nb, Dact, -1.0, Vb.data(), Du, a.data(), 1.0, mcol.data());
     }
     const double l = std::sqrt(l2), zz = std::max(mpp, 0.0) / l2;
     double* c = &Cb[std::size_t(nb) * Du];
     double* v = &Vb[std::size_t(nb) * Du];
-    for (Index q = 0; q < Du; ++q) {
+    for (Index q = 0; q < Dact; ++q) {
       c[q] = scol[q] / l;
       v[q] = mcol[q] / l - 0.5 * zz * c[q];
     }
@@ -179,11 +223,11 @@ struct BlockedState final : ForwardStateBase {
 
   // The diagonal blocks of every active group (and of J, being added) lose c c^T and c v^T + v c^T.
   void update_blocks(const double* c, const double* v, Index J) {
-    const bool team = double(Du) * grp.max_size() > 2e6;
+    const bool team = double(Dact) * grp.max_size() > 2e6;
 #pragma omp parallel for schedule(static) if (team)
     for (Index g = 0; g < NG; ++g) {
       if (state[g] != ACTIVE && g != J) continue;
-      const Index gs = grp.size_of(g), o = grp.offsets[g];
+      const Index gs = grp.size_of(g), o = wstart[g];
       double* Sg = &Sblk[dboff[g]];
       double* Mg = &Mblk[dboff[g]];
       for (Index a = 0; a < gs; ++a)
@@ -196,7 +240,7 @@ struct BlockedState final : ForwardStateBase {
 
   double add(Index J) override {
     double drop = 0;
-    for (Index p = grp.offsets[J]; p < grp.offsets[J + 1]; ++p) drop += add_column(p, J);
+    for (Index t = 0; t < grp.size_of(J); ++t) drop += add_column(J, t);
     state[J] = CHOSEN;
     evaluate_all();
     return drop;
