@@ -183,6 +183,8 @@ py::dict joint_to_dict(const lsp::JointResult& r, const std::vector<Index>& m) {
   py::dict d = path_dict(r);
   d["weights"] = to_array(r.weights);
   d["energy"] = r.energy;
+  d["timed_out"] = r.timed_out;
+  d["filled"] = to_array(r.filled);
   py::list problems;
   for (std::size_t i = 0; i < r.problems.size(); ++i) problems.append(to_dict(r.problems[i], m[i]));
   d["problems"] = problems;
@@ -348,8 +350,10 @@ static void bind_joint(py::module_& mod) {
   mod.def(
       "select_joint",
       [](const std::vector<py::dict>& problems, std::optional<std::vector<double>> weights, const std::string& method,
-         Index n_keep, double tol, std::vector<Index> force, double rcond, const std::string& update) {
-        const lsp::SelectOptions opt = make_options(method, n_keep, tol, std::move(force), rcond, 0, -1, update);
+         Index n_keep, double tol, std::vector<Index> force, double rcond, const std::string& update,
+         double time_limit) {
+        const lsp::SelectOptions opt =
+            make_options(method, n_keep, tol, std::move(force), rcond, 0, time_limit, update);
         std::vector<ProblemArgs> args;  // own the arrays the inputs point into
         args.reserve(problems.size());
         std::vector<lsp::ProblemInput> inputs;
@@ -369,7 +373,7 @@ static void bind_joint(py::module_& mod) {
         return joint_to_dict(r, m);
       },
       py::arg("problems"), py::arg("weights"), py::arg("method"), py::arg("n_keep"), py::arg("tol"),
-      py::arg("force"), py::arg("rcond"), py::arg("update") = "auto");
+      py::arg("force"), py::arg("rcond"), py::arg("update") = "auto", py::arg("time_limit") = -1.0);
   mod.def(
       "blocked_forward_pays",
       [](Index n_columns, Index n_targets, Index n_keep_columns, Index group_size) {
