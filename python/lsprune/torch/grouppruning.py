@@ -63,6 +63,7 @@ class GroupJob:
     saved: Optional[dict] = None
     seconds: float = 0.0
     report: Optional[PairReport] = None
+    time_budget: Optional[float] = None  # seconds of joint selection (prune(time_budget=))
 
     @property
     def key(self) -> str:
@@ -113,8 +114,8 @@ def make_group_job(index: int, chain: GroupChain, n_keep: int, ref_modules, prun
                    ckpt: Optional[Checkpoint] = None, stage: str = "prune",
                    time_budget: Optional[float] = None) -> GroupJob:
     """A group's job: one reader job per reader (its own sums and position sampler), the members.
-    ``inputs``: the registry of inputs a concatenation's readers still have (concat groups only).
-    ``time_budget`` is not applied: the joint selection has no time limit (yet)."""
+    ``inputs``: the registry of inputs a concatenation's readers still have (concat groups only);
+    ``time_budget``: seconds for the joint selection's greedy steps (the engine's ``time_limit``)."""
     g = chain.group
     concat = g.kind == "concat"
     readers = []
@@ -131,7 +132,8 @@ def make_group_job(index: int, chain: GroupChain, n_keep: int, ref_modules, prun
                   [pruned_modules[b] for b in g.between], [ref_modules[w] for w in g.writers], independent, rows,
                   refit=bool(refit), norm=norm, seed=int(seed), dist=dist, ckpt=ckpt,
                   inputs=inputs if concat else None,
-                  between_widths=[per_channel_width(ref_modules[b]) or g.channels for b in g.between])
+                  between_widths=[per_channel_width(ref_modules[b]) or g.channels for b in g.between],
+                  time_budget=time_budget)
     for job in readers:
         job.group = gj
     gj.attach(stage)
@@ -244,7 +246,11 @@ def _select(gjob: GroupJob, problems: List[dict], method: str, damping: float, s
     baseline re-fitted; an early stop is filled up by the readers' summed relative input variance."""
     k, forced, C = gjob.n_keep, _forced(slices), gjob.channels
     if method in lsprune.METHODS:
-        j = _joint(problems, k, forced, C, method=method, damping=damping)
+        j = _joint(problems, k, forced, C, method=method, damping=damping, time_limit=gjob.time_budget)
+        if j.timed_out:
+            logger.info("%s: the time budget (%gs) stopped the joint selection after %d of %d channels; the other "
+                        "%d were added by their current gains and every reader re-fitted", gjob.name,
+                        gjob.time_budget, k - j.filled.size, k, j.filled.size)
     else:
         j = _joint(problems, k, forced, C, force=group_order(gjob, method)[:k].tolist(), damping=damping)
     if j.kept.size < k:
@@ -390,7 +396,7 @@ def _report(gjob: GroupJob, kept, errors, j, added, method, samples, *, path, da
         damping=float(damping), time_s=gjob.seconds, method=method, refit=gjob.refit, kind=g.kind,
         writers=list(g.writers), readers=list(g.readers), group_sizes=list(g.group_sizes), reader_errors=errors,
         biases_added=added, offsets=list(g.offsets), between_offsets=list(g.between_offsets), unit=g.unit,
-        interleaved=list(g.interleaved))
+        interleaved=list(g.interleaved), timed_out=bool(j.timed_out))
 
 
 def _apply_saved(gjob: GroupJob, timer: Timer) -> PairReport:
