@@ -9,6 +9,7 @@
 #include "lsprune/accumulate.hpp"
 #include "lsprune/blas.hpp"
 #include "lsprune/factorize.hpp"
+#include "lsprune/forward_state.hpp"
 #include "lsprune/joint.hpp"
 #include "lsprune/policy.hpp"
 #include "lsprune/problem.hpp"
@@ -131,8 +132,16 @@ lsp::Groups make_groups(std::vector<Index> offsets, std::vector<Index> columns) 
   return g;  // validated by lsp::Problem
 }
 
+lsp::Update parse_update(const std::string& update) {
+  if (update == "auto") return lsp::Update::Auto;
+  if (update == "residual") return lsp::Update::Residual;
+  if (update == "blocked") return lsp::Update::Blocked;
+  throw std::invalid_argument("unknown update '" + update + "'");
+}
+
 lsp::SelectOptions make_options(const std::string& method, Index n_keep, double tol, std::vector<Index> force,
-                                double rcond, Index refine = 0, double time_limit = -1) {
+                                double rcond, Index refine = 0, double time_limit = -1,
+                                const std::string& update = "auto") {
   lsp::SelectOptions opt;
   if (method == "forward") opt.method = lsp::Method::Forward;
   else if (method == "omp") opt.method = lsp::Method::Omp;
@@ -144,6 +153,7 @@ lsp::SelectOptions make_options(const std::string& method, Index n_keep, double 
   opt.rcond = rcond;
   opt.refine = refine;
   opt.time_limit = time_limit;
+  opt.update = parse_update(update);
   return opt;
 }
 
@@ -173,6 +183,8 @@ py::dict joint_to_dict(const lsp::JointResult& r, const std::vector<Index>& m) {
   py::dict d = path_dict(r);
   d["weights"] = to_array(r.weights);
   d["energy"] = r.energy;
+  d["timed_out"] = r.timed_out;
+  d["filled"] = to_array(r.filled);
   py::list problems;
   for (std::size_t i = 0; i < r.problems.size(); ++i) problems.append(to_dict(r.problems[i], m[i]));
   d["problems"] = problems;
@@ -244,9 +256,9 @@ static void bind_solvers(py::module_& mod) {
       "select",
       [](LSP_PROBLEM_PARAMS, std::vector<Index> offsets, std::vector<Index> columns, const std::string& method,
          Index n_keep, double tol, std::vector<Index> force, double rcond, Index m, Index refine,
-         double time_limit) {
+         double time_limit, const std::string& update) {
         const lsp::SelectOptions opt =
-            make_options(method, n_keep, tol, std::move(force), rcond, refine, time_limit);
+            make_options(method, n_keep, tol, std::move(force), rcond, refine, time_limit, update);
         const lsp::Groups groups = make_groups(std::move(offsets), std::move(columns));
         return to_dict(solve_without_gil(LSP_PROBLEM_ARGS, m, groups,
                                          [&](lsp::Problem& prob) { return lsp::select(prob, opt); }),
@@ -254,7 +266,7 @@ static void bind_solvers(py::module_& mod) {
       },
       LSP_PROBLEM_PYARGS, py::arg("offsets"), py::arg("columns"), py::arg("method"), py::arg("n_keep"),
       py::arg("tol"), py::arg("force"), py::arg("rcond"), py::arg("n_targets"), py::arg("refine") = 0,
-      py::arg("time_limit") = -1.0);
+      py::arg("time_limit") = -1.0, py::arg("update") = "auto");
 #ifdef LSPRUNE_HAVE_CUDA
   mod.def(
       "select_cuda",
@@ -338,8 +350,10 @@ static void bind_joint(py::module_& mod) {
   mod.def(
       "select_joint",
       [](const std::vector<py::dict>& problems, std::optional<std::vector<double>> weights, const std::string& method,
-         Index n_keep, double tol, std::vector<Index> force, double rcond) {
-        const lsp::SelectOptions opt = make_options(method, n_keep, tol, std::move(force), rcond);
+         Index n_keep, double tol, std::vector<Index> force, double rcond, const std::string& update,
+         double time_limit) {
+        const lsp::SelectOptions opt =
+            make_options(method, n_keep, tol, std::move(force), rcond, 0, time_limit, update);
         std::vector<ProblemArgs> args;  // own the arrays the inputs point into
         args.reserve(problems.size());
         std::vector<lsp::ProblemInput> inputs;
@@ -359,7 +373,13 @@ static void bind_joint(py::module_& mod) {
         return joint_to_dict(r, m);
       },
       py::arg("problems"), py::arg("weights"), py::arg("method"), py::arg("n_keep"), py::arg("tol"),
-      py::arg("force"), py::arg("rcond"));
+      py::arg("force"), py::arg("rcond"), py::arg("update") = "auto", py::arg("time_limit") = -1.0);
+  mod.def(
+      "blocked_forward_pays",
+      [](Index n_columns, Index n_targets, Index n_keep_columns, Index group_size) {
+        return lsp::blocked_forward_pays(n_columns, n_targets, n_keep_columns, group_size);
+      },
+      py::arg("n_columns"), py::arg("n_targets"), py::arg("n_keep_columns"), py::arg("group_size") = 1);
 }
 
 static void bind_cuda(py::module_& mod) {

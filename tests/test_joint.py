@@ -301,3 +301,26 @@ def test_joint_is_invariant_to_a_rescaled_reader_in_working_units(method):
         a, b = run(1.0, weights), run(2.0 ** 200, scaled)
         assert list(a.selected) == list(b.selected)
         np.testing.assert_allclose(a.error_path, b.error_path, rtol=PATH_RTOL)
+
+
+@pytest.mark.parametrize("method", ["forward", "omp", "backward"])
+def test_time_limit_keeps_the_prefix_fills_up_and_refits_every_reader(rng, method):
+    readers = [lsprune.Statistics(60, 8).update(*correlated_problem(rng, 400, 60, 8)) for _ in range(3)]
+    full = lsprune.select_joint(readers, n_keep=30, method=method)
+    cut = lsprune.select_joint(readers, n_keep=30, method=method, time_limit=1e-9)
+    assert cut.timed_out and not full.timed_out and cut.n_kept == 30 and cut.filled.size > 0
+    for st, sel in zip(readers, cut.selections):  # each reader: the exact re-fit on the final kept set
+        ref = lsprune.refit(st, cut.kept)
+        np.testing.assert_allclose(sel.weights, ref.weights, rtol=1e-9, atol=1e-12)
+        assert sel.timed_out and sel.error == pytest.approx(ref.error, rel=1e-9)
+    assert cut.error_path[-1] == pytest.approx(sum(w * s.error for w, s in zip(cut.weights, cut.selections)))
+    if method != "backward":  # the greedy prefix first (none: the clock is read before the first step)
+        np.testing.assert_array_equal(cut.selected, cut.filled)
+        gains = sum(w * (st.target_energy - np.array([lsprune.refit(st, [j]).error for j in range(60)]))
+                    for w, st in zip(cut.weights, readers)) if method == "forward" else None
+        if gains is not None:  # forward's fill after 0 steps: the top joint single-group error drops
+            np.testing.assert_array_equal(np.sort(cut.filled), np.sort(np.argsort(-gains, kind="stable")[:30]))
+    roomy = lsprune.select_joint(readers, n_keep=30, method=method, time_limit=1e6)
+    assert not roomy.timed_out and np.array_equal(roomy.kept, full.kept)
+    with pytest.raises(ValueError):
+        lsprune.select_joint(readers, tol=0.1, method=method, time_limit=1.0)

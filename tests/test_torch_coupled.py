@@ -14,7 +14,7 @@ import lsprune  # noqa: E402
 import lsprune.torch as lt  # noqa: E402
 import lsprune.torch.grouppruning as grouppruning  # noqa: E402
 import torch_models as tm  # noqa: E402
-from torch_helpers import (assert_unchanged, batches, digits_data, output_error, snapshot,  # noqa: E402
+from torch_helpers import (assert_unchanged, batches, digits_data, module_io, output_error, snapshot,  # noqa: E402
                            train_briefly)
 
 #: coupled groups are pruned by default: every call here prunes them unless it says ``coupled=False``
@@ -225,14 +225,7 @@ def test_apply_structure_round_trip():
 # ---------------------------------------------------------------------------------------------- selection
 def _reader_statistics(model: nn.Module, cal, readers):
     """Each reader's statistics on the original network: unfolded inputs (Conv2d) or rows, original outputs."""
-    mods = dict(model.named_modules())
-    seen = {n: [] for n in readers}
-    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: seen[n].append((i[0], o))) for n in readers]
-    with torch.no_grad():
-        for x in cal:
-            model(x)
-    for h in hooks:
-        h.remove()
+    mods, seen = dict(model.named_modules()), module_io(model, cal, readers)
     out = []
     for n in readers:
         m = mods[n]
@@ -459,3 +452,21 @@ def test_checkpoint_resume_with_groups(tmp_path, monkeypatch, kw):
         assert [p.kept for p in grep.pairs] == [p.kept for p in wrep.pairs]
         for (k, a), b in zip(got.state_dict().items(), want.state_dict().values()):
             assert torch.equal(a, b), k
+
+
+def test_time_budget_stops_the_joint_selection_too():
+    """time_budget reaches a coupled group's joint selection: the prefix is kept, the rest filled by the current
+    joint gains, every reader re-fitted; the model matches its masked reference."""
+    model, shape = _build("resnet")
+    cal = batches(shape, n=3, seed=1)
+    snap = snapshot(model)
+    pruned, report = prune(model, cal, ratio=0.5, time_budget=1e-9, progress=False)
+    assert_unchanged(model, snap)
+    groups = [r for r in report.pairs if r.writers]
+    assert groups and all(r.timed_out for r in report.pairs)
+    masked = _masked_reference(model, pruned, report)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), masked(x), rtol=MASK_RTOL, atol=MASK_RTOL * float(masked(x).abs().max()))
+    _, plain = prune(model, cal, ratio=0.5, progress=False)
+    assert not any(r.timed_out for r in plain.pairs)

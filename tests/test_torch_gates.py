@@ -4,7 +4,6 @@ reader (re-fitted on the pooled channels it keeps), next to the block's other re
 import functools
 import json
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -13,7 +12,8 @@ import torch.nn as nn  # noqa: E402
 import lsprune  # noqa: E402
 import lsprune.torch as lt  # noqa: E402
 import torch_models as tm  # noqa: E402
-from torch_helpers import assert_unchanged, batches, masked_reference, output_error, snapshot  # noqa: E402
+from torch_helpers import (assert_unchanged, batches, lstsq_error, masked_reference, output_error,  # noqa: E402
+                           reader_rows, snapshot)
 
 prune = functools.partial(lt.prune, progress=False)  # coupled groups: the default
 MASK_RTOL = 1e-5
@@ -81,23 +81,6 @@ def test_pruned_model_equals_the_masked_reference(mode):
         assert report.output_relative_error == pytest.approx(output_error(pruned, model, cal), rel=1e-4)
 
 
-def _reader_rows(model, cal, names):
-    mods = dict(model.named_modules())
-    seen = {n: [] for n in names}
-    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: seen[n].append((i[0], o))) for n in names]
-    with torch.no_grad():
-        for x in cal:
-            model(x)
-    for h in hooks:
-        h.remove()
-    out = []
-    for n in names:
-        X = torch.cat([x.movedim(1, -1).reshape(-1, x.shape[1]) for x, _ in seen[n]]).double().numpy()
-        Y = torch.cat([y.movedim(1, -1).reshape(-1, y.shape[1]) for _, y in seen[n]]).double().numpy()
-        out.append((X, Y))
-    return out
-
-
 def test_joint_choice_equals_a_brute_force_greedy():
     """The first gate group (measured on the original network, independent mode): greedy over
     Σ_r E_r(S) / energy_r of the squeeze conv (pooled rows) and the project conv, by plain lstsq."""
@@ -105,16 +88,10 @@ def test_joint_choice_equals_a_brute_force_greedy():
     cal = batches((64, 1, 8, 8), n=2, seed=1)
     g = {g.name: g for g in lt.find_pairs(model, cal[0]).groups}["b1.expand"]
     _, report = prune(model, cal, keep={"b1.expand": 3}, pairs=[g], mode="independent", max_positions=None)
-    readers = _reader_rows(model, cal, ("b1.se.fc1", "b1.project"))
-
-    def err(X, Y, cols):
-        A = np.hstack([X[:, cols], np.ones((X.shape[0], 1))])
-        coef, *_ = np.linalg.lstsq(A, Y, rcond=None)
-        return float(((Y - A @ coef) ** 2).sum()) / float(((Y - Y.mean(0)) ** 2).sum())
-
+    readers = reader_rows(model, cal, ("b1.se.fc1", "b1.project"))
     chosen = []
     for _ in range(3):
-        scores = {c: sum(err(X, Y, chosen + [c]) for X, Y in readers) for c in range(32) if c not in chosen}
+        scores = {c: sum(lstsq_error(X, Y, chosen + [c]) for X, Y in readers) for c in range(32) if c not in chosen}
         chosen.append(min(scores, key=scores.get))
     assert report.pair("b1.expand").kept == sorted(chosen)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 
@@ -260,6 +261,76 @@ def test_the_pruned_architecture_is_rebuilt_from_the_event_reports():
     opt2 = torch.optim.Adam(fresh.parameters(), lr=1e-2)
     opt2.load_state_dict(opt.state_dict())
     assert torch.equal(fresh(X[:8]), model(X[:8]))
+
+
+def _run(model, opt, pr, X, Y, steps):
+    """Training steps [pr.steps_done, steps) on a fixed stream of minibatches (step t always draws the same)."""
+    for t in range(pr.steps_done, steps):
+        idx = torch.randint(0, len(Y), (64,), generator=torch.Generator().manual_seed(1000 + t))
+        opt.zero_grad()
+        F.cross_entropy(model(X[idx]), Y[idx]).backward()
+        opt.step()
+        pr.step(X[idx])
+
+
+def _pruner(model, opt, **kw):
+    return GradualPruner(model, opt, budget=0.3, schedule="constant", start=0, end=30, every=10, buffer=4, **kw)
+
+
+def test_a_run_resumed_from_its_state_dicts_equals_the_uninterrupted_run():
+    """Model, optimizer and pruner state dicts saved mid-schedule (the calibration buffer filling), loaded into
+    fresh objects: the resumed run ends bit-identical to the run that never stopped."""
+    X, Y = _task()
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pr = _pruner(model, opt)
+    _run(model, opt, pr, X, Y, 28)
+    assert len(pr.reports) == 2 and len(pr._buffer) == 1  # events at 10 and 20; step 27 kept for the one at 30
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "pruner": pr.state_dict()}, buf)
+    _run(model, opt, pr, X, Y, 45)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    model2 = _mlp()
+    opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
+    pr2 = _pruner(model2, opt2)
+    pr2.load_state_dict(ckpt["pruner"])
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    assert pr2.steps_done == 28 and [r.to_dict() for r in pr2.reports] == ckpt["pruner"]["reports"]
+    _run(model2, opt2, pr2, X, Y, 45)
+    assert len(pr2.reports) == 3 and pr2.history == pr.history[:2] + pr2.history[2:]
+    for (n, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert torch.equal(model(X[:16]), model2(X[:16]))
+
+
+def test_load_state_dict_refuses_what_it_cannot_resume():
+    X, Y = _task()
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pr = _pruner(model, opt)
+    _run(model, opt, pr, X, Y, 12)
+    state = pr.state_dict()
+    with pytest.raises(ValueError, match="fresh GradualPruner"):
+        pr.load_state_dict(state)
+    fresh = _mlp()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    opt2 = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+    other = GradualPruner(fresh, opt2, budget=0.3, schedule="constant", start=0, end=40, every=10)
+    for bad, match in [(state, "not this pruner's"), ({"steps_done": 3}, "not a GradualPruner state"),
+                       (dict(state, reports=["x"]), "list of report dicts")]:
+        with pytest.raises(ValueError, match=match):
+            (other if match == "not this pruner's" else _pruner(fresh, opt2)).load_state_dict(bad)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())  # nothing changed
+    broken = copy.deepcopy(state)  # the second event names a module the model does not have
+    broken["reports"].append(copy.deepcopy(broken["reports"][0]))
+    broken["reports"][1]["pairs"][0]["producer"] = "nope"
+    broken["schedule"], params = state["schedule"], [p for g in opt2.param_groups for p in g["params"]]
+    with pytest.raises(ValueError, match="no module"):
+        _pruner(fresh, opt2).load_state_dict(broken)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())  # the first event undone
+    assert [p for g in opt2.param_groups for p in g["params"]] == params
 
 
 def test_refit_state_reset_drops_the_state_of_refitted_parameters_only():

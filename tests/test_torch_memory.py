@@ -135,7 +135,11 @@ def test_cost_model():
     assert dev["device"] == 8 * D * D + 8 * D * m + 16 * (D + m) and dev["host"] == 0
     assert dev["convert"] == 2 * dev["device"]
     fwd = memory.solver_bytes(D, m, K, method="forward", refit=True, independent=False)
-    assert fwd == 8 * (2 * D * m + K * D + 1.5 * K * K + 4 * K * m)
+    assert lsprune._core.blocked_forward_pays(D, m, K)  # the engine's blocked state: two D x D matrices
+    assert fwd == 8 * (2 * D * m + 2 * D * D + 128 * D + 1.5 * K * K + 4 * K * m)
+    narrow = memory.solver_bytes(D, m, 10, method="omp", refit=True, independent=False)
+    assert not lsprune._core.blocked_forward_pays(D, m, 10)  # few columns: the residual state
+    assert narrow == 8 * (2 * D * m + 10 * D + 1.5 * 10 * 10 + 4 * 10 * m)
     bwd = memory.solver_bytes(D, m, K, method="backward", refit=True, independent=True)
     assert bwd == 8 * (D * D + 3 * D * m + K * K + 3 * K * m + m * D)
     assert memory.solver_bytes(D, m, K, method="magnitude", refit=False, independent=False) == \

@@ -120,11 +120,12 @@ def _removed(model: nn.Module, report):
             continue
         units = np.setdiff1d(np.arange(r.channels_before), r.kept)
         gone = (units[:, None] * r.unit + np.arange(r.unit)).reshape(-1)  # a unit's channels (whole groups)
+        strided = (np.arange(r.unit)[:, None] * r.channels_before + units[None, :]).reshape(-1)  # before a shuffle
         for w in r.writers or [r.producer]:
-            rows.setdefault(w, set()).update(gone.tolist())
+            rows.setdefault(w, set()).update((strided if w in r.interleaved else gone).tolist())
         for b, name in enumerate(r.between):
             off = r.between_offsets[b] if r.between_offsets else 0
-            rows.setdefault(name, set()).update((off + gone).tolist())
+            rows.setdefault(name, set()).update((off + (strided if name in r.interleaved else gone)).tolist())
         readers = r.readers or [r.consumer]
         for i, (c, g) in enumerate(zip(readers, r.group_sizes or [r.group_size])):
             if isinstance(mods[c], nn.Conv2d):
@@ -165,3 +166,63 @@ def masked_reference(model: nn.Module, pruned: nn.Module, report) -> nn.Module:
                 b[r] = s.bias
                 m.bias = nn.Parameter(b)
     return ref
+
+
+def build_model(models: dict, name: str):
+    """``models[name]`` = (constructor, calibration shape): the model built under seed 0, and the shape."""
+    torch.manual_seed(0)
+    ctor, shape = models[name]
+    return ctor(), shape
+
+
+def skip_reasons(search) -> dict:
+    """{producer: reason} of a :class:`PairSearch`'s skipped candidates."""
+    return {s.producer: s.reason for s in search.skipped}
+
+
+def prune_checked(prune, model: nn.Module, shape, *, rtol: float, **kw):
+    """``prune(model, calibration, ratio=0.5, **kw)`` on three batches of ``shape``, with the checks every
+    coupled-group test makes: the user's model is bit-identical, the pruned model equals the masked reference
+    on a fresh batch (``rtol``, relative to its largest output), and in sequential mode the reported output
+    error is the measured one. Returns (pruned, report, {pruned unit: channels after})."""
+    import pytest
+
+    snap = snapshot(model)
+    cal = batches(shape, n=3, seed=1)
+    pruned, report = prune(model, cal, ratio=0.5, **kw)
+    assert_unchanged(model, snap)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        out, ref = pruned(x), masked_reference(model, pruned, report)(x)
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=rtol * float(ref.abs().max()))
+    if kw.get("mode", "sequential") == "sequential":
+        assert report.output_relative_error == pytest.approx(output_error(pruned, model, cal), rel=1e-4)
+    return pruned, report, {r.producer: r.channels_after for r in report.pairs if r.status == "pruned"}
+
+
+def module_io(model: nn.Module, data, names) -> dict:
+    """{module name: [(input, output) of each batch of ``data``]} of the unpruned ``model``."""
+    mods = dict(model.named_modules())
+    seen = {n: [] for n in names}
+    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: seen[n].append((i[0], o))) for n in names]
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def reader_rows(model: nn.Module, data, names):
+    """Per module name, its input and output rows on ``data`` (float64 NumPy, one row per position: the
+    channels last), for 1x1 conv / Linear readers."""
+    seen = module_io(model, data, names)
+    rows = lambda t: torch.cat([v.movedim(1, -1).reshape(-1, v.shape[1]) for v in t]).double().numpy()  # noqa: E731
+    return [(rows([x for x, _ in seen[n]]), rows([y for _, y in seen[n]])) for n in names]
+
+
+def lstsq_error(X: np.ndarray, Y: np.ndarray, cols) -> float:
+    """Relative error of the plain LS fit (with intercept) of ``Y`` on columns ``cols`` of ``X``."""
+    A = np.hstack([X[:, cols], np.ones((X.shape[0], 1))])
+    coef, *_ = np.linalg.lstsq(A, Y, rcond=None)
+    return float(((Y - A @ coef) ** 2).sum()) / float(((Y - Y.mean(0)) ** 2).sum())

@@ -527,3 +527,93 @@ class GroupedNet(nn.Module):
     def forward(self, x):
         x = self.y1(self.x1(F.relu(self.bn(self.stem(x)))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """ShuffleNet's channel shuffle: (B, g*n, H, W) -> view (B, g, n, H, W) -> transpose -> (B, n*g, H, W)."""
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNet V2's unit (torchvision's ``InvertedResidual``). Stride 1: the input is split in two halves
+    (``chunk(2, dim=1)``), the second goes through the branch (1x1 conv + BN + ReLU, depthwise 3x3 + BN,
+    1x1 conv + BN + ReLU) and is concatenated back after the first; stride 2: a depthwise 3x3 + BN, 1x1 conv +
+    BN + ReLU side branch and the main branch both read the whole input. Then the channels are shuffled."""
+
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        half = c_out // 2
+        self.stride = stride
+        if stride > 1:
+            self.branch1 = nn.Sequential(
+                nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False), nn.BatchNorm2d(c_in),
+                nn.Conv2d(c_in, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU())
+        c2 = c_in if stride > 1 else half
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(c2, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+            nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU())
+
+    def forward(self, x):
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class ShuffleNetV2Toy(nn.Module):
+    """A ShuffleNet V2-style CNN: conv stem, a stage of a stride-2 unit and a stride-1 unit, a 1x1 head conv,
+    global pooling, Linear classifier."""
+
+    def __init__(self, c_in=1, c=16, n_out=10):
+        super().__init__()
+        self.stem = nn.Conv2d(c_in, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.s1 = ShuffleUnit(8, c, stride=2)
+        self.s2 = ShuffleUnit(c, c)
+        self.head = nn.Conv2d(c, 24, 1)
+        self.fc = nn.Linear(24, n_out)
+
+    def forward(self, x):
+        x = self.s2(self.s1(F.relu(self.bn(self.stem(x)))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.head(x)), 1), 1))
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block in its channels-last form: depthwise 7x7 conv, ``permute(0, 2, 3, 1)``, LayerNorm over
+    the channels, Linear (4x) + GELU + Linear, layer scale ``gamma``, ``permute(0, 3, 1, 2)``, residual."""
+
+    def __init__(self, c, expand=4, layer_scale=0.5):
+        super().__init__()
+        self.dwconv = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pwconv1 = nn.Linear(c, expand * c)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(expand * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), float(layer_scale)))
+
+    def forward(self, x):
+        h = self.dwconv(x).permute(0, 2, 3, 1)
+        h = self.pwconv2(self.act(self.pwconv1(self.norm(h))))
+        return x + (self.gamma * h).permute(0, 3, 1, 2)
+
+
+class ConvNeXtToy(nn.Module):
+    """A ConvNeXt-style CNN: 2x2 patchify stem, two channels-last blocks, a 1x1 conv reading the stream
+    channels-last through ``permute`` as a Linear, global pooling, Linear head."""
+
+    def __init__(self, c_in=1, c=8, n_out=10):
+        super().__init__()
+        self.stem = nn.Conv2d(c_in, c, 2, stride=2)
+        self.b1 = ConvNeXtBlock(c)
+        self.b2 = ConvNeXtBlock(c)
+        self.proj = nn.Linear(c, 16)
+        self.fc = nn.Linear(16, n_out)
+
+    def forward(self, x):
+        h = self.b2(self.b1(self.stem(x)))
+        h = F.gelu(self.proj(h.permute(0, 2, 3, 1)))
+        return self.fc(h.mean((1, 2)))

@@ -45,6 +45,21 @@ void syrk_n(Index n, Index k, double alpha, const double* A, Index lda, double b
   scipy_cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, ck(n), ck(k), alpha, A, ld(lda), beta, C, ld(ldc));
 }
 
+void syr2k_t(Index n, Index k, double alpha, const double* A, Index lda, const double* B, Index ldb, double beta,
+             double* C, Index ldc) {
+  if (n == 0) return;
+  scipy_cblas_dsyr2k(CblasRowMajor, CblasUpper, CblasTrans, ck(n), ck(k), alpha, A, ld(lda), B, ld(ldb), beta, C,
+                     ld(ldc));
+}
+void gemv_t(Index k, Index n, double alpha, const double* A, Index lda, const double* x, double beta, double* y) {
+  if (n == 0) return;
+  if (k == 0) {
+    for (Index j = 0; j < n; ++j) y[j] *= beta;
+    return;
+  }
+  scipy_cblas_dgemv(CblasRowMajor, CblasTrans, ck(k), ck(n), alpha, A, ld(lda), x, 1, beta, y, 1);
+}
+
 void gemm(bool ta, bool tb, Index m, Index n, Index k, float alpha, const float* A, Index lda, const float* B,
           Index ldb, float beta, float* C, Index ldc) {
   if (m == 0 || n == 0) return;

@@ -14,6 +14,12 @@ void syrk_t(Index n, Index k, double alpha, const double* A, Index lda, double b
 void syrk_n(Index n, Index k, float alpha, const float* A, Index lda, float beta, float* C, Index ldc);
 void syrk_n(Index n, Index k, double alpha, const double* A, Index lda, double beta, double* C, Index ldc);
 
+// C(upper) = alpha * (A^T B + B^T A) + beta * C, A and B are k x n row-major.
+void syr2k_t(Index n, Index k, double alpha, const double* A, Index lda, const double* B, Index ldb, double beta,
+             double* C, Index ldc);
+// y = alpha * A^T x + beta * y, A is k x n row-major (x: k, y: n).
+void gemv_t(Index k, Index n, double alpha, const double* A, Index lda, const double* x, double beta, double* y);
+
 // C = alpha * op(A) op(B) + beta * C, row-major.
 void gemm(bool ta, bool tb, Index m, Index n, Index k, float alpha, const float* A, Index lda, const float* B,
           Index ldb, float beta, float* C, Index ldc);

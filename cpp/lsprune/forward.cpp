@@ -278,9 +278,21 @@ Index largest_columns(const Groups& grp, Index n) {
   return cap;
 }
 
+std::unique_ptr<ForwardStateBase> make_cpu_forward_state(Problem& P, const SelectOptions& opt) {
+  const bool omp = opt.method == Method::Omp;
+  const Groups& grp = P.groups();
+  const Index Du = Index(grp.columns.size());
+  const Index K = opt.n_keep >= 0 ? largest_columns(grp, opt.n_keep) : Du;
+  const Index g = grp.size() > 0 ? (Du + grp.size() - 1) / grp.size() : 1;  // columns per group, rounded up
+  const bool blocked =
+      opt.update == Update::Blocked || (opt.update == Update::Auto && blocked_forward_pays(Du, P.m(), K, g));
+  if (blocked) return make_blocked_forward_state(P, omp, opt.rcond);
+  return make_forward_state(P, omp, opt.rcond);
+}
+
 SelectResult select_forward(Problem& P, const SelectOptions& opt) {
-  ForwardState S(P, opt.method == Method::Omp, opt.rcond);
-  return run_forward(P, opt, S);
+  auto S = make_cpu_forward_state(P, opt);
+  return run_forward(P, opt, *S);
 }
 
 namespace {

@@ -41,6 +41,17 @@ class ForwardStateBase {
 // The CPU state (forward.cpp) for forward (omp = false) or OMP selection on `prob`.
 std::unique_ptr<ForwardStateBase> make_forward_state(Problem& prob, bool omp, double rcond);
 
+// The blocked CPU state (forward_blocked.cpp): dense D x D Schur complements updated by BLAS-3.
+std::unique_ptr<ForwardStateBase> make_blocked_forward_state(Problem& prob, bool omp, double rcond);
+
+// Whether the blocked state is expected to be faster than the residual one for Du candidate
+// columns in groups of g, m targets and K columns to select, within the memory it allows itself
+// (update = auto).
+bool blocked_forward_pays(Index Du, Index m, Index K, Index g);
+
+// The CPU state opt.update asks for (auto: blocked_forward_pays).
+std::unique_ptr<ForwardStateBase> make_cpu_forward_state(Problem& prob, const SelectOptions& opt);
+
 // Columns in the n largest groups: room for any kept set of n groups.
 Index largest_columns(const Groups& groups, Index n);
 

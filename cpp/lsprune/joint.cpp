@@ -8,6 +8,7 @@
 #include "joint.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -63,6 +64,49 @@ std::vector<Index> dead_kept_columns(const Groups& grp, const std::vector<Index>
   return cols;
 }
 
+// After the time limit (forward/omp): the greedy prefix, then the live groups of largest current joint
+// criterion up to `target` (ties: lowest index), and a fresh re-fit of every problem on the kept set
+// (a singular one raises that problem's damping, as refit does). Mirrors forward.cpp's fill-up.
+JointResult joint_fill_after_time_limit(const std::vector<Problem*>& probs, States& st, const std::vector<double>& w,
+                                        Index target, JointResult&& res) {
+  const Index NG = probs[0]->groups().size();
+  std::vector<char> chosen(NG, 0);
+  for (Index g : res.selected) chosen[g] = 1;
+  std::vector<std::pair<double, Index>> cand;
+  for (Index g = 0; g < NG; ++g) {
+    bool live = false;
+    const double s = chosen[g] ? 0.0 : joint_gain(st, w, g, live);
+    if (live) cand.push_back({-s, g});
+  }
+  std::sort(cand.begin(), cand.end());
+  std::vector<Index> keep = res.selected;
+  for (std::size_t i = 0; i < cand.size() && Index(keep.size()) < target; ++i) {
+    keep.push_back(cand[i].second);
+    res.filled.push_back(cand[i].second);
+  }
+  res.selected = keep;
+  res.kept_path.push_back(Index(keep.size()));
+  res.stopped_early = Index(keep.size()) < target;
+  for (std::size_t r = 0; r < probs.size(); ++r) {
+    SelectResult& pr = res.problems[r];
+    std::vector<double> path = std::move(pr.error_path);  // the prefix, in working units
+    pr.skipped = st[r]->degenerate();
+    st[r]->release();  // the re-fit's K x K factor must not come on top of the state
+    SelectResult fin = refit(*probs[r], keep);
+    probs[r]->to_caller_units(path, 2, 0);
+    path.push_back(fin.error);
+    fin.error_path = std::move(path);
+    fin.selected = keep;
+    fin.kept_path = res.kept_path;
+    fin.skipped = std::move(pr.skipped);
+    fin.filled = res.filled;
+    fin.timed_out = true;
+    fin.stopped_early = res.stopped_early;
+    pr = std::move(fin);
+  }
+  return res;
+}
+
 // Forward / OMP; w: the ranking weights. Fills the per-problem paths and re-fits.
 JointResult joint_forward(const std::vector<Problem*>& probs, const std::vector<double>& w,
                           const SelectOptions& opt) {
@@ -74,7 +118,7 @@ JointResult joint_forward(const std::vector<Problem*>& probs, const std::vector<
   std::vector<double> E(R);
   double energy = 0;  // weighted; one problem with w = 1: exactly its energy
   for (std::size_t r = 0; r < R; ++r) {
-    st.push_back(make_forward_state(*probs[r], opt.method == Method::Omp, opt.rcond));
+    st.push_back(make_cpu_forward_state(*probs[r], opt));
     if (opt.n_keep >= 0) st[r]->reserve(largest_columns(probs[r]->groups(), opt.n_keep));
     E[r] = probs[r]->energy();
     energy += w[r] * E[r];
@@ -100,10 +144,15 @@ JointResult joint_forward(const std::vector<Problem*>& probs, const std::vector<
     res.kept_path.push_back(Index(res.selected.size()));
   };
 
+  const auto start = std::chrono::steady_clock::now();
   for (auto& s : st) s->evaluate_all();
   for (Index J : opt.force)  // kept whatever their gain; degenerate everywhere -> skipped
     if (live_anywhere(st, J)) take(J);
   while (!done()) {
+    if (out_of_time(opt, start)) {
+      res.timed_out = true;
+      break;
+    }
     const Index J = joint_best(st, w, NG);
     if (J < 0) {
       res.stopped_early = opt.n_keep >= 0;
@@ -113,6 +162,7 @@ JointResult joint_forward(const std::vector<Problem*>& probs, const std::vector<
   }
   for (Index g = 0; g < NG; ++g)
     if (!chosen[g] && !live_anywhere(st, g)) res.skipped.push_back(g);
+  if (res.timed_out) return joint_fill_after_time_limit(probs, st, w, target, std::move(res));
   for (std::size_t r = 0; r < R; ++r) {
     SelectResult& pr = res.problems[r];
     pr.selected = res.selected;
@@ -132,6 +182,8 @@ JointResult joint_backward(const std::vector<Problem*>& probs, const std::vector
   res.removed = path.order;
   res.kept_path = path.kept_path;
   res.stopped_early = path.stopped_early;
+  res.timed_out = path.timed_out;
+  res.filled = path.filled;
   for (std::size_t r = 0; r < probs.size(); ++r)
     res.problems.push_back(backward_finish(*probs[r], path.removed, path.path_of(r)));
   res.selected = res.problems[0].selected;

@@ -18,6 +18,8 @@ struct JointResult {
   std::vector<Index> kept_path;   // number of groups kept at each error_path entry
   std::vector<Index> skipped;     // groups degenerate in every problem (never selectable), ascending
   bool stopped_early = false;     // n_keep could not be reached
+  bool timed_out = false;         // time_limit stopped the greedy steps (see `filled`)
+  std::vector<Index> filled;      // after time_limit: groups kept (forward/omp) or removed (backward) at once
   std::vector<double> weights;    // w_r used
   double energy = 0;              // sum_r w_r energy_r (0 -> relative errors are 0)
   // Per problem: its path (error_path = E_r, skipped = groups degenerate in it)

@@ -44,6 +44,9 @@ struct Groups {
 };
 
 enum class Method { Forward, Omp, Backward };
+// How the CPU forward/omp state is kept: the D x m residual updated every step (Residual), dense D x D
+// Schur complements updated in blocks (Blocked), or whichever a cost model expects to be faster (Auto).
+enum class Update { Auto, Residual, Blocked };
 
 struct SelectOptions {
   Method method = Method::Forward;
@@ -53,6 +56,7 @@ struct SelectOptions {
   double rcond = 1e-10;        // a pivot below rcond * (its damped variance) marks a group degenerate
   Index refine = 0;            // at most this many swap-refinement exchanges after the selection
   double time_limit = -1;      // seconds for the greedy steps (n_keep only), or -1: no limit
+  Update update = Update::Auto;  // forward/omp on the CPU: how the state is kept (same choices)
 };
 
 struct SelectResult {

@@ -50,13 +50,17 @@ def select(gram: F64, cross: Optional[F64], weights_in: Optional[F64], bias_in: 
            sum_x: Optional[F64], sum_y: Optional[F64], target_energy: float, count: float, fit_intercept: bool,
            damping: float, offsets: Sequence[int], columns: Sequence[int], method: str, n_keep: int, tol: float,
            force: Sequence[int], rcond: float, n_targets: int, refine: int = 0,
-           time_limit: float = -1.0) -> Dict[str, Any]:
+           time_limit: float = -1.0, update: str = "auto") -> Dict[str, Any]:
     """CPU selection. gram (D, D), cross (D, m) or weights_in (m, D) with bias_in (m,), sum_x (D,), sum_y (m,);
     groups as offsets (n_groups + 1,) into columns; method "forward" | "omp" | "backward"; n_keep or tol
     (the other -1); refine: at most this many swap-refinement exchanges afterwards; time_limit: seconds for the
-    greedy steps (-1: none). Returns selected, removed, error_path, kept_path, skipped, stopped_early, timed_out,
+    greedy steps (-1: none); update: the forward/omp state, "auto" | "residual" | "blocked". Returns selected, removed, error_path, kept_path, skipped, stopped_early, timed_out,
     filled, columns (K,), weights (m, K), bias (m,), error, plain_error, energy, damping, lambda, swapped_out,
     swapped_in (the exchanges, in order)."""
+
+def blocked_forward_pays(n_columns: int, n_targets: int, n_keep_columns: int, group_size: int = 1) -> bool:
+    """Whether update="auto" takes the blocked forward state for this shape (a cost model; the memory guard
+    asks it too)."""
 
 def select_cuda(gram: F64, cross: Optional[F64], weights_in: Optional[F64], bias_in: Optional[F64],
                 sum_x: Optional[F64], sum_y: Optional[F64], target_energy: float, count: float,
@@ -72,7 +76,7 @@ def refit(gram: F64, cross: Optional[F64], weights_in: Optional[F64], bias_in: O
     """LS re-fit on the groups ``keep``; the same dict as :func:`select`."""
 
 def select_joint(problems: Sequence[Dict[str, Any]], weights: Optional[Sequence[float]], method: str, n_keep: int,
-                 tol: float, force: Sequence[int], rcond: float) -> Dict[str, Any]:
+                 tol: float, force: Sequence[int], rcond: float, update: str = "auto") -> Dict[str, Any]:
     """Joint CPU selection over R problems that share their group index. Each problem is a dict of the
     problem arguments of :func:`select` (gram ... damping) plus offsets, columns and n_targets; every problem
     has the same number of groups. weights: None = relative (1 / energy_r), else R finite values >= 0.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -12,7 +12,8 @@ from . import _arrays, _policy
 from ._errors import DegenerateGroupWarning
 from ._native import _core
 from ._problem import groups_spec, problem_args
-from .selection import METHODS, Selection, _selection, _warn_damping, _warn_skipped, _warn_stopped, check_options
+from .selection import (METHODS, Selection, _selection, _warn_damping, _warn_skipped, _warn_stopped, check_options,
+                        check_time_limit, check_update)
 from .statistics import Statistics
 
 
@@ -76,6 +77,9 @@ class JointSelection:
         Each reader's re-fit on the kept groups from its own statistics, with its own
         error path along the joint selection; its ``skipped`` lists the groups
         degenerate in that reader (kept ones have zero weights there).
+    timed_out : bool
+        ``time_limit`` stopped the greedy steps; ``filled`` lists the groups kept (forward/omp) or
+        removed (backward) at once after it, in that order.
     """
 
     method: str
@@ -92,6 +96,8 @@ class JointSelection:
     skipped: np.ndarray
     stopped_early: bool
     selections: Tuple[Selection, ...]
+    timed_out: bool = False
+    filled: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def n_kept(self) -> int:
@@ -167,14 +173,16 @@ def _joint_result(method, r, out_dtypes, return_path) -> JointSelection:
         kept_path=np.asarray(r["kept_path"], dtype=np.int64) if return_path else None,
         error=float(r["error_path"][-1]), relative_error=float(rel(float(r["error_path"][-1]))), energy=energy,
         weights=np.asarray(r["weights"], dtype=np.float64), skipped=np.asarray(r["skipped"], dtype=np.int64),
-        stopped_early=bool(r["stopped_early"]),
+        stopped_early=bool(r["stopped_early"]), timed_out=bool(r["timed_out"]),
+        filled=np.asarray(r["filled"], dtype=np.int64),
         selections=tuple(_selection(method, p, dt, return_path) for p, dt in zip(r["problems"], out_dtypes)))
 
 
 def select_joint(problems: Sequence[Union[JointProblem, Mapping, Statistics]], *, n_keep: Optional[int] = None,
                  tol: Optional[float] = None, method: str = "forward", weights="relative",
                  force: Optional[Sequence[int]] = None, damping: float = _policy.DEFAULT_DAMPING,
-                 fit_intercept: bool = True, return_path: bool = True, rcond: float = 1e-10) -> JointSelection:
+                 fit_intercept: bool = True, return_path: bool = True, rcond: float = 1e-10,
+                 update: str = "auto", time_limit: Optional[float] = None) -> JointSelection:
     """Chooses one set of shared channels for several layers that read them, and re-fits
     each layer on the kept channels from its own statistics.
 
@@ -199,10 +207,15 @@ def select_joint(problems: Sequence[Union[JointProblem, Mapping, Statistics]], *
         Explicit weights must be finite, non-negative, with at least one positive.
     force : sequence of int, optional
         Groups that must be kept.
-    damping, fit_intercept, rcond :
-        As in :func:`lsprune.select`, for every reader.
+    damping, fit_intercept, rcond, update :
+        As in :func:`lsprune.select`, for every reader (``update="auto"`` decides per reader).
     return_path : bool, default True
         Keep the error paths.
+    time_limit : float, optional
+        Seconds for the greedy steps (with ``n_keep`` only), as in :func:`lsprune.select`: when they pass
+        first, forward/omp keep the groups chosen so far and add the remaining ones at once by their current
+        joint criterion, backward removes the remaining ones at once by their current joint cost; then every
+        reader is re-fitted on the kept set. ``timed_out`` and ``filled`` say so.
 
     Returns
     -------
@@ -253,6 +266,7 @@ def select_joint(problems: Sequence[Union[JointProblem, Mapping, Statistics]], *
     nk, tl, fl = check_options(n_keep, tol, force, counts[0])
     r = _core.select_joint(problems=[s for s, _, _ in specs], weights=_reader_weights(weights, len(readers)),
                            method=method, n_keep=nk, tol=tl, force=fl,
-                           rcond=_arrays.check_float(rcond, "rcond", lo=0.0))
+                           rcond=_arrays.check_float(rcond, "rcond", lo=0.0), update=check_update(update),
+                           time_limit=check_time_limit(time_limit, tol, method, -1))
     _warn_joint(r, method, damping)
     return _joint_result(method, r, [dt for _, _, dt in specs], bool(return_path))

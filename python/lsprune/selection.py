@@ -207,6 +207,18 @@ def check_options(n_keep, tol, force, n_groups):
     return nk, tl, fl
 
 
+UPDATES = ("auto", "residual", "blocked")
+
+
+def check_update(update, dev: int = -1) -> str:
+    """``update`` for the engine: one of :data:`UPDATES`; only ``"auto"`` on a CUDA device."""
+    if not isinstance(update, str) or update not in UPDATES:
+        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+    if dev >= 0 and update != "auto":
+        raise ValueError(f"update={update!r} chooses a CPU state; the CUDA engine has its own (use 'auto')")
+    return update
+
+
 def check_time_limit(time_limit, tol, method: str, dev: int) -> float:
     """``time_limit`` for the engine: seconds > 0, or -1 for none."""
     if time_limit is None:
@@ -227,7 +239,7 @@ def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, 
            force: Optional[Sequence[int]] = None, return_path: bool = True,
            weights_in=None, bias_in=None, gram=None, cross=None, target_energy=None, mean_x=None, mean_y=None,
            count=None, rcond: float = 1e-10, refine=None, device="cpu",
-           time_limit: Optional[float] = None) -> Selection:
+           time_limit: Optional[float] = None, update: str = "auto") -> Selection:
     """Chooses the input groups (channels) of a layer that best reproduce its targets,
     and re-fits the weights on them by least squares.
 
@@ -287,6 +299,15 @@ def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, 
         criterion (forward: the exact error drop given the prefix; omp: ``‖R_J‖²``); backward removes
         the remaining ones at once by their current cost; then the kept set is re-fitted exactly.
         ``Selection.timed_out`` says so. Not for the CUDA backward solver.
+    update : {"auto", "residual", "blocked"}
+        How forward/omp keep their state on the CPU (the choices are the same up to rounding).
+        ``"residual"`` updates the ``D × m`` residual ``R`` at every step: ``O(K²D + KDm)``
+        memory-bound work, ``8·(2Dm + KD)`` bytes. ``"blocked"`` keeps the residual Gram ``S`` and
+        the residual target Gram ``M = RRᵀ`` as dense ``D × D`` matrices, updated every 64 columns
+        by BLAS-3 (as LAPACK's pivoted Cholesky), each group's diagonal blocks exact at every step:
+        ``O(D²m + 3D²K)`` compute-bound work, ``16·D²`` bytes; much faster for wide layers with
+        many targets. ``"auto"`` picks by a cost model (:func:`lsprune._core.blocked_forward_pays`).
+        Ignored by backward; the CUDA engine has its own state (only ``"auto"`` there).
 
     Returns
     -------
@@ -302,10 +323,11 @@ def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, 
     rc = _arrays.check_float(rcond, "rcond", lo=0.0)
     dev = parse_device(device)
     tlim = check_time_limit(time_limit, tol, method, dev)
+    upd = check_update(update, dev)
     args = dict(kw, offsets=offsets, columns=columns, method=method, n_keep=nk, tol=tl, force=fl, rcond=rc, n_targets=m,
                 refine=refine_budget(refine, n_groups), time_limit=tlim)
     # parse_device has refused CUDA where this build or machine has none
-    r = _core.select(**args) if dev < 0 else _core.select_cuda(**args, device=dev)
+    r = _core.select(**args, update=upd) if dev < 0 else _core.select_cuda(**args, device=dev)
     return _result(method, r, out_dtype, bool(return_path), kw["damping"], n_groups, None)
 
 

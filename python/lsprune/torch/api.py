@@ -241,9 +241,10 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
         lean otherwise. Pairs with ``P = 1`` are always exact (lean would be the same). Lean supports
         ``refit=True`` with the forward/omp/backward/magnitude/random methods.
     time_budget : float, optional
-        Seconds of channel selection per pair (forward/omp/backward). When they pass, the greedy keeps
-        what it chose and adds the rest at once by its current gains (backward: removes the rest by its
-        current costs), then re-fits exactly; ``PairReport.timed_out`` says so. The global budget's
+        Seconds of channel selection per pair or coupled group (forward/omp/backward; a group's joint
+        selection too). When they pass, the greedy keeps what it chose and adds the rest at once by its
+        current gains (backward: removes the rest by its current costs), then re-fits exactly (every
+        reader of a group); ``PairReport.timed_out`` says so. The global budget's
         error paths are not limited. Not with distributed calibration (the ranks could stop at
         different steps).
     round_to : int or dict, optional

@@ -73,7 +73,7 @@ def check_memory(limit_option, calls, units: List[Unit], plan, modules, *, origi
         st = statistics_bytes(D, m if original else 0, fp32_scratch=True, on_device=False)["host"]
         per_block[block] = per_block.get(block, 0) + st
         solver = max(solver, solver_bytes(D, m, plan[u.name] * u.group_size, method=method, refit=refit,
-                                          independent=not original))
+                                          independent=not original, g=u.group_size))
     est = model_copy + cache + max(per_block.values(), default=0) + solver + reconstruct
     limit = resolve_limit(limit_option)
     if limit.bytes is not None and est > limit.bytes:

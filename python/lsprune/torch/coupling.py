@@ -11,8 +11,9 @@ output, members of another width) is skipped with the reason; nothing else is de
 
 A concatenation along the channel dim (``torch.cat``) is followed: the stream's channels become a slice
 (offset, width) of the concatenated value, so its readers and per-channel modules lose the slice's channels
-at that offset and keep the rest (kind ``"concat"``). Later slices (SE gates, grouped convs, channel shuffle,
-permutes) add cases to :meth:`_Stream._kind`.
+at that offset and keep the rest (kind ``"concat"``). SE gates, grouped convs (units of whole groups), layout
+ops that move the channel dim (:mod:`.axis`) and channel shuffles (units of one position per group of the
+shuffle, interleaved before it) are cases of :meth:`_Stream._kind` too.
 """
 from __future__ import annotations
 
@@ -26,17 +27,16 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .axis import (channel_split_reason, is_norm, is_permute, is_reduce, is_split, moved_dim, norm_reason, reduced_dim,
+                   reshape_size_reason, reshaped, shuffle_groups, source_dim, split_dim)
 from .graph import (_CAT_FUNCTIONS, _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_METHODS, _ELEMENTWISE_MODULES,
                     _MIXING_MODULES, _POOL_FUNCTIONS, _POOL_MODULES, _RESHAPE_METHODS, _SCALAR_FUNCTIONS,
-                    _SCALAR_METHODS, _Skip, _flatten, _is_add, _need_channel_dim1, data_users, describe)
+                    _SCALAR_METHODS, _Skip, _is_add, _need_channel_dim1, data_users, describe)
 from .pairs import (CONSUMER_TYPES, PRODUCER_TYPES, CoupledGroup, PairSearch, SkippedPair, channel_passthrough_kind,
                     check_consumer, check_producer, is_depthwise, producer_channels, shared_state)
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
-#: Reductions that are channel-wise when they run over positions only (``x.mean((2, 3), keepdim=True)``).
-_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax}
-_REDUCE_METHODS = {"mean", "sum", "amax"}
 #: Reshapes that only add or drop trailing singleton dims when the shapes say so (a gate's (B, C) -> (B, C, 1, 1)).
 _UNSQUEEZE_FUNCTIONS = {torch.unsqueeze, torch.squeeze, operator.getitem}
 _UNSQUEEZE_METHODS = {"unsqueeze", "squeeze"}
@@ -100,10 +100,13 @@ class _Stream:
     """The set of values sharing the channel index of ``start`` (a producer's output), with its writers,
     readers and per-channel modules; ``blocked`` collects why it cannot be pruned."""
 
-    def __init__(self, g: _Graph, start: fx.Node, unit: int = 1):
+    def __init__(self, g: _Graph, start: fx.Node, unit: int = 1, interleave: bool = False):
         self.g = g
-        self.unit = unit  # channels per unit: > 1 when a grouped conv on the stream loses whole groups
+        self.unit = unit  # channels per unit: > 1 when a grouped conv loses whole groups or a shuffle whole rows
         self.regroup: Optional[int] = None  # a grouped conv met with unit 1: the unit that would follow it
+        self.reshuffle: Optional[int] = None  # a channel shuffle met with unit 1: its number of groups
+        #: values before a channel shuffle of ``unit`` groups: unit j is channels j + a*C (a < unit) there
+        self.strided: set = set()
         self.C = producer_channels(g.modules[start.target]) // unit
         self.layout: Dict[fx.Node, Layout] = {}
         self.writers: Dict[fx.Node, str] = {}
@@ -111,12 +114,13 @@ class _Stream:
         self.between: Dict[fx.Node, str] = {}
         self.blocked: List[str] = []
         self.offsets: Dict[fx.Node, int] = {}  # reader / between node -> its input offset (weight dim 1 / channel)
-        self.has_add = self.has_cat = self.has_gate = False
+        self.has_add = self.has_cat = self.has_gate = self.has_shuffle = False
         self.via: List[str] = []
+        self.parts: set = set()  # reached forward through a tuple or a shuffle (a split's parts): not walked back
         self.work: List[fx.Node] = []
         ndim = len(g.shapes[start])
         self._add(start, (ndim, 1 if isinstance(g.modules[start.target], nn.Conv2d) else ndim - 1, unit, 0,
-                          self.C * unit))
+                          self.C * unit), strided=interleave)
 
     @property
     def coupled(self) -> bool:
@@ -124,6 +128,12 @@ class _Stream:
         of them)."""
         return len(self.writers) > 1 or len(self.readers) > 1 or self.has_add or self.has_cat or self.has_gate or \
             self.unit > 1
+
+    @property
+    def kind(self) -> str:
+        """The group's kind (:data:`.pairs.GROUP_KINDS`), by precedence."""
+        return "residual" if self.has_add else "concat" if self.has_cat else "gate" if self.has_gate else \
+            "shuffle" if self.has_shuffle else "grouped" if self.unit > 1 else "multi_consumer"
 
     def _full(self, lay: Layout) -> bool:
         """Whether a value holds the stream's channels only (not a concatenation with others)."""
@@ -144,17 +154,20 @@ class _Stream:
                 try:
                     self._user(v, u)
                 except _Skip as s:
-                    self._block(s.reason)
+                    self._block(s.reason, lead=s.lead)
         return self
 
-    def _block(self, reason: str) -> None:
+    def _block(self, reason: str, lead: bool = False) -> None:
+        """Records why the stream cannot be pruned; ``lead``: a reason no later slice could lift (a norm over
+        the channels) comes first, as the one ``find_pairs`` shows."""
         if reason not in self.blocked:
-            self.blocked.append(reason)
+            self.blocked.insert(0, reason) if lead else self.blocked.append(reason)
 
-    def _add(self, node: fx.Node, lay: Layout) -> None:
-        """Puts ``node`` on the stream with layout ``lay`` (checked against its recorded shape)."""
+    def _add(self, node: fx.Node, lay: Layout, strided: bool = False) -> None:
+        """Puts ``node`` on the stream with layout ``lay`` (checked against its recorded shape); ``strided``:
+        it is before a channel shuffle (see ``self.strided``)."""
         if node in self.layout:
-            if self.layout[node] != lay:
+            if self.layout[node] != lay or (node in self.strided) != strided:
                 self._block(f"{describe(node, self.g.modules)} is reached with two channel layouts")
             return
         shape = self.g.shapes.get(node)
@@ -167,6 +180,8 @@ class _Stream:
                         f"{tuple(shape)}, the stream {self.C} channels")
             return
         self.layout[node] = lay
+        if strided:
+            self.strided.add(node)
         self.work.append(node)
 
     # ------------------------------------------------------------------------------------------ what an op is
@@ -188,6 +203,8 @@ class _Stream:
                 return "flatten"
             if isinstance(m, _ELEMENTWISE_MODULES) or isinstance(m, nn.PReLU) and m.weight.numel() == 1:
                 return "same"
+            if is_norm(u, mods):
+                return "norm"
             if isinstance(m, _MIXING_MODULES):
                 raise _Skip(f"{describe(u, mods)} on the stream mixes channels")
             if isinstance(m, _POOL_MODULES):
@@ -198,6 +215,8 @@ class _Stream:
         if u.op not in ("call_function", "call_method"):
             raise _Skip(f"unsupported node {u.op} on the stream")
         fn = u.target
+        if is_norm(u, mods):  # its weights are inputs too
+            return "norm"
         if u.op == "call_function" and fn in _CAT_FUNCTIONS:
             if fn not in (torch.cat, torch.concat, torch.concatenate):
                 raise _Skip(f"{describe(u, mods)} stacks a stream value")
@@ -210,8 +229,12 @@ class _Stream:
             raise _Skip(f"{describe(u, mods)} combines the stream with another tensor")
         if u.op == "call_function" and fn in _POOL_FUNCTIONS:
             return "pool"
-        if u.op == "call_function" and fn in _REDUCE_FUNCTIONS or u.op == "call_method" and fn in _REDUCE_METHODS:
+        if is_reduce(u):
             return "reduce"
+        if is_permute(u):
+            return "permute"
+        if is_split(u):
+            return "split"
         if u.op == "call_function" and fn is operator.getitem and not _plain_index(u):
             raise _Skip(f"{describe(u, mods)} indexes a stream value")
         if u.op == "call_function" and fn in _UNSQUEEZE_FUNCTIONS or u.op == "call_method" and fn in _UNSQUEEZE_METHODS:
@@ -227,11 +250,17 @@ class _Stream:
     def _user(self, v: fx.Node, u: fx.Node) -> None:
         """Follows the stream value ``v`` into its user ``u`` (or records ``u`` as a reader)."""
         kind = self._kind(u)
+        mods, shapes, strided = self.g.modules, self.g.shapes, v in self.strided
+        if strided and kind in ("layer", "cat", "product"):
+            raise _Skip(f"{describe(u, mods)} reads the stream before its channel shuffle, where a unit's channels "
+                        "are not consecutive (not supported)")
         if kind == "layer":
             self._reader(v, u)
             return
+        if kind == "split":
+            self._split(v, u, self.layout[v])
+            return
         ndim, cdim, cols, off, width = lay = self.layout[v]
-        mods, shapes = self.g.modules, self.g.shapes
         if kind == "add":
             if any(shapes.get(a) != shapes.get(u) for a in u.all_input_nodes if shapes.get(a) is not None):
                 raise _Skip(f"{describe(u, mods)} broadcasts a stream value")
@@ -242,16 +271,18 @@ class _Stream:
             _need_channel_dim1(u, cdim, ndim, cols if cols > self.unit else None, mods, min_ndim=3)
             lay = (len(shapes[u]), cdim, cols, off, width) if shapes.get(u) is not None else lay
         elif kind == "per_channel":
-            self._per_channel(u, lay)
+            self._per_channel(u, lay, strided)
         elif kind == "flatten" and u.op == "call_function" and u.target is operator.getitem and \
                 not (_plain_index(u) and _singleton_reshape(shapes.get(v), shapes.get(u), cdim, cols)):
             raise _Skip(f"{describe(u, mods)} indexes a stream value")
         elif kind == "flatten" and _singleton_reshape(shapes.get(v), shapes.get(u), cdim, cols):
             lay = (len(shapes[u]), cdim, cols, off, width)  # (B, C) <-> (B, C, 1, 1)
         elif kind == "flatten" and tuple(shapes.get(v) or ()) != tuple(shapes.get(u) or ()):
-            # (B, width, *S) -> (B, width*prod(S)): entry e of the channel dim becomes columns e*prod(S) + ...
-            g, ndim, cdim = _flatten(v, u, width, cdim, cols if cols > self.unit else None, shapes, mods)
-            lay = (ndim, cdim, cols * g, off * g, width * g)
+            u, lay, strided = self._reshape(v, u, lay)  # a channel shuffle: its last node
+        elif kind == "permute":
+            lay = (ndim, moved_dim(u, cdim, ndim), cols, off, width)
+        elif kind == "norm" and norm_reason(u, mods, cdim, ndim):
+            raise _Skip(f"{describe(u, mods)} on the stream: {norm_reason(u, mods, cdim, ndim)}", lead=True)
         elif kind == "cat":
             lay = self._cat(v, u, lay)
         elif kind == "product":
@@ -259,7 +290,7 @@ class _Stream:
         elif kind == "reduce":
             lay = self._reduce(u, lay)
         self.via.append(describe(u, mods))
-        self._add(u, lay)
+        self._add(u, lay, strided)
 
     def _product(self, v: fx.Node, u: fx.Node, lay: Layout) -> None:
         """``v * t`` (an SE gate: ``t`` broadcasts over positions; or two stream values): every operand whose
@@ -276,6 +307,9 @@ class _Stream:
             sa = shapes.get(a)
             if sa is None:
                 continue
+            if a.op == "get_attr" and width in tuple(sa):
+                raise _Skip(f"{what} multiplies the stream by the parameter {a.target} (a layer scale), read directly "
+                            "in forward: it would have to lose the same channels (not supported)")
             if len(sa) != ndim or any(sa[d] not in (1, out[d]) for d in range(ndim)) or sa[cdim] not in (1, width):
                 raise _Skip(f"{what} multiplies the stream by a tensor of shape {tuple(sa)}")
             if sa[cdim] == width and a is not v:
@@ -283,15 +317,92 @@ class _Stream:
         self.has_gate = True
 
     def _reduce(self, u: fx.Node, lay: Layout) -> Layout:
-        """``x.mean((2, 3), keepdim=...)`` and the like over positions only: channel-wise pooling."""
+        """``x.mean((2, 3), keepdim=...)`` and the like over other dims than the channels': channel-wise pooling."""
         ndim, cdim, cols, off, width = lay
-        dims = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim")
-        dims = (dims,) if isinstance(dims, int) else dims
         out = self.g.shapes.get(u)
-        if not isinstance(dims, (tuple, list)) or not dims or out is None or cols != self.unit or \
-                any(not isinstance(d, int) or (d + ndim if d < 0 else d) <= cdim for d in dims):
+        if out is None or cols != self.unit:
             raise _Skip(f"{describe(u, self.g.modules)} reduces over the stream's channels")
-        return (len(out), cdim, cols, off, width)
+        return (len(out), reduced_dim(u, cdim, ndim, len(out)), cols, off, width)
+
+    def _reshape(self, v: fx.Node, u: fx.Node, lay: Layout) -> Tuple[fx.Node, Layout, bool]:
+        """A view / reshape / flatten (:func:`.axis.reshaped`): the channel dim moves, or the dims after it
+        become columns of each channel (entry e of the channel dim becomes entries e*factor + [0, factor)).
+        Returns (the node that continues the stream, its layout, whether it is strided): a channel shuffle of
+        the stream's interleaved units continues after its last node."""
+        ndim, cdim, cols, off, width = lay
+        shapes, what = self.g.shapes, describe(u, self.g.modules)
+        src, dst = shapes[v], shapes[u]
+        dim, factor, why = reshaped(src, dst, cdim)
+        if dim is None and why == "split":
+            shuffle = shuffle_groups(v, u, shapes, cdim)
+            if shuffle and v in self.strided and shuffle == (self.unit, self.C):
+                return self._shuffled(v, u, lay)
+            if shuffle and self.unit == 1 and self._full(lay) and cols == 1:
+                self.reshuffle = shuffle[0]  # units of one position in each of its groups would follow it
+            raise _Skip(self._shuffle_reason(what, lay, *shuffle) if shuffle else
+                        f"{what} to {tuple(dst)} splits the channel dim")
+        if v in self.strided and factor > 1:
+            raise _Skip(f"{what} flattens the stream before its channel shuffle (not supported)")
+        if dim is None:
+            raise _Skip(f"{what} to {tuple(dst)} merges the channel dim with the dims before it (the channels end "
+                        "up interleaved)")
+        if factor > 1 and cols > self.unit:
+            raise _Skip(f"{what} flattens a flattened stream value again")
+        reason = reshape_size_reason(u, dim)
+        if reason:
+            raise _Skip(reason)
+        return u, (len(dst), dim, cols * factor, off * factor, width * factor), v in self.strided
+
+    def _shuffled(self, v: fx.Node, u: fx.Node, lay: Layout) -> Tuple[fx.Node, Layout, bool]:
+        """The last node of the channel shuffle of ``v`` that ``u`` starts (view as (g, n) -> swap ->
+        [contiguous] -> merge), where unit j (channels j + a*n before) is the ``g`` consecutive channels
+        j*g + a: the stream goes on there with consecutive units. The sizes must follow the pruned width."""
+        what, shapes = describe(u, self.g.modules), self.g.shapes
+        reason = reshape_size_reason(u, lay[1] + 1)  # n, the channels per group, shrinks with the pruning
+        if reason:
+            raise _Skip(reason)
+        end = next(iter(u.users))  # the swap (shuffle_groups checked it is the view's only user)
+        while len(data_users(end)) == 1 and data_users(end)[0].op == "call_method" and \
+                data_users(end)[0].target == "contiguous":
+            end = data_users(end)[0]
+        merge = data_users(end)
+        if len(merge) != 1 or self._kind(merge[0]) != "flatten" or shapes.get(merge[0]) != shapes[v]:
+            raise _Skip(f"{what} starts a channel shuffle whose groups are not merged back into one channel dim")
+        reason = reshape_size_reason(merge[0], lay[1])
+        if reason:
+            raise _Skip(reason)
+        self.has_shuffle = True
+        self.parts.add(merge[0])
+        self.via.append(f"channel shuffle ({self.unit} groups)")
+        return merge[0], lay, False
+
+    def _shuffle_reason(self, what: str, lay: Layout, g: int, n: int) -> str:
+        """Why a channel shuffle (``g`` groups of ``n`` channels, see :func:`.axis.shuffle_groups`) is not
+        followed: the pruned model would shuffle its fewer channels with other strides."""
+        head = f"{what} starts a channel shuffle ({g} groups of {n} channels)"
+        if not self._full(lay):
+            return f"{head} that interleaves the stream's channels with the other channels of a concatenation: " \
+                   "removing some would move the others (the pruned model would shuffle another channel order)"
+        return f"{head}: once channels are removed it regroups the kept ones with another stride, so the readers' " \
+               f"columns only line up if all {g} groups lose the same positions, which units of {self.unit} " \
+               "consecutive channels cannot do"
+
+    def _split(self, v: fx.Node, u: fx.Node, lay: Layout) -> None:
+        """``x.chunk(n, dim)``, ``torch.split`` ...: along another dim than the channels', every part (an
+        ``operator.getitem`` of the tuple) carries the stream; a split of the channel dim would, once channels
+        are removed, cut the kept channels at other places (ShuffleNet V2's channel split)."""
+        ndim, cdim, cols, off, width = lay
+        what, shapes = describe(u, self.g.modules), self.g.shapes
+        if split_dim(u, ndim) == cdim:
+            raise _Skip(channel_split_reason(what))
+        for part in data_users(u):
+            if not (part.op == "call_function" and part.target is operator.getitem and isinstance(part.args[1], int)):
+                raise _Skip(f"{what}: its parts are used as a tuple")
+            out = shapes.get(part)
+            part_cdim = cdim if out is None or len(out) == ndim else cdim - (split_dim(u, ndim) < cdim)
+            self.parts.add(part)
+            self._add(part, (len(out) if out is not None else ndim, part_cdim, cols, off, width), v in self.strided)
+        self.via.append(what)
 
     def _cat(self, v: fx.Node, u: fx.Node, lay: Layout) -> Layout:
         """The stream's layout in ``torch.cat(tensors, dim)`` of the stream value ``v``: its slice of the
@@ -320,8 +431,11 @@ class _Stream:
         self.has_cat = True
         return (ndim, cdim, cols, off + before, out[cdim] if out is not None else width)
 
-    def _per_channel(self, u: fx.Node, lay: Layout) -> None:
+    def _per_channel(self, u: fx.Node, lay: Layout, strided: bool = False) -> None:
         m, g = self.g.modules[u.target], self.g
+        if strided and isinstance(m, nn.Conv2d) and not is_depthwise(m):
+            raise _Skip(f"{u.target}: a grouped conv before the channel shuffle would lose channels of several "
+                        "groups (not supported)")
         reason = channel_passthrough_kind(m, lay[4], unit=self.unit)  # on a concatenation: all its channels
         if reason and self.unit == 1 and isinstance(m, nn.Conv2d) and m.groups > 1 and lay[2] == 1 and \
                 m.in_channels == m.out_channels == lay[4] == self.C and not is_depthwise(m):
@@ -369,27 +483,44 @@ class _Stream:
     # ------------------------------------------------------------------------------------------ backward
     def _origin(self, v: fx.Node) -> None:
         """Where the stream value ``v`` comes from: a writer, or inputs that join the stream."""
+        if v in self.parts:
+            return
         try:
             kind = self._kind(v) if v.op != "placeholder" else None
         except _Skip:
             kind = None
+        ndim, cdim, cols, off, width = self.layout[v]
+        st = v in self.strided  # what joins the stream backward is before the same shuffle
+        if kind == "norm":  # channel-wise unless it normalises over the channels
+            why = norm_reason(v, self.g.modules, cdim, ndim)
+            if why:
+                self._block(f"{describe(v, self.g.modules)} on the stream: {why}", lead=True)
+                return
+            kind = "same"
+        if kind == "permute":
+            if v.all_input_nodes[0] not in self.layout:  # reached backward: the channel dim before the permute
+                try:
+                    self._add(v.all_input_nodes[0], (ndim, source_dim(v, cdim, ndim), cols, off, width), st)
+                except _Skip as s:
+                    self._block(s.reason)
+            return
         if kind == "layer":
             self._writer(v)
         elif kind == "add":
             for a in v.all_input_nodes:
                 if self.g.shapes.get(a) is not None:
-                    self._add(a, self.layout[v])
+                    self._add(a, self.layout[v], st)
         elif kind == "product":
             for a in v.all_input_nodes:
                 sa, lay = self.g.shapes.get(a), self.layout[v]
                 if sa is not None and len(sa) == lay[0] and sa[lay[1]] == lay[4]:
-                    self._add(a, lay)
+                    self._add(a, lay, st)
         elif kind == "flatten" and v.all_input_nodes and v.all_input_nodes[0] not in self.layout and \
                 (v.target is not operator.getitem or _plain_index(v)) and \
                 _singleton_reshape(self.g.shapes.get(v.all_input_nodes[0]), self.g.shapes.get(v), self.layout[v][1],
                                    self.layout[v][2]):
             src, (_, cdim, cols, off, width) = v.all_input_nodes[0], self.layout[v]
-            self._add(src, (len(self.g.shapes[src]), cdim, cols, off, width))  # a gate's (B, C) -> (B, C, 1, 1)
+            self._add(src, (len(self.g.shapes[src]), cdim, cols, off, width), st)  # a gate's (B, C) -> (B, C, 1, 1)
         elif kind == "cat":  # reached forward from one of its inputs; reached backward, it mixes producers
             if not any(a in self.layout for a in v.all_input_nodes):
                 self._block(f"the stream also carries {describe(v, self.g.modules)}, a concatenation of other "
@@ -403,7 +534,7 @@ class _Stream:
                 if kind in ("flatten", "reduce"):
                     self._block(f"{describe(v, self.g.modules)} joins the stream from a flattened value")
                 else:
-                    self._add(src[0], self.layout[v])
+                    self._add(src[0], self.layout[v], st)
         else:
             what = f"the model input {v.name}" if v.op == "placeholder" else describe(v, self.g.modules)
             self._block(f"the stream also carries {what}, which is not a Conv2d/Linear output whose channels "
@@ -418,6 +549,8 @@ class _Stream:
             self._block(f"writer {name} is called {g.calls[name]} times in forward (shared weights)")
         elif not self._full(self.layout[v]) or self.layout[v][2] != self.unit:
             self._block(f"writer {name} writes a flattened value or only a slice of the stream's value")
+        elif self.layout[v][1] != (1 if isinstance(g.modules[name], nn.Conv2d) else self.layout[v][0] - 1):
+            self._block(f"writer {name}'s output joins the stream with its channels along another dim")
         else:
             self.writers[v] = name
 
@@ -427,15 +560,14 @@ class _Stream:
         writers = sorted(self.writers, key=order.__getitem__)
         readers = sorted(self.readers, key=order.__getitem__)
         between = sorted(self.between, key=order.__getitem__)
-        kind = "residual" if self.has_add else "concat" if self.has_cat else "gate" if self.has_gate else \
-            "grouped" if self.unit > 1 else "multi_consumer"
         group = CoupledGroup(
-            name=writers[0].target, kind=kind,
+            name=writers[0].target, kind=self.kind,
             writers=tuple(w.target for w in writers), readers=tuple(r.target for r in readers),
             group_sizes=tuple(self.readers[r] for r in readers), between=tuple(b.target for b in between),
             channels=self.C, via=tuple(dict.fromkeys(self.via)),
             offsets=tuple(self.offsets[r] for r in readers) if self.has_cat else (),
-            between_offsets=tuple(self.offsets[b] for b in between) if self.has_cat else (), unit=self.unit)
+            between_offsets=tuple(self.offsets[b] for b in between) if self.has_cat else (), unit=self.unit,
+            interleaved=tuple(n.target for n in (*writers, *between) if n in self.strided))
         return GroupChain(group, writers, readers)
 
 
@@ -472,6 +604,8 @@ def find_groups(graph: fx.Graph, model: nn.Module, shapes, search: PairSearch
         if s.regroup and s.C % s.regroup == 0:  # a grouped conv on the stream: units of whole groups
             whole = _Stream(g, node, unit=s.regroup).grow()
             s = whole if not whole.blocked else s  # else the reasons of the channel-level walk
+        elif s.reshuffle:  # a channel shuffle of the whole stream: units of one position in each of its groups
+            s = _Stream(g, node, unit=s.reshuffle, interleave=True).grow()
         mixed = s._sliced_readers() if s.has_cat and not s.blocked else None
         if mixed:
             s._block(mixed)
@@ -479,8 +613,7 @@ def find_groups(graph: fx.Graph, model: nn.Module, shapes, search: PairSearch
         if not s.coupled or any(w.target in paired for w in s.writers):
             continue  # a chain (the pair walk's business), or a set that holds a pair
         if s.blocked:
-            kind = "residual" if s.has_add else "concat" if s.has_cat else "gate" if s.has_gate else \
-                "grouped" if s.unit > 1 else "multi_consumer"
+            kind = s.kind
             why = s.blocked[0] + (f" (and {len(s.blocked) - 1} more)" if len(s.blocked) > 1 else "")
             for w in [node, *s.writers]:
                 blocked[w.target] = f"as a coupled {kind} group ({len(s.writers)} writer(s), {len(s.readers)} " \
@@ -514,7 +647,12 @@ def match_groups(declared: List[CoupledGroup], chains: Dict[str, GroupChain],
             raise ValueError(f"coupled group {d.name} cannot be pruned as declared: {why}")
         if d.unit != c.group.unit:
             raise ValueError(f"coupled group {d.name} cannot be pruned as declared: unit {d.unit}, but the graph "
-                             f"shows units of {c.group.unit} channels (whole groups of a grouped conv)")
+                             f"shows units of {c.group.unit} channels (whole groups of a grouped conv, or the rows "
+                             "of a channel shuffle)")
+        if set(d.interleaved) != set(c.group.interleaved):
+            raise ValueError(f"coupled group {d.name} cannot be pruned as declared: interleaved members "
+                             f"{sorted(d.interleaved)}, but the graph shows {sorted(c.group.interleaved)} before a "
+                             "channel shuffle")
         if d.offsets and dict(zip(d.readers, d.offsets)) != dict(zip(c.group.readers, c.group.offsets or
                                                                       (0,) * len(c.group.readers))):
             raise ValueError(f"coupled group {d.name} cannot be pruned as declared: its readers' offsets "

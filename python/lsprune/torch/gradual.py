@@ -27,10 +27,12 @@ from .options import PruneOptions
 from .optimstate import REFIT_STATES, plan_update
 from .report import PruneReport
 from .schedule import Schedule, make_schedule
-from .surgery import Backup, recording, surgery_for
+from .surgery import Backup, apply_structure, recording, surgery_for
 
 logger = logging.getLogger("lsprune.torch")
 
+#: GradualPruner.state_dict()'s format tag.
+STATE_FORMAT = "lsprune.torch.gradual_pruner/1"
 #: prune() keywords the pruner sets itself.
 _OWN = ("ratio", "keep", "budget", "inplace", "checkpoint", "checkpoint_interval")
 
@@ -170,6 +172,48 @@ class GradualPruner:
         nxt = next((s for s in self.schedule.steps if s >= t), None)
         return nxt is not None and nxt - t < self.buffer_size
 
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """What resuming needs beside the model's and the optimizer's state dicts: the step count, every
+        event's report (the pruned architecture), the history and the calibration buffer. Save the three
+        together (``torch.save``); resume with :meth:`load_state_dict` on a fresh pruner."""
+        return {"format": STATE_FORMAT, "steps_done": self.steps_done, "left": self._left,
+                "seconds": self.seconds, "schedule": _events(self.schedule),
+                "reports": [r.to_dict() for r in self.reports], "history": [dict(h) for h in self.history],
+                "buffer": list(self._buffer)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resumes a run: shrinks this pruner's model (still of the original architecture, as built) to every
+        saved event's structure in turn, with the optimizer's parameters swapped as a shrink does, and restores
+        the step count, history and buffer. Then load the model's and the optimizer's state dicts::
+
+            pruner = GradualPruner(model, optimizer, **same_options)
+            pruner.load_state_dict(ckpt["pruner"])
+            model.load_state_dict(ckpt["model"]); optimizer.load_state_dict(ckpt["optimizer"])
+
+        Raises ``ValueError`` (nothing changed) for a pruner that has stepped, a state of another format or of
+        another schedule; an error while shrinking leaves model and optimizer as they were."""
+        _check_state(self, state)
+        reports = [PruneReport.from_dict(r) for r in state["reports"]]
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        backup = Backup(self.model.modules())
+        done = []
+        try:
+            for report in reports:
+                with recording() as log:
+                    apply_structure(self.model, report)
+                done.append(plan_update(self.optimizer, log, names, refit_state="reset"))
+                done[-1].commit()
+        except BaseException:
+            for upd in reversed(done):
+                upd.rollback()
+            backup.restore()
+            raise
+        self.reports = reports
+        self.steps_done, self._left = int(state["steps_done"]), float(state["left"])
+        self.seconds, self.history = float(state["seconds"]), [dict(h) for h in state["history"]]
+        self._buffer = deque(state["buffer"], maxlen=self.buffer_size)
+
     # ------------------------------------------------------------------------------------------ one event
     def prune_to(self, fraction: float, *, step: Optional[int] = None) -> bool:
         """Prunes now to ``fraction`` of the original model (what :meth:`step` does at a scheduled step).
@@ -232,6 +276,25 @@ class GradualPruner:
 
 
 # ---------------------------------------------------------------------------------------------- checks
+def _events(schedule: Schedule) -> list:
+    return [[int(t), float(f)] for t, f in zip(schedule.steps, schedule.fractions)]
+
+
+def _check_state(pruner: GradualPruner, state) -> None:
+    """A state from :meth:`GradualPruner.state_dict` of the same schedule, for a pruner that has not stepped."""
+    if pruner.steps_done or pruner.reports:
+        raise ValueError("load_state_dict needs a fresh GradualPruner (built on the original model, before any step)")
+    keys = ("steps_done", "left", "seconds", "schedule", "reports", "history", "buffer")
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or any(k not in state for k in keys):
+        raise ValueError(f"not a GradualPruner state (format {STATE_FORMAT!r} with {', '.join(keys)})")
+    ours = _events(pruner.schedule)
+    if [[int(a), float(b)] for a, b in state["schedule"]] != ours:
+        raise ValueError(f"the saved schedule {state['schedule']} is not this pruner's {ours}: build the pruner "
+                         "with the options of the saved run")
+    if not isinstance(state["reports"], list) or not all(isinstance(r, dict) for r in state["reports"]):
+        raise ValueError("state['reports'] must be a list of report dicts")
+
+
 def _inner(model) -> nn.Module:
     """The module to prune: a ``torch.compile`` wrapper's original module."""
     if not isinstance(model, nn.Module):

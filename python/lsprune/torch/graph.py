@@ -9,7 +9,6 @@ interleaves them is not.
 from __future__ import annotations
 
 import inspect
-import math
 import operator
 from collections import Counter
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
+from .axis import (_Skip, channel_split_reason, is_norm, is_permute, is_reduce, is_split, moved_dim, norm_reason,
+                   reduced_dim, reshape_size_reason, reshaped, split_dim)
 from .pairs import (CONSUMER_TYPES, Pair, PairSearch, SkippedPair, channel_passthrough_kind, check_consumer,
                     check_producer, is_depthwise, producer_channels, shared_state)
 
@@ -250,12 +251,6 @@ class Chain:
     slices: List[Tuple[fx.Node, int, int]]
 
 
-class _Skip(Exception):
-    def __init__(self, reason, consumer=None):
-        super().__init__(reason)
-        self.reason, self.consumer = reason, consumer
-
-
 def discover(graph: fx.Graph, model: nn.Module, shapes) -> Tuple[PairSearch, Dict[str, Chain]]:
     """Finds the prunable pairs of a traced graph.
 
@@ -317,7 +312,7 @@ def _walk(node, mod, modules, shapes, calls, attr_owners, ties) -> Chain:
     cdim = 1 if is_conv else ndim - 1  # channel dim of the values on the path
     group = None  # set once a flatten turned channel c into columns [c*group, (c+1)*group)
     between, via = [], []
-    slices = [(node, cdim if is_conv else -1, 1)]
+    slices = [(node, cdim, 1)]
     cur = node
     while True:
         users = data_users(cur)
@@ -343,8 +338,11 @@ def _walk(node, mod, modules, shapes, calls, attr_owners, ties) -> Chain:
                 group, ndim, cdim = _flatten(cur, u, C, cdim, group, shapes, modules)
             elif isinstance(m, _ELEMENTWISE_MODULES) or isinstance(m, nn.PReLU) and m.weight.numel() == 1:
                 pass
+            elif is_norm(u, modules) and norm_reason(u, modules, cdim, ndim) is None:
+                pass  # it normalises over other dims: channel-wise
             elif isinstance(m, _MIXING_MODULES):
-                raise _Skip(f"{describe(u, modules)} between producer and consumer mixes channels")
+                why = norm_reason(u, modules, cdim, ndim) if is_norm(u, modules) else "mixes channels"
+                raise _Skip(f"{describe(u, modules)} between producer and consumer: {why}")
             elif isinstance(m, _POOL_MODULES):
                 _need_channel_dim1(u, cdim, ndim, group, modules, min_ndim=3)
             elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.PReLU, nn.Conv2d)):
@@ -356,22 +354,7 @@ def _walk(node, mod, modules, shapes, calls, attr_owners, ties) -> Chain:
             else:
                 raise _Skip(f"unsupported module {describe(u, modules)} between producer and consumer")
         elif u.op in ("call_function", "call_method"):
-            if _is_cat(u):
-                raise _Skip("output feeds a concat")
-            others = _other_tensor_inputs(u, cur, shapes)
-            if others:
-                what = "a residual add" if _is_add(u) else f"{describe(u, modules)} with another tensor"
-                raise _Skip(f"output feeds {what} (channels coupled with another tensor)")
-            fn = u.target
-            if u.op == "call_function" and fn is torch.flatten or u.op == "call_method" and fn in _RESHAPE_METHODS:
-                group, ndim, cdim = _flatten(cur, u, C, cdim, group, shapes, modules)
-            elif u.op == "call_function" and (fn in _ELEMENTWISE_FUNCTIONS or fn in _SCALAR_FUNCTIONS) or \
-                    u.op == "call_method" and (fn in _ELEMENTWISE_METHODS or fn in _SCALAR_METHODS):
-                pass
-            elif u.op == "call_function" and fn in _POOL_FUNCTIONS:
-                _need_channel_dim1(u, cdim, ndim, group, modules, min_ndim=3)
-            else:
-                raise _Skip(f"unsupported op {describe(u, modules)} between producer and consumer")
+            group, ndim, cdim = _function_step(cur, u, C, cdim, ndim, group, shapes, modules)
         else:
             raise _Skip(f"unsupported node {u.op} between producer and consumer")
         out = shapes.get(u)
@@ -381,8 +364,51 @@ def _walk(node, mod, modules, shapes, calls, attr_owners, ties) -> Chain:
         if len(out) != ndim or out[cdim if cdim >= 0 else -1] != expect:
             raise _Skip(f"{describe(u, modules)} changes the channel count ({tuple(out)})")
         via.append(describe(u, modules))
-        slices.append((u, cdim if group is None and is_conv else -1, group or 1))
+        slices.append((u, cdim, group or 1))
         cur = u
+
+
+def _function_step(cur, u, C, cdim, ndim, group, shapes, modules):
+    """A function / method node ``u`` on a pair's path (its input ``cur``): the new (group, ndim, cdim), or
+    ``_Skip``."""
+    if _is_cat(u):
+        dim = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)
+        if isinstance(dim, int) and (dim + ndim if dim < 0 else dim) != cdim:  # e.g. a ViT's class token
+            raise _Skip("output feeds a concat along another dim than the channels' (its other inputs would have "
+                        "to lose the same channels)")
+        raise _Skip("output feeds a concat")
+    if is_norm(u, modules):  # F.layer_norm (its weights are inputs too)
+        why = norm_reason(u, modules, cdim, ndim)
+        if why:
+            raise _Skip(f"{describe(u, modules)} between producer and consumer: {why}")
+        return group, ndim, cdim
+    others = _other_tensor_inputs(u, cur, shapes)
+    if others:
+        what = "a residual add" if _is_add(u) else f"{describe(u, modules)} with another tensor"
+        raise _Skip(f"output feeds {what} (channels coupled with another tensor)")
+    fn = u.target
+    if is_split(u):
+        if split_dim(u, ndim) == cdim:
+            raise _Skip(channel_split_reason(describe(u, modules)))
+        raise _Skip(f"{describe(u, modules)} splits the output into parts (a coupled group, if any)")
+    if is_permute(u):
+        if group is not None:
+            raise _Skip(f"{describe(u, modules)} after a flatten moves the producer's columns")
+        cdim = moved_dim(u, cdim, ndim)
+    elif is_reduce(u) and shapes.get(u) is not None:  # x.mean((1, 2)) over positions: channel-wise
+        if group is not None:
+            raise _Skip(f"{describe(u, modules)} after a flatten reduces over the producer's columns")
+        cdim, ndim = reduced_dim(u, cdim, ndim, len(shapes[u])), len(shapes[u])
+    elif u.op == "call_function" and fn is torch.flatten or u.op == "call_method" and fn in _RESHAPE_METHODS:
+        group, ndim, cdim = _flatten(cur, u, C, cdim, group, shapes, modules)
+    elif u.op == "call_function" and (fn in _ELEMENTWISE_FUNCTIONS or fn in _SCALAR_FUNCTIONS) or \
+            u.op == "call_method" and (fn in _ELEMENTWISE_METHODS or fn in _SCALAR_METHODS):
+        pass
+    elif u.op == "call_function" and fn in _POOL_FUNCTIONS:
+        _need_channel_dim1(u, cdim, ndim, group, modules, min_ndim=3)
+    else:
+        raise _Skip(f"unsupported op {describe(u, modules)} between producer and consumer")
+    return group, ndim, cdim
 
 
 def _need_channel_dim1(u, cdim, ndim, group, modules, min_ndim):
@@ -393,27 +419,24 @@ def _need_channel_dim1(u, cdim, ndim, group, modules, min_ndim):
 
 
 def _flatten(cur, u, C, cdim, group, shapes, modules):
-    """Checks a flatten/view/reshape; returns the new (group, ndim, cdim)."""
+    """Checks a flatten/view/reshape (:func:`.axis.reshaped`); returns the new (group, ndim, cdim): dims after
+    the channel dim merged into it make ``group`` columns per channel, other dims moving only move it."""
     src, dst = shapes.get(cur), shapes.get(u)
     if dst is None:
         raise _Skip(f"{describe(u, modules)} does not return a tensor")
     if tuple(src) == tuple(dst):
         return group, len(dst), cdim
-    if group is not None:
+    dim, factor, why = reshaped(src, dst, cdim)
+    if dim is None:
+        raise _Skip(f"{describe(u, modules)} to {tuple(dst)} " + (
+            "splits the channel dim" if why == "split" else
+            "merges the channel dim with the dims before it (the channels end up interleaved)"))
+    if factor > 1 and group is not None:
         raise _Skip("flattened twice between producer and consumer")
-    if cdim != 1 or len(src) < 3:
-        raise _Skip(f"{describe(u, modules)} reshapes the producer's channels")
-    g = math.prod(src[2:])
-    if len(dst) != 2 or dst[0] != src[0] or dst[1] != C * g:
-        raise _Skip(f"{describe(u, modules)} to {tuple(dst)} does not keep channels as consecutive column groups")
-    if u.op == "call_method" and u.target in ("view", "reshape"):
-        sizes = u.args[1:]
-        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-            sizes = tuple(sizes[0])
-        if len(sizes) != 2 or not (sizes[1] == -1 or isinstance(sizes[1], fx.Node)):
-            raise _Skip(f"{describe(u, modules)} hard-codes the flattened size; use -1 or torch.flatten "
-                        "so the pruned model can run")
-    return g, 2, 1
+    reason = reshape_size_reason(u, dim)
+    if reason:
+        raise _Skip(reason)
+    return (factor if factor > 1 else group), len(dst), dim
 
 
 def _consumer(pnode, u, m, C, cdim, ndim, group, between, via, slices, calls, attr_owners, ties) -> Chain:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -63,6 +64,7 @@ class GroupJob:
     saved: Optional[dict] = None
     seconds: float = 0.0
     report: Optional[PairReport] = None
+    time_budget: Optional[float] = None  # seconds of joint selection (prune(time_budget=))
 
     @property
     def key(self) -> str:
@@ -113,8 +115,8 @@ def make_group_job(index: int, chain: GroupChain, n_keep: int, ref_modules, prun
                    ckpt: Optional[Checkpoint] = None, stage: str = "prune",
                    time_budget: Optional[float] = None) -> GroupJob:
     """A group's job: one reader job per reader (its own sums and position sampler), the members.
-    ``inputs``: the registry of inputs a concatenation's readers still have (concat groups only).
-    ``time_budget`` is not applied: the joint selection has no time limit (yet)."""
+    ``inputs``: the registry of inputs a concatenation's readers still have (concat groups only);
+    ``time_budget``: seconds for the joint selection's greedy steps (the engine's ``time_limit``)."""
     g = chain.group
     concat = g.kind == "concat"
     readers = []
@@ -131,7 +133,8 @@ def make_group_job(index: int, chain: GroupChain, n_keep: int, ref_modules, prun
                   [pruned_modules[b] for b in g.between], [ref_modules[w] for w in g.writers], independent, rows,
                   refit=bool(refit), norm=norm, seed=int(seed), dist=dist, ckpt=ckpt,
                   inputs=inputs if concat else None,
-                  between_widths=[per_channel_width(ref_modules[b]) or g.channels for b in g.between])
+                  between_widths=[per_channel_width(ref_modules[b]) or g.channels for b in g.between],
+                  time_budget=time_budget)
     for job in readers:
         job.group = gj
     gj.attach(stage)
@@ -146,8 +149,10 @@ def group_order(gjob: GroupJob, method: str) -> np.ndarray:
     if method == "random":
         return random_order(gjob.channels, gjob.seed, gjob.index)
     score = np.zeros(gjob.channels)
-    for w in gjob.ref_writers:
-        s = filter_norms(w, gjob.norm).reshape(gjob.channels, -1).sum(1)  # a unit's channels (whole groups)
+    for name, w in zip(gjob.group.writers, gjob.ref_writers):
+        s = filter_norms(w, gjob.norm)  # summed over a unit's channels (whole groups, or a shuffle's positions)
+        s = s.reshape(-1, gjob.channels).sum(0) if name in gjob.group.interleaved else \
+            s.reshape(gjob.channels, -1).sum(1)
         score += s / max(float(s.max()), np.finfo(float).tiny)
     return np.argsort(-score, kind="stable")
 
@@ -227,6 +232,8 @@ def _joint(problems, n_keep: int, forced: bool, C: int, **kw) -> lsprune.JointSe
         return lsprune.select_joint(problems, n_keep=n_keep, **kw)
     force = list(kw.pop("force", None) or []) + [C]
     j = lsprune.select_joint(problems, n_keep=n_keep + 1, force=force, **kw)
+    while C not in j.kept:  # the engine skips a forced group it finds degenerate: raise the damping until it is not
+        j = _other_slices_kept(problems, n_keep + 1, force, C, kw)
     path = None
     if j.kept_path is not None:
         on = j.kept_path >= 1  # forward/omp: the first entry is before the forced group
@@ -237,12 +244,32 @@ def _joint(problems, n_keep: int, forced: bool, C: int, **kw) -> lsprune.JointSe
         kept_path=path[2] if path else None)
 
 
+def _other_slices_kept(problems, n_keep: int, force: List[int], C: int, kw: dict) -> lsprune.JointSelection:
+    """The readers' other slices (group ``C``) are degenerate at ``kw["damping"]``: their kept channels are dead or
+    linearly dependent on the calibration data (a Fire module's expand1x1 has more outputs than its squeeze has
+    channels), and float32 sums can leave that block of the centred Gram indefinite, which a tiny ridge does not
+    cure. They stay in the readers whatever the choice, so the re-fit must cover them: ``select_joint`` again
+    with the damping raised one escalation step (``kw["damping"]`` is updated)."""
+    damping = _policy.escalate(kw["damping"])
+    if damping > _policy.MAX_DAMPING:
+        raise lsprune.NumericalError(f"the other slices' columns stay degenerate up to damping={_policy.MAX_DAMPING:g}")
+    warnings.warn(f"the concatenation's other slices are degenerate on the calibration data at damping="
+                  f"{kw['damping']:g} (dead or linearly dependent kept channels); selecting again with damping="
+                  f"{damping:g}", lsprune.DampingRaisedWarning)  # logged with the group's name
+    kw["damping"] = damping
+    return lsprune.select_joint(problems, n_keep=n_keep, force=force, **kw)
+
+
 def _select(gjob: GroupJob, problems: List[dict], method: str, damping: float, slices=None) -> lsprune.JointSelection:
     """The joint choice of ``gjob.n_keep`` channels: an LS solver, or the first channels of an order
     baseline re-fitted; an early stop is filled up by the readers' summed relative input variance."""
     k, forced, C = gjob.n_keep, _forced(slices), gjob.channels
     if method in lsprune.METHODS:
-        j = _joint(problems, k, forced, C, method=method, damping=damping)
+        j = _joint(problems, k, forced, C, method=method, damping=damping, time_limit=gjob.time_budget)
+        if j.timed_out:
+            logger.info("%s: the time budget (%gs) stopped the joint selection after %d of %d channels; the other "
+                        "%d were added by their current gains and every reader re-fitted", gjob.name,
+                        gjob.time_budget, k - j.filled.size, k, j.filled.size)
     else:
         j = _joint(problems, k, forced, C, force=group_order(gjob, method)[:k].tolist(), damping=damping)
     if j.kept.size < k:
@@ -358,16 +385,17 @@ def _surgery(gjob: GroupJob, kept: np.ndarray, fits) -> List[bool]:
             shrink_in(reader.consumer, idx, group)
             added.append(False)
     for name, w in zip(g.writers, gjob.writers):
-        shrink_out(w, rows)
+        mine = g.rows(name, kept)
+        shrink_out(w, mine)
         prev = gjob.rows.get(name)
-        gjob.rows[name] = rows if prev is None else prev[rows]
+        gjob.rows[name] = mine if prev is None else prev[mine]
     for b, (name, m) in enumerate(zip(g.between, gjob.between)):
         if concat:
             idx, gjob.inputs[name] = slice_inputs(gjob.inputs.get(name), gjob.between_widths[b], g.between_offset(b),
                                                   1, gjob.channels, kept)
             shrink_channels(m, idx)
         else:
-            shrink_channels(m, rows)
+            shrink_channels(m, g.rows(name, kept))
     if gjob.dist is not None:
         gjob.dist.sync_modules(gjob.modules, kept.tolist(), gjob.name)
     return added
@@ -386,7 +414,8 @@ def _report(gjob: GroupJob, kept, errors, j, added, method, samples, *, path, da
         n_kept_path=[int(v) for v in path[1]] if path else [], bias_added=any(added), samples=int(samples),
         damping=float(damping), time_s=gjob.seconds, method=method, refit=gjob.refit, kind=g.kind,
         writers=list(g.writers), readers=list(g.readers), group_sizes=list(g.group_sizes), reader_errors=errors,
-        biases_added=added, offsets=list(g.offsets), between_offsets=list(g.between_offsets), unit=g.unit)
+        biases_added=added, offsets=list(g.offsets), between_offsets=list(g.between_offsets), unit=g.unit,
+        interleaved=list(g.interleaved), timed_out=bool(j.timed_out))
 
 
 def _apply_saved(gjob: GroupJob, timer: Timer) -> PairReport:
@@ -410,7 +439,8 @@ def unchanged_group_report(group: CoupledGroup) -> PairReport:
                       channels_after=group.channels, kept=list(range(group.channels)), status="unchanged",
                       kind=group.kind, writers=list(group.writers), readers=list(group.readers),
                       group_sizes=list(group.group_sizes), biases_added=[False] * len(group.readers),
-                      offsets=list(group.offsets), between_offsets=list(group.between_offsets), unit=group.unit)
+                      offsets=list(group.offsets), between_offsets=list(group.between_offsets), unit=group.unit,
+                      interleaved=list(group.interleaved))
 
 
 # ---------------------------------------------------------------------------------------------- budget

@@ -10,7 +10,9 @@ for a Linear) and ``m`` outputs, keeping ``K = n_keep·g`` columns (read off the
   Torch sums on a GPU: ``8·D² + 8·D·m_s`` on the device, and twice that on the host while they
   are converted for the engine (one pair at a time).
 * **solver**, one pair at a time: forward/omp ``8·(2·D·m + K·D + 1.5·K² + 4·K·m)`` (centred cross
-  and residual ``R``, the ``K × D`` state ``C``, the Cholesky factor, the weights); backward
+  and residual ``R``, the ``K × D`` state ``C``, the Cholesky factor, the weights), or where the engine
+  takes its blocked state (``lsprune._core.blocked_forward_pays``) ``8·(2·D·m + 2·D² + 128·D + 1.5·K² +
+  4·K·m)`` (the two ``D × D`` Schur complements and 64 pending rows of each instead of ``R`` and ``C``); backward
   ``8·(D² + 3·D·m + K² + 3·K·m)`` (``H = G⁻¹``, ``W``, the final re-fit); magnitude/random
   ``8·(D·m + K² + 3·K·m)`` (the re-fit); thinet and ``refit=False`` add ``8·D²`` (centred NumPy
   copies); independent targets add ``8·m·D`` (the consumer's weights in float64).
@@ -44,6 +46,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
+from .._native import _core
 from .accumulate import CHUNK_BYTES
 from .pairs import CoupledGroup, producer_channels
 from .pruning import consumer_width
@@ -121,13 +124,15 @@ def statistics_bytes(D: int, m_stats: int, *, fp32_scratch: bool, on_device: boo
     return {"host": sums, "device": 0, "convert": 0}
 
 
-def solver_bytes(D: int, m: int, K: int, *, method: str, refit: bool, independent: bool) -> int:
-    """Host bytes of one pair's selection and re-fit (see the module docstring)."""
+def solver_bytes(D: int, m: int, K: int, *, method: str, refit: bool, independent: bool, g: int = 1) -> int:
+    """Host bytes of one pair's selection and re-fit (see the module docstring); ``g`` columns per group."""
     if method == "backward":
         b = D * D + 3 * D * m + K * K + 3 * K * m
     elif method in ("magnitude", "random"):
         b = D * m + K * K + 3 * K * m
-    else:  # forward, omp, thinet (whose error path runs forward selection)
+    elif _core.blocked_forward_pays(D, m, K, g):  # forward/omp/thinet on the blocked state (the engine decides)
+        b = 2 * D * m + 2 * D * D + 128 * D + 1.5 * K * K + 4 * K * m
+    else:  # forward, omp, thinet (whose error path runs forward selection) on the residual state
         b = 2 * D * m + K * D + 1.5 * K * K + 4 * K * m
     if method == "thinet" or not refit:
         b += D * D
@@ -438,7 +443,7 @@ class Guard:
         return PairNeed(pair.producer, node,
                         statistics_bytes(D, m if sequential else 0, fp32_scratch=fp32, on_device=self.on_device),
                         solver_bytes(D, m, int(count) * g, method=self.method, refit=self.refit,
-                                     independent=not sequential), transient)
+                                     independent=not sequential, g=g), transient)
 
     def _reader_need(self, name: str, consumer: str, g: int, count: int, *, sequential: bool) -> PairNeed:
         """One reader of a coupled group: its statistics and solver, keeping ``count`` channels of ``g``
@@ -449,7 +454,7 @@ class Guard:
         return PairNeed(name, None,
                         statistics_bytes(D, m if sequential else 0, fp32_scratch=fp32, on_device=self.on_device),
                         solver_bytes(D, m, int(count) * g, method=self.method, refit=self.refit,
-                                     independent=not sequential), TRANSIENT_CHUNKS * CHUNK_BYTES)
+                                     independent=not sequential, g=g), TRANSIENT_CHUNKS * CHUNK_BYTES)
 
     def _group_need(self, group: CoupledGroup, count: int, *, sequential: bool) -> PairNeed:
         """A coupled group holds every reader's statistics at once and solves them jointly (one forward

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch.nn as nn
 
 # Module types that can produce or consume pruned channels.
@@ -56,8 +57,9 @@ class Pair:
 
 
 #: Kinds of coupled channel groups: one producer read by several consumers, a residual stream, a slice of a
-#: channel concatenation, channels multiplied by a gate (squeeze-excitation), or whole groups of a grouped conv.
-GROUP_KINDS = ("multi_consumer", "residual", "concat", "gate", "grouped")
+#: channel concatenation, channels multiplied by a gate (squeeze-excitation), whole groups of a grouped conv, or
+#: whole rows of a channel shuffle.
+GROUP_KINDS = ("multi_consumer", "residual", "concat", "gate", "grouped", "shuffle")
 
 
 @dataclass(frozen=True)
@@ -74,12 +76,14 @@ class CoupledGroup:
     name : str
         The group's key: its first writer (graph order), as a pair is keyed by its producer
         (``keep=``, budget weights, :meth:`PruneReport.pair`).
-    kind : {"multi_consumer", "residual", "concat", "gate"}
+    kind : {"multi_consumer", "residual", "concat", "gate", "grouped", "shuffle"}
         One writer read by several consumers, writers added into a stream (elementwise add), channels
         that reach their readers as one slice of a concatenation (``torch.cat`` along the channel dim), or
         channels multiplied by a gate (squeeze-excitation: the gate's excitation layer is a writer, its
         squeeze layer a reader), or a chain through a grouped conv whose whole groups are removed (``unit``
-        channels per group; the other kinds take precedence when they apply too).
+        channels per group), or channels that pass a channel shuffle of ``unit`` groups, which stays a shuffle
+        only if every group loses the same positions (see ``interleaved``; the other kinds take precedence
+        when they apply too, a shuffle over grouped and multi_consumer).
     writers : tuple of str
         ``nn.Conv2d`` / ``nn.Linear`` modules whose output channels are removed.
     readers : tuple of str
@@ -104,6 +108,10 @@ class CoupledGroup:
         Channels per unit: each of the ``channels`` units is ``unit`` consecutive channels of every writer,
         ``between`` module and reader (a grouped conv on the shared values loses whole groups of ``unit``
         channels; its ``groups`` count follows). 1 otherwise; ``channels`` counts units.
+    interleaved : tuple of str
+        Writers and ``between`` modules before a channel shuffle of ``unit`` groups: their unit ``j`` is the
+        channels ``j + a*channels`` (``a < unit``, one position in each group of the shuffle) instead of
+        ``unit`` consecutive channels; after the shuffle they are consecutive (the readers').
     """
 
     name: str
@@ -117,9 +125,11 @@ class CoupledGroup:
     offsets: Tuple[int, ...] = ()
     between_offsets: Tuple[int, ...] = ()
     unit: int = 1
+    interleaved: Tuple[str, ...] = ()
 
     def __post_init__(self):
-        for f in ("writers", "readers", "group_sizes", "between", "via", "offsets", "between_offsets"):
+        for f in ("writers", "readers", "group_sizes", "between", "via", "offsets", "between_offsets",
+                  "interleaved"):
             object.__setattr__(self, f, tuple(getattr(self, f)))
         if self.kind not in GROUP_KINDS:
             raise ValueError(f"CoupledGroup kind must be one of {GROUP_KINDS}, got {self.kind!r}")
@@ -133,6 +143,17 @@ class CoupledGroup:
             raise ValueError("a CoupledGroup's offsets must be >= 0")
         if not isinstance(self.unit, int) or self.unit < 1 or self.unit > 1 and self.offsets:
             raise ValueError("a CoupledGroup's unit must be an int >= 1 (and 1 for a concat slice)")
+        if self.interleaved and (self.unit < 2 or not set(self.interleaved) <= {*self.writers, *self.between}):
+            raise ValueError("a CoupledGroup's interleaved members must be some of its writers and between modules, "
+                             "with unit > 1 (the groups of the channel shuffle)")
+
+    def rows(self, name: str, kept) -> np.ndarray:
+        """The channels of member ``name`` that the kept units ``kept`` (ascending) hold, ascending: ``unit``
+        consecutive channels per unit, or for an ``interleaved`` member one in each group of the shuffle."""
+        kept, u = np.asarray(kept, dtype=np.int64), self.unit
+        if name in self.interleaved:
+            return (np.arange(u)[:, None] * self.channels + kept[None, :]).reshape(-1)
+        return (kept[:, None] * u + np.arange(u)).reshape(-1)
 
     def offset(self, r: int) -> int:
         """Reader ``r``'s input offset (see ``offsets``)."""

@@ -63,7 +63,7 @@ class PairReport:
         names the MLP module), ``"heads"`` (attention heads, or whole KV groups under GQA;
         ``producer`` names the attention module and channels count heads or groups), or a coupled
         group (:class:`lsprune.torch.CoupledGroup`): ``"multi_consumer"`` / ``"residual"`` / ``"concat"`` /
-        ``"gate"``; then
+        ``"gate"`` / ``"grouped"`` / ``"shuffle"``; then
         ``producer`` is the group's name (its first writer), ``consumer`` its first reader,
         ``between`` its per-channel modules, ``group_size`` the first reader's, ``relative_error``
         the joint relative error ``Σ_r w_r E_r / Σ_r w_r energy_r`` (``w_r = 1/energy_r``: the mean
@@ -84,6 +84,9 @@ class PairReport:
     unit : int
         Coupled groups: channels per unit (> 1 when a grouped conv loses whole groups; ``channels_*`` and
         ``kept`` then count units, unit ``j`` being channels ``j*unit ... (j+1)*unit - 1``).
+    interleaved : list of str
+        Shuffle groups: the writers and per-channel modules before the channel shuffle, whose unit ``j`` is
+        channels ``j + a*channels_before`` (``a < unit``) instead (:class:`CoupledGroup`).
     swaps : list of [int, int]
         With ``prune(refine=)``: the exchanges of swap refinement, (channel out, channel in), in
         order; each added one entry to ``error_path``.
@@ -136,6 +139,7 @@ class PairReport:
     offsets: List[int] = field(default_factory=list)
     between_offsets: List[int] = field(default_factory=list)
     unit: int = 1
+    interleaved: List[str] = field(default_factory=list)
 
     @property
     def members(self) -> List[str]:

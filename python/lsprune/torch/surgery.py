@@ -535,7 +535,8 @@ def _group_of_record(modules, p, i: int) -> CoupledGroup:
     try:
         g = CoupledGroup(p["producer"], p["kind"], p["writers"], p["readers"], p["group_sizes"], p["between"],
                          int(p["channels_before"]), offsets=p.get("offsets") or (),
-                         between_offsets=p.get("between_offsets") or (), unit=int(p.get("unit", 1)))
+                         between_offsets=p.get("between_offsets") or (), unit=int(p.get("unit", 1)),
+                         interleaved=p.get("interleaved") or ())
     except (TypeError, ValueError) as e:
         raise ValueError(f"report pair {i}: not a valid coupled group record ({e})") from None
     reason = group_width_reason(modules, g)
