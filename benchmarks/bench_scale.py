@@ -34,7 +34,7 @@ import time
 
 import torch
 from _record import record
-from scale_models import alexnet, images, vgg16, vit_mlp
+from scale_models import alexnet, convnext_t, images, vgg16, vit_b32, vit_mlp
 
 import lsprune.torch as lt
 from lsprune.torch import memory
@@ -50,13 +50,26 @@ CASES = {  # name: (model factory, input kind, prune keywords)
     "alexnet-time-budget": ("alexnet", "image", dict(time_budget=5.0)),
     "vit-mlp": ("vit-mlp", "tokens", dict()),
     "vit-mlp-time-budget": ("vit-mlp", "tokens", dict(time_budget=1.0)),
+    "convnext-t": ("convnext-t", "image", dict()),
+    "vit-b32": ("vit-b32", "image", dict()),  # Hugging Face ViT: attention heads and MLP neurons
 }
-LAST = {"vgg16": "classifier.6", "vgg16-w0.5": "classifier.6", "alexnet": "classifier.6", "vit-mlp": "blocks.1.2"}
+LAST = {"vgg16": "classifier.6", "vgg16-w0.5": "classifier.6", "alexnet": "classifier.6", "vit-mlp": "blocks.1.2",
+        "convnext-t": "head", "vit-b32": "classifier"}
 
 
 def build(name: str) -> torch.nn.Module:
     return {"vgg16": lambda: vgg16(), "vgg16-w0.5": lambda: vgg16(0.5), "alexnet": alexnet,
-            "vit-mlp": vit_mlp}[name]()
+            "vit-mlp": vit_mlp, "convnext-t": convnext_t, "vit-b32": vit_b32}[name]()
+
+
+def call(model, x):
+    """The model's output tensor: a Hugging Face classifier takes ``pixel_values`` and returns ``.logits``."""
+    return model(pixel_values=x).logits if hasattr(model, "config") else model(x)
+
+
+def calibration(model, x):
+    """The calibration batches ``prune`` gets (keyword batches for a Hugging Face model)."""
+    return [{"pixel_values": x}] if hasattr(model, "config") else [x]
 
 
 def data(kind: str, n: int, seed: int) -> torch.Tensor:
@@ -76,11 +89,11 @@ def peak_rss() -> int:
 
 @torch.no_grad()
 def forward_time(model, x, repeat=3) -> float:
-    model(x)
+    call(model, x)
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
-        model(x)
+        call(model, x)
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -91,7 +104,7 @@ def agreement(pruned, model, held) -> tuple:
     same = total = 0
     num = den = 0.0
     for x in held.split(8):
-        o, p = model(x).double(), pruned(x).double()
+        o, p = call(model, x).double(), call(pruned, x).double()
         same += int((o.argmax(-1) == p.argmax(-1)).sum())
         total += o.argmax(-1).numel()
         num += float(((p - o) ** 2).sum())
@@ -100,15 +113,24 @@ def agreement(pruned, model, held) -> tuple:
 
 
 def tp_time(model, x, last: str):
-    """Seconds of Torch-Pruning's magnitude pruning at ratio 0.5 (graph + step), or None when not installed."""
+    """Seconds of Torch-Pruning's magnitude pruning at ratio 0.5 (graph + step), or None when not installed. A
+    Hugging Face ViT gets its attention layout (``num_heads``, heads pruned whole) as in Torch-Pruning's own
+    ViT example."""
     try:
         import torch_pruning as tp
     except ImportError:
         return None
     m = copy.deepcopy(model)
+    kw = {}
+    if hasattr(m, "config"):
+        heads = {mod.q_proj: m.config.num_attention_heads for mod in m.modules() if hasattr(mod, "q_proj")}
+        heads.update({mod.k_proj: m.config.num_attention_heads for mod in m.modules() if hasattr(mod, "k_proj")})
+        heads.update({mod.v_proj: m.config.num_attention_heads for mod in m.modules() if hasattr(mod, "v_proj")})
+        kw = dict(num_heads=heads, prune_num_heads=True, prune_head_dims=False,
+                  output_transform=lambda out: out.logits.sum())
     t = time.perf_counter()
     pruner = tp.pruner.MagnitudePruner(m, x[:1], importance=tp.importance.MagnitudeImportance(p=1),
-                                       pruning_ratio=0.5, ignored_layers=[m.get_submodule(last)])
+                                       pruning_ratio=0.5, ignored_layers=[m.get_submodule(last)], **kw)
     pruner.step()
     return time.perf_counter() - t
 
@@ -134,7 +156,7 @@ def run_case(name: str) -> dict:
     fwd = forward_time(model, calib)
     rss0 = peak_rss()
     t = time.perf_counter()
-    pruned, rep = lt.prune(model, [calib], ratio=0.5, progress=False, **kw)
+    pruned, rep = lt.prune(model, calibration(model, calib), ratio=0.5, progress=False, **kw)
     secs = time.perf_counter() - t
     rss = peak_rss()
     top1, rel = agreement(pruned, model, held)

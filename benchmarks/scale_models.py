@@ -5,6 +5,10 @@
   initialisation (Kaiming normal, fan-out, for the convs; N(0, 0.01) for the Linear layers).
 * :func:`alexnet`: torchvision's AlexNet layout (classifier 9216 -> 4096 -> 4096 -> classes).
 * :func:`vit_mlp`: a stack of ViT-B/32 MLPs (768 -> 3072 -> GELU -> 768, residual-free) on 50 tokens.
+* :func:`convnext_t`: torchvision's ConvNeXt-T layout (4x4 patchify stem, stages of 3-3-9-3 blocks of widths
+  96-192-384-768, LayerNorm2d + 2x2 stride-2 downsampling, pooled LayerNorm head), layer scale 1e-6.
+* :func:`vit_b32`: a Hugging Face ViT-B/32 (12 layers, 12 heads, MLP 3072, 224² images, 7x7 patches + CLS)
+  from ``ViTConfig`` (transformers is a benchmark dependency), random weights.
 * :func:`images`: 224x224 crops of scikit-learn's two sample photographs (china.jpg, flower.jpg), ImageNet
   normalisation, so that the activations have natural-image statistics without a dataset download.
 """
@@ -79,6 +83,58 @@ class ViTMLPs(nn.Module):
 
     def forward(self, x):
         return self.blocks(x)
+
+
+class ConvNeXtT(nn.Module):
+    """ConvNeXt-T: stem, four stages of CNBlocks (benchmarks/coverage_models.py) with downsampling between."""
+
+    def __init__(self, dims=(96, 192, 384, 768), depths=(3, 3, 9, 3), n_classes: int = 1000):
+        super().__init__()
+        from coverage_models import CNBlock, LayerNorm2d
+
+        self.stem = nn.Sequential(nn.Conv2d(3, dims[0], 4, 4), LayerNorm2d(dims[0]))
+        stages = []
+        for i, (c, n) in enumerate(zip(dims, depths)):
+            if i:
+                stages.append(nn.Sequential(LayerNorm2d(dims[i - 1]), nn.Conv2d(dims[i - 1], c, 2, 2)))
+            stages.append(nn.Sequential(*[CNBlock(c, layer_scale=1e-6) for _ in range(n)]))
+        self.stages = nn.Sequential(*stages)
+        self.norm = nn.LayerNorm(dims[-1])
+        self.head = nn.Linear(dims[-1], n_classes)
+
+    def forward(self, x):
+        x = self.stages(self.stem(x))
+        return self.head(self.norm(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
+
+
+def convnext_t(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = ConvNeXtT()
+    for m in model.modules():  # torchvision's initialisation
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    return model.eval()
+
+
+class ViTLogits(nn.Module):
+    """A Hugging Face image classifier returning its logits tensor (for agreement and Torch-Pruning)."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, x):
+        return self.hf(pixel_values=x).logits
+
+
+def vit_b32(seed: int = 0) -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    cfg = ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                    image_size=224, patch_size=32, num_labels=1000)
+    return ViTForImageClassification(cfg).eval()
 
 
 def vgg16(width: float = 1.0, seed: int = 0, **kw) -> nn.Module:

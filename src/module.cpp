@@ -136,6 +136,7 @@ lsp::Update parse_update(const std::string& update) {
   if (update == "auto") return lsp::Update::Auto;
   if (update == "residual") return lsp::Update::Residual;
   if (update == "blocked") return lsp::Update::Blocked;
+  if (update == "lowrank") return lsp::Update::LowRank;
   throw std::invalid_argument("unknown update '" + update + "'");
 }
 
@@ -380,6 +381,13 @@ static void bind_joint(py::module_& mod) {
         return lsp::blocked_forward_pays(n_columns, n_targets, n_keep_columns, group_size);
       },
       py::arg("n_columns"), py::arg("n_targets"), py::arg("n_keep_columns"), py::arg("group_size") = 1);
+  mod.def(
+      "lowrank_forward_pays",
+      [](Index n_columns, Index n_targets, Index n_keep_columns, Index group_size, Index rank) {
+        return lsp::lowrank_forward_pays(n_columns, n_targets, n_keep_columns, group_size, rank);
+      },
+      py::arg("n_columns"), py::arg("n_targets"), py::arg("n_keep_columns"), py::arg("group_size"),
+      py::arg("rank"));
 }
 
 static void bind_cuda(py::module_& mod) {

@@ -204,8 +204,10 @@ def test_lean_equals_exact_with_one_position_per_channel(monkeypatch, pair, kw):
     exact, re_ = lt.prune(model, cal, ratio=0.5, pairs=[pair], statistics="exact", progress=False, **kw)
     assert rl.pairs[0].statistics == "lean" and re_.pairs[0].statistics == "exact"
     assert rl.pairs[0].kept == re_.pairs[0].kept
-    assert rl.pairs[0].relative_error == pytest.approx(re_.pairs[0].relative_error, rel=1e-6, abs=1e-12)
-    _same_model(lean, exact, tol=1e-3)  # float32 sums of an ill-conditioned Gram (cond ~6e3)
+    # both paths multiply float32 activations in float32 (in different orders): the errors agree to what those
+    # products round to on an ill-conditioned Gram (cond ~6e3), which depends on the machine's sgemm kernels
+    assert rl.pairs[0].relative_error == pytest.approx(re_.pairs[0].relative_error, rel=1e-4, abs=1e-12)
+    _same_model(lean, exact, tol=1e-3)
 
 
 def test_auto_uses_lean_only_where_exact_does_not_fit():

@@ -176,13 +176,7 @@ struct ForwardState final : ForwardStateBase {
     return out;
   }
 
-  // Best active group; ties go to the lowest index. -1 if none is left.
-  Index best() override {
-    Index b = -1;
-    for (Index g = 0; g < NG; ++g)
-      if (state[g] == ACTIVE && (b < 0 || gain[g] > gain[b])) b = g;
-    return b;
-  }
+  Index best() override { return best_group(NG, gain.data(), [&](Index g) { return state[g] == ACTIVE; }); }
 
   // Adds group J (which must be ACTIVE and non-degenerate); returns ||z||^2.
   double add(Index J) override {
@@ -284,6 +278,14 @@ std::unique_ptr<ForwardStateBase> make_cpu_forward_state(Problem& P, const Selec
   const Index Du = Index(grp.columns.size());
   const Index K = opt.n_keep >= 0 ? largest_columns(grp, opt.n_keep) : Du;
   const Index g = grp.size() > 0 ? (Du + grp.size() - 1) / grp.size() : 1;  // columns per group, rounded up
+  if (opt.update == Update::LowRank ||
+      (opt.update == Update::Auto && lowrank_forward_pays(Du, P.m(), K, g, lowrank_rank_bound(P)))) {
+    if (auto S = make_lowrank_forward_state(P, omp, opt.rcond)) return S;
+    if (opt.update == Update::LowRank)
+      throw std::invalid_argument(
+          "update='lowrank' needs damping > 0 and a Gram and cross of the same calibration rows (a pivoted "
+          "Cholesky of rank at most the number of rows must represent them to rounding)");
+  }
   const bool blocked =
       opt.update == Update::Blocked || (opt.update == Update::Auto && blocked_forward_pays(Du, P.m(), K, g));
   if (blocked) return make_blocked_forward_state(P, omp, opt.rcond);
@@ -381,14 +383,20 @@ SelectResult run_forward(Problem& P, const SelectOptions& opt, ForwardStateBase&
   return res;
 }
 
+void ForwardStateBase::weights(std::vector<Index>& cols, std::vector<double>& Wt) {
+  std::vector<double> L;
+  factors(cols, L, Wt);
+  const Index K = Index(cols.size());
+  const Index m = K > 0 ? Index(Wt.size()) / K : 0;
+  if (K > 0) blas::trsm_lower_t(K, m, L.data(), K, Wt.data(), m);
+}
+
 void finish_forward(Problem& P, ForwardStateBase& S, const std::vector<Index>& zero_cols, double E,
                     SelectResult& res) {
-  // W^T = L^{-T} Z on the chosen columns (selection order); finish() sorts them.
+  // W^T on the chosen columns (selection order); finish() sorts them.
   std::vector<Index> cols;
-  std::vector<double> L, Wt;
-  S.factors(cols, L, Wt);
-  const Index K = Index(cols.size());
-  if (K > 0) blas::trsm_lower_t(K, P.m(), L.data(), K, Wt.data(), P.m());
+  std::vector<double> Wt;
+  S.weights(cols, Wt);
   cols.insert(cols.end(), zero_cols.begin(), zero_cols.end());
   Wt.resize(std::size_t(cols.size()) * P.m(), 0.0);
   P.finish(cols, Wt, E, res);

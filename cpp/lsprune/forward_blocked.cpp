@@ -255,17 +255,7 @@ struct BlockedState final : ForwardStateBase {
     for (std::vector<double>* x : {&S, &M, &Cb, &Vb, &Sblk, &Mblk}) std::vector<double>().swap(*x);
   }
 
-  // Best active group. Gains within kTie of the best are ties and go to the lowest index: the BLAS
-  // updates round the entries of identical columns differently, which must not decide between them.
-  Index best() override {
-    double top = -1;
-    for (Index g = 0; g < NG; ++g)
-      if (state[g] == ACTIVE) top = std::max(top, gain[g]);
-    for (Index g = 0; g < NG; ++g)
-      if (state[g] == ACTIVE && gain[g] >= top - kTie * top) return g;
-    return -1;
-  }
-  static constexpr double kTie = 1e-10;
+  Index best() override { return best_group(NG, gain.data(), [&](Index g) { return state[g] == ACTIVE; }); }
 
   std::vector<Index> degenerate() override {
     std::vector<Index> out;

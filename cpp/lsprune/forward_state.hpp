@@ -27,6 +27,9 @@ class ForwardStateBase {
   // row-major, dense) and Z (K x m) with W^T = L^{-T} Z, the degenerate groups.
   virtual Index selected_columns() const = 0;
   virtual void factors(std::vector<Index>& cols, std::vector<double>& L, std::vector<double>& Z) = 0;
+  // The LS re-fit W^T (K x m, rows in the order of cols) on the selected columns: L^{-T} Z from
+  // factors() unless the state has it more directly (the low-rank state).
+  virtual void weights(std::vector<Index>& cols, std::vector<double>& Wt);
   virtual std::vector<Index> degenerate() = 0;
   // The current criterion of active group g (forward: its exact error drop; omp:
   // ||R_g||^2), read by the joint selection (cpp/lsprune/joint.cpp), which runs on
@@ -38,11 +41,35 @@ class ForwardStateBase {
   virtual void release() {}
 };
 
+// The best group among those `active` says (-1 if none). Gains within kTie of the best (relative) are ties
+// and go to the lowest index: the kernels round the updates of identical columns differently (by position,
+// by the machine's BLAS kernels), which must not decide between a channel and its copy. All CPU states.
+constexpr double kTie = 1e-10;
+template <class Active>
+Index best_group(Index n_groups, const double* gain, Active&& active) {
+  double top = -1;
+  for (Index g = 0; g < n_groups; ++g)
+    if (active(g) && gain[g] > top) top = gain[g];
+  for (Index g = 0; g < n_groups; ++g)
+    if (active(g) && gain[g] >= top - kTie * top) return g;
+  return -1;
+}
+
 // The CPU state (forward.cpp) for forward (omp = false) or OMP selection on `prob`.
 std::unique_ptr<ForwardStateBase> make_forward_state(Problem& prob, bool omp, double rcond);
 
 // The blocked CPU state (forward_blocked.cpp): dense D x D Schur complements updated by BLAS-3.
 std::unique_ptr<ForwardStateBase> make_blocked_forward_state(Problem& prob, bool omp, double rcond);
+
+// The low-rank CPU state (forward_lowrank.cpp) for statistics of few rows: the path in the r <= n
+// dimensions of a pivoted-Cholesky factor of the Gram. Null when it does not apply: no ridge, a
+// count that is not a number of rows, or a factor that does not represent the statistics to rounding.
+std::unique_ptr<ForwardStateBase> make_lowrank_forward_state(Problem& prob, bool omp, double rcond);
+// The rank bound of the centred Gram: the number of rows (less one with an intercept); -1 when the
+// count is not a whole number.
+Index lowrank_rank_bound(const Problem& prob);
+// Whether the low-rank state is expected to be faster than the residual one (rank r; update = auto).
+bool lowrank_forward_pays(Index Du, Index m, Index K, Index g, Index r);
 
 // Whether the blocked state is expected to be faster than the residual one for Du candidate
 // columns in groups of g, m targets and K columns to select, within the memory it allows itself

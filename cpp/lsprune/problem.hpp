@@ -45,8 +45,9 @@ struct Groups {
 
 enum class Method { Forward, Omp, Backward };
 // How the CPU forward/omp state is kept: the D x m residual updated every step (Residual), dense D x D
-// Schur complements updated in blocks (Blocked), or whichever a cost model expects to be faster (Auto).
-enum class Update { Auto, Residual, Blocked };
+// Schur complements updated in blocks (Blocked), the r-dimensional factor of a Gram of few rows
+// (LowRank), or whichever a cost model expects to be faster (Auto).
+enum class Update { Auto, Residual, Blocked, LowRank };
 
 struct SelectOptions {
   Method method = Method::Forward;

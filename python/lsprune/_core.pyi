@@ -62,6 +62,10 @@ def blocked_forward_pays(n_columns: int, n_targets: int, n_keep_columns: int, gr
     """Whether update="auto" takes the blocked forward state for this shape (a cost model; the memory guard
     asks it too)."""
 
+def lowrank_forward_pays(n_columns: int, n_targets: int, n_keep_columns: int, group_size: int, rank: int) -> bool:
+    """Whether update="auto" takes the low-rank forward state for statistics whose centred Gram has rank at most
+    ``rank`` (the rows, less one with an intercept; a cost model)."""
+
 def select_cuda(gram: F64, cross: Optional[F64], weights_in: Optional[F64], bias_in: Optional[F64],
                 sum_x: Optional[F64], sum_y: Optional[F64], target_energy: float, count: float,
                 fit_intercept: bool, damping: float, offsets: Sequence[int], columns: Sequence[int], method: str,

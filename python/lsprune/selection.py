@@ -207,7 +207,7 @@ def check_options(n_keep, tol, force, n_groups):
     return nk, tl, fl
 
 
-UPDATES = ("auto", "residual", "blocked")
+UPDATES = ("auto", "residual", "blocked", "lowrank")
 
 
 def check_update(update, dev: int = -1) -> str:
@@ -299,14 +299,20 @@ def select(stats: Optional[Statistics] = None, *, n_keep: Optional[int] = None, 
         criterion (forward: the exact error drop given the prefix; omp: ``‖R_J‖²``); backward removes
         the remaining ones at once by their current cost; then the kept set is re-fitted exactly.
         ``Selection.timed_out`` says so. Not for the CUDA backward solver.
-    update : {"auto", "residual", "blocked"}
+    update : {"auto", "residual", "blocked", "lowrank"}
         How forward/omp keep their state on the CPU (the choices are the same up to rounding).
         ``"residual"`` updates the ``D × m`` residual ``R`` at every step: ``O(K²D + KDm)``
         memory-bound work, ``8·(2Dm + KD)`` bytes. ``"blocked"`` keeps the residual Gram ``S`` and
         the residual target Gram ``M = RRᵀ`` as dense ``D × D`` matrices, updated every 64 columns
         by BLAS-3 (as LAPACK's pivoted Cholesky), each group's diagonal blocks exact at every step:
         ``O(D²m + 3D²K)`` compute-bound work, ``16·D²`` bytes; much faster for wide layers with
-        many targets. ``"auto"`` picks by a cost model (:func:`lsprune._core.blocked_forward_pays`).
+        many targets. ``"lowrank"``, for statistics of fewer rows ``n`` than columns (a classifier
+        fed by 8 calibration images) and ``damping > 0``: a pivoted Cholesky writes the centred Gram
+        as ``LᵀL`` with ``L`` of ``r ≤ n - 1`` rows, and the whole path runs in those ``r``
+        dimensions, ``O(D r² + K D r)`` work and ``8·(3Dr + rm)`` bytes, independent of ``m``
+        (``ValueError`` when it does not apply: no damping, or a Gram and cross that are not of
+        the same rows; with as many rows as columns it is exact but not faster). ``"auto"`` picks by a cost model (:func:`lsprune._core.lowrank_forward_pays`,
+        :func:`lsprune._core.blocked_forward_pays`).
         Ignored by backward; the CUDA engine has its own state (only ``"auto"`` there).
 
     Returns
