@@ -187,3 +187,17 @@ def test_choices_do_not_depend_on_the_thread_count(rng):
     many = lsprune.select(st, n_keep=400, damping=1e-2, update="lowrank")
     assert one.selected.tolist() == many.selected.tolist()
     np.testing.assert_allclose(one.weights, many.weights, rtol=0, atol=WEIGHT_RTOL * np.abs(many.weights).max())
+
+
+def test_independent_targets_of_few_rows_skip_the_dense_product(rng):
+    """weights_in with few rows: the engine builds ``Gc Wᵀ`` through the pivoted factor (O(r D m) instead of
+    2 D² m); it equals streaming the targets y = W x + b themselves."""
+    D, m = 600, 300  # D² m above the threshold where the factor is tried
+    X, _ = correlated_problem(rng, 24, D, 1)
+    W, b = rng.normal(size=(m, D)), rng.normal(size=m)
+    gram_only = lsprune.Statistics(D, 0).update(X)
+    streamed = lsprune.Statistics(D, m).update(X, X @ W.T + b)
+    for update in ("auto", "residual"):
+        a = lsprune.select(streamed, n_keep=300, damping=1e-2, update="residual")
+        c = lsprune.select(gram_only, n_keep=300, damping=1e-2, weights_in=W, bias_in=b, update=update)
+        _agree(a, c, atol=1e-8)

@@ -10,8 +10,9 @@
 //   l_p (column p of L),  u_p = (A_S + lambda I)^{-1} l_p,  R_p = lambda T'^T u_p (the residual cross).
 // For a live group J the residual Gram block is S_JJ = lambda N_J, N_J = I + L_J^T U_J (g x g), so
 //   forward gain = ||chol(S_JJ)^{-1} R_J||^2,   omp criterion = ||R_J||^2,
-// exactly the quantities of the residual state (forward.cpp). Adding J (Woodbury):
-//   X^T = L^T U_J N_J^{-1} (Du x g),  U -= X^T U_J,  R -= X^T R_J:  O(Du r g) per step.
+// exactly the quantities of the residual state (forward.cpp). Adding J is a Woodbury step on
+// (A_S + lambda I)^{-1}: u_p -= Phi l_p, R_p -= Psi l_p with Phi = lambda U_J S_JJ^{-1} U_J^T (r x r),
+// Psi = lambda R_J^T S_JJ^{-1} U_J^T: O(Du r (r + rc)) per step (single columns: O(Du (r + rc))).
 // The re-fit is W_S^T = U_S^T T (K x m). Cost: O(Du r^2) for the factor, O(K Du r) for the path,
 // against O(K^2 Du + K Du m) for the residual state.
 #include <omp.h>
@@ -19,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 
 #include "blas.hpp"
@@ -40,32 +42,31 @@ enum : char { ACTIVE = 0, CHOSEN = 1, DEGENERATE = 2 };
 constexpr double kPivotStop = 4.0;
 constexpr double kRounding = 1e-5;
 
-// Gc = Lt Lt^T by pivoted Cholesky over the candidate positions (Lt: Du x r, row p = l_p), at most
-// rmax steps. Returns r, or -1 when the factor does not represent Gc (see the constants above).
-Index pivoted_factor(const Problem& P, Index rmax, std::vector<double>& Lt, std::vector<Index>& piv) {
-  const Groups& grp = P.groups();
-  const Index Du = Index(grp.columns.size());
-  const double lam = P.lambda();
-  std::vector<double> d(Du), row(Du);
+}  // namespace
+
+Index pivoted_cholesky(Index n, Index rmax, const std::function<void(Index, double*)>& row, std::vector<double> d,
+                       std::vector<double>& Lt, std::vector<Index>& piv) {
   double dmax = 0, trace = 0;
-  for (Index p = 0; p < Du; ++p) {
-    d[p] = std::max(P.gram_diag(grp.columns[p]) - lam, 0.0);
-    dmax = std::max(dmax, d[p]);
-    trace += d[p];
+  for (double& v : d) {
+    v = std::max(v, 0.0);
+    dmax = std::max(dmax, v);
+    trace += v;
   }
-  Lt.assign(std::size_t(Du) * rmax, 0.0);
-  const double stop = kPivotStop * double(Du) * std::numeric_limits<double>::epsilon() * dmax;
+  if (!std::isfinite(trace)) return -1;
+  Lt.assign(std::size_t(n) * rmax, 0.0);
+  piv.clear();
+  std::vector<double> a(n);
+  const double stop = kPivotStop * double(n) * std::numeric_limits<double>::epsilon() * dmax;
   Index r = 0;
   for (; r < rmax; ++r) {
-    Index q = Index(std::max_element(d.begin(), d.end()) - d.begin());  // ties: lowest position
+    const Index q = Index(std::max_element(d.begin(), d.end()) - d.begin());  // ties: lowest position
     if (!(d[q] > stop)) break;
-    P.gram_row(grp.columns[q], grp.columns.data(), Du, row.data());
-    row[q] -= lam;
+    row(q, a.data());
     const double s = std::sqrt(d[q]), *lq = &Lt[std::size_t(q) * rmax];
-#pragma omp parallel for schedule(static) if (Du * r > 100000)
-    for (Index p = 0; p < Du; ++p) {
+#pragma omp parallel for schedule(static) if (n * r > 100000)
+    for (Index p = 0; p < n; ++p) {
       double* lp = &Lt[std::size_t(p) * rmax];
-      double v = row[p];
+      double v = a[p];
       for (Index t = 0; t < r; ++t) v -= lp[t] * lq[t];
       lp[r] = v / s;
       d[p] = std::max(d[p] - lp[r] * lp[r], 0.0);
@@ -77,8 +78,28 @@ Index pivoted_factor(const Problem& P, Index rmax, std::vector<double>& Lt, std:
   }
   double left = 0;
   for (double v : d) left += v;
-  if (!(left <= kRounding * trace) || !(lam > 0) || !std::isfinite(trace)) return -1;
+  if (!(left <= kRounding * trace)) return -1;
+  if (r < rmax) {  // repack n x rmax -> n x r
+    for (Index p = 0; p < n; ++p) std::memmove(&Lt[std::size_t(p) * r], &Lt[std::size_t(p) * rmax], sizeof(double) * r);
+    Lt.resize(std::size_t(n) * r);
+  }
   return r;
+}
+
+namespace {
+
+// Gc = Lt Lt^T over the candidate positions (Lt: Du x r, row p = l_p), or -1 (pivoted_cholesky).
+Index pivoted_factor(const Problem& P, Index rmax, std::vector<double>& Lt, std::vector<Index>& piv) {
+  const Groups& grp = P.groups();
+  const Index Du = Index(grp.columns.size());
+  const double lam = P.lambda();
+  std::vector<double> d(Du);
+  for (Index p = 0; p < Du; ++p) d[p] = P.gram_diag(grp.columns[p]) - lam;
+  auto row = [&](Index q, double* out) {
+    P.gram_row(grp.columns[q], grp.columns.data(), Du, out);
+    out[q] -= lam;
+  };
+  return pivoted_cholesky(Du, rmax, row, std::move(d), Lt, piv);
 }
 
 // T (r x m) with Bc = Lt T, from the pivot rows (Lt there is lower triangular in pivot order);
@@ -102,10 +123,13 @@ bool cross_factor(const Problem& P, const std::vector<double>& Lt, Index ld, Ind
 #pragma omp parallel for reduction(+ : res, tot) schedule(static)
   for (Index p = 0; p < Du; ++p) {
     const double *b = P.cross_row(grp.columns[p]), *lp = &Lt[std::size_t(p) * ld];
+    std::vector<double> v(b, b + m);
+    for (Index k = 0; k < r; ++k) {
+      const double a = lp[k], *tk = &T[std::size_t(k) * m];
+      for (Index c = 0; c < m; ++c) v[c] -= a * tk[c];
+    }
     for (Index c = 0; c < m; ++c) {
-      double v = b[c];
-      for (Index k = 0; k < r; ++k) v -= lp[k] * T[std::size_t(k) * m + c];
-      res += v * v;
+      res += v[c] * v[c];
       tot += b[c] * b[c];
     }
   }
@@ -163,7 +187,7 @@ struct LowRankState final : ForwardStateBase {
     state.assign(NG, ACTIVE);
     gain.assign(NG, 0.0);
     const Index g = grp.max_size();
-    work_stride = 2 * g * g + g * rc + g;  // (the update's x fits in the same scratch)
+    work_stride = 2 * g * g + g * rc;
     work.resize(std::size_t(omp_get_max_threads()) * work_stride);
     chunk = std::max<Index>(1, std::min<Index>(64, NG / (16 * omp_get_max_threads())));
   }
@@ -215,36 +239,8 @@ struct LowRankState final : ForwardStateBase {
       if (state[g] == ACTIVE) evaluate(g, &work[std::size_t(omp_get_thread_num()) * work_stride]);
   }
 
-  // Rank-gJ update of group g's rows by the chosen group J (S: chol(S_JJ), UJ/RJ: J's rows before
-  // the step): x^T = lambda l_p^T U_J^T S_JJ^{-1}, u_p -= U_J^T x, R_p -= R_J^T x.  x: gJ scratch.
-  void update(Index g, const double* S, Index gJ, const double* UJ, const double* RJ, double* x) {
-    const Index gs = grp.size_of(g), o = grp.offsets[g];
-    for (Index a = 0; a < gs; ++a) {
-      const std::size_t p = std::size_t(o + a);
-      const double* lp = &Lt[p * r];
-      double *up = &Ut[p * r], *Rp = &Rt[p * rc];
-      for (Index i = 0; i < gJ; ++i) {
-        double v = 0;
-        for (Index t = 0; t < r; ++t) v += lp[t] * UJ[i * r + t];
-        v *= lam;
-        for (Index k = 0; k < i; ++k) v -= S[i * gJ + k] * x[k];  // forward substitution with L
-        x[i] = v / S[i * gJ + i];
-      }
-      for (Index i = gJ - 1; i >= 0; --i) {  // back substitution with L^T
-        double v = x[i];
-        for (Index k = i + 1; k < gJ; ++k) v -= S[k * gJ + i] * x[k];
-        x[i] = v / S[i * gJ + i];
-      }
-      for (Index i = 0; i < gJ; ++i) {
-        const double xi = x[i], *uj = &UJ[i * r], *rj = &RJ[i * rc];
-        for (Index t = 0; t < r; ++t) up[t] -= xi * uj[t];
-        for (Index c = 0; c < rc; ++c) Rp[c] -= xi * rj[c];
-      }
-    }
-  }
-
-  // Adds group J; returns its exact error drop. One fused sweep updates every non-degenerate group
-  // (chosen ones too: the re-fit reads their u) and re-evaluates the live ones.
+  // Adds group J; returns its exact error drop. The sweep updates every position (chosen ones too: the
+  // re-fit reads their u) and re-evaluates the live groups.
   double add(Index J) override {
     const Index gJ = grp.size_of(J), o = grp.offsets[J];
     std::vector<double> S(std::size_t(gJ) * gJ), buf(std::size_t(gJ) * rc);
@@ -265,15 +261,18 @@ struct LowRankState final : ForwardStateBase {
     return drop;
   }
 
+  // The update of every position by a group of gJ > 1 columns as two BLAS-3 products: u_p -= Phi l_p and
+  // R_p -= Psi l_p with Phi = lambda U_J S_JJ^{-1} U_J^T (r x r) and Psi = lambda R_J^T S_JJ^{-1} U_J^T
+  // (rc x r), O(Du r (r + rc)) whatever gJ; then the live groups' gains.
   void sweep(const double* S, Index gJ, const double* UJ, const double* RJ) {
-    const bool team = double(Du) * gJ * (2 * r + rc + 2 * grp.max_size() * (r + rc)) > 2e5;
-#pragma omp parallel for schedule(dynamic, chunk) if (team)
-    for (Index g = 0; g < NG; ++g) {
-      if (state[g] == DEGENERATE) continue;
-      double* w = &work[std::size_t(omp_get_thread_num()) * work_stride];
-      update(g, S, gJ, UJ, RJ, w);
-      if (state[g] == ACTIVE) evaluate(g, w);
-    }
+    std::vector<double> Wm(UJ, UJ + gJ * r), Vm(RJ, RJ + gJ * rc), Phi(std::size_t(r) * r), Psi(std::size_t(rc) * r);
+    small::solve_lower(S, gJ, Wm.data(), r, r);    // L^{-1} U_J^T (gJ x r)
+    small::solve_lower(S, gJ, Vm.data(), rc, rc);  // L^{-1} R_J (gJ x rc)
+    blas::gemm(true, false, r, r, gJ, lam, Wm.data(), r, Wm.data(), r, 0.0, Phi.data(), r);
+    blas::gemm(true, false, rc, r, gJ, lam, Vm.data(), rc, Wm.data(), r, 0.0, Psi.data(), r);
+    blas::gemm(false, false, Du, r, r, -1.0, Lt.data(), r, Phi.data(), r, 1.0, Ut.data(), r);
+    blas::gemm(false, true, Du, rc, r, -1.0, Lt.data(), r, Psi.data(), r, 1.0, Rt.data(), rc);
+    evaluate_all();
   }
 
   // sweep() for single-column groups (Linear layers) without the block algebra: x = a l_p.u_J with
@@ -341,12 +340,13 @@ struct LowRankState final : ForwardStateBase {
 
 }  // namespace
 
-Index lowrank_rank_bound(const Problem& P) {
-  const double n = P.count();
+Index rows_rank_bound(double n, bool fit_intercept) {
   const double rn = std::floor(n + 0.5);
-  if (!(n > 0) || std::abs(n - rn) > 1e-9 * rn) return -1;  // not a count of rows
-  return Index(rn) - (P.fit_intercept() ? 1 : 0);
+  if (!(n > 0) || std::abs(n - rn) > 1e-9 * rn || rn > 1e15) return -1;  // not a count of rows
+  return Index(rn) - (fit_intercept ? 1 : 0);
 }
+
+Index lowrank_rank_bound(const Problem& P) { return rows_rank_bound(P.count(), P.fit_intercept()); }
 
 bool lowrank_forward_pays(Index Du, Index m, Index K, Index g, Index r) {
   if (r < 0 || 4 * r > Du || K <= 0) return false;
@@ -368,12 +368,6 @@ std::unique_ptr<ForwardStateBase> make_lowrank_forward_state(Problem& P, bool om
   std::vector<Index> piv;
   const Index r = pivoted_factor(P, rmax, Lt, piv);
   if (r < 0) return nullptr;
-  if (r < rmax) {  // repack Du x rmax -> Du x r
-    const Index Du = Index(P.groups().columns.size());
-    for (Index p = 0; p < Du; ++p)
-      std::memmove(&Lt[std::size_t(p) * r], &Lt[std::size_t(p) * rmax], sizeof(double) * r);
-    Lt.resize(std::size_t(Du) * r);
-  }
   if (!cross_factor(P, Lt, r, r, piv, T)) return nullptr;
   return std::make_unique<LowRankState>(P, omp, rcond, r, std::move(Lt), std::move(T));
 }

@@ -115,7 +115,8 @@ Problem::Problem(const ProblemInput& in, const Groups& groups) : in_(in), groups
   } else {
     // Independent mode: y = W x + b, so Bc = Gc W^T and energy = tr(W Gc W^T).
     const double* W = in.weights_in;
-    blas::gemm(false, true, D_, m_, D_, 1.0, in.gram, D_, W, D_, 0.0, Bc_.data(), m_);
+    const bool factored = few_rows_cross(W);
+    if (!factored) blas::gemm(false, true, D_, m_, D_, 1.0, in.gram, D_, W, D_, 0.0, Bc_.data(), m_);
     if (in.fit_intercept) {
       std::vector<double> wmx(m_, 0.0);  // W mx
       for (Index k = 0; k < m_; ++k) {
@@ -123,9 +124,11 @@ Problem::Problem(const ProblemInput& in, const Groups& groups) : in_(in), groups
         for (Index j = 0; j < D_; ++j) s += W[std::size_t(k) * D_ + j] * mx_[j];
         wmx[k] = s;
       }
+      if (!factored) {
 #pragma omp parallel for schedule(static)
-      for (Index j = 0; j < D_; ++j)
-        for (Index k = 0; k < m_; ++k) Bc_[std::size_t(j) * m_ + k] -= n * mx_[j] * wmx[k];
+        for (Index j = 0; j < D_; ++j)
+          for (Index k = 0; k < m_; ++k) Bc_[std::size_t(j) * m_ + k] -= n * mx_[j] * wmx[k];
+      }
       for (Index k = 0; k < m_; ++k) my_[k] = wmx[k] + (in.bias_in ? in.bias_in[k] : 0.0);
     }
     double e = 0;
@@ -141,6 +144,32 @@ Problem::Problem(const ProblemInput& in, const Groups& groups) : in_(in), groups
   for (Index c : groups_.columns) s += in_.gram[std::size_t(c) * D_ + c] - n * mx_[c] * mx_[c];
   mean_diag_ = groups_.columns.empty() ? 0.0 : std::max(s / double(groups_.columns.size()), 0.0);
   set_damping(in.damping);
+}
+
+// Independent mode with few rows: Bc = Gc W^T = Lt (Lt^T W^T) from a pivoted Cholesky of the centred Gram,
+// O(D r^2 + 4 r D m) instead of the 2 D^2 m of the dense product (AlexNet's 9216 -> 4096 pair with 8 images:
+// 0.6 GFLOP instead of 700). Only where the rank bound is small and the factor represents Gc to rounding
+// (the rounding the low-rank forward state leaves out as well); false: nothing was written.
+bool Problem::few_rows_cross(const double* W) {
+  const Index rb = rows_rank_bound(in_.count, in_.fit_intercept);
+  if (rb < 0 || 4 * rb > D_ || double(D_) * D_ * m_ < 1e8) return false;
+  const double n = in_.count, c = in_.fit_intercept ? n : 0.0;
+  std::vector<double> d(D_);
+  for (Index j = 0; j < D_; ++j) d[j] = in_.gram[std::size_t(j) * D_ + j] - c * mx_[j] * mx_[j];
+  auto row = [&](Index q, double* out) {
+    const double* g = in_.gram + std::size_t(q) * D_;
+    for (Index p = 0; p < D_; ++p) out[p] = g[p] - c * mx_[q] * mx_[p];
+  };
+  std::vector<double> Lt;
+  std::vector<Index> piv;
+  const Index r = pivoted_cholesky(D_, rb, row, std::move(d), Lt, piv);
+  if (r < 0) return false;
+  std::vector<double> T(std::size_t(r) * m_, 0.0);  // Lt^T W^T (r x m)
+  if (r > 0) {
+    blas::gemm(true, true, r, m_, D_, 1.0, Lt.data(), r, W, D_, 0.0, T.data(), m_);
+    blas::gemm(false, false, D_, m_, r, 1.0, Lt.data(), r, T.data(), m_, 0.0, Bc_.data(), m_);
+  }
+  return true;
 }
 
 namespace {

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -125,6 +126,7 @@ class Problem {
 
  private:
   void normalize_units();
+  bool few_rows_cross(const double* W);
   ProblemInput in_;
   Groups groups_;
   Index D_, m_;
@@ -135,6 +137,17 @@ class Problem {
   int ex_ = 0, ey_ = 0;            // working units: x 2^-ex_, y 2^-ey_
   std::vector<double> gram_units_;  // the Gram in working units (only when ex_ != 0)
 };
+
+// Pivoted Cholesky of a PSD n x n matrix A given by its diagonal `diag` and rows (row(q, out) writes row q):
+// A = Lt Lt^T to rounding, Lt n x r (row-major) with r <= rmax steps of O(n r) (forward_lowrank.cpp).
+// `piv` gets the pivots; Lt restricted to them is lower triangular. Returns r, or -1 when the trace it
+// leaves out is above 1e-5 of A's (the rounding of float32 products; docs/design.md, "Low-rank forward
+// state").
+Index pivoted_cholesky(Index n, Index rmax, const std::function<void(Index, double*)>& row, std::vector<double> diag,
+                       std::vector<double>& Lt, std::vector<Index>& piv);
+// The rank bound of the centred Gram of `count` rows (one less with an intercept); -1 when the count is not
+// a whole number.
+Index rows_rank_bound(double count, bool fit_intercept);
 
 // Calls try_factor() (which rebuilds the damped matrix from `prob` and returns a
 // LAPACK info) until it succeeds, raising the relative damping by policy::escalate
