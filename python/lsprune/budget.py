@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional, Union
 
-ALLOCATIONS = ("global", "uniform")
+ALLOCATIONS = ("global", "uniform", "sequential")
 WEIGHTINGS = ("uniform", "flops")
 
 
@@ -43,11 +43,15 @@ class Budget:
     multiple : int, default 1
         Kept counts (ranks) are multiples of this (e.g. 8 for fast kernels); a pair's full
         count and its rounded-up minimum are always allowed.
-    allocation : {"global", "uniform"}
+    allocation : {"global", "uniform", "sequential"}
         ``"global"``: per-pair counts minimise the summed relative reconstruction error under
         the budget (:func:`lsprune.allocate` on error paths from an extra independent
         statistics pass). ``"uniform"``: the same fraction of channels kept in every pair (no
-        extra pass), the largest that fits the budget.
+        extra pass), the largest that fits the budget. ``"sequential"`` (:func:`lsprune.torch.prune`
+        in sequential mode only): the global counts are re-allocated once from error paths measured
+        on the stream the sequential pass sees (pairs upstream pruned with the first counts), the
+        pruning pass runs again from the original model, and of the two models the one with the lower
+        calibration output error is kept: one more sequential pass.
     weights : "uniform", "flops" or dict {producer name: float}
         Weights of the pairs' relative errors in the global objective: equal (default), a
         pair's share of the model's FLOPs (normalised to mean 1), or given per producer

@@ -300,6 +300,9 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
         if opts.time_budget is not None and dist.active:
             raise ValueError("time_budget= is not supported with distributed calibration (the ranks could stop "
                              "their selections at different steps): give time_budget=None or distributed=False")
+        if _stream_allocation(opts) and dist.active:
+            raise ValueError("Budget(allocation='sequential') is not supported with distributed calibration: give "
+                             "allocation='global' or distributed=False")
         if opts.checkpoint is not None and dist.active:
             raise ValueError("checkpoint= is not supported with distributed calibration: give checkpoint=None or "
                              "distributed=False")
@@ -309,6 +312,10 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
     except BaseException as e:
         dist.fail(e)  # the other ranks raise at their next collective instead of waiting for this one
         raise
+
+
+def _stream_allocation(opts: PruneOptions) -> bool:
+    return opts.budget is not None and opts.budget.allocation == "sequential"
 
 
 # ---------------------------------------------------------------------------------------------- blocks
@@ -336,6 +343,7 @@ def _check_blockwise(opts: PruneOptions, dist: Dist) -> None:
                       (opts.mode != "sequential", "mode='independent' (blocks are pruned in sequence; targets= "
                                                   "chooses what the re-fit reproduces)"),
                       (opts.method == "thinet", "method='thinet'"),
+                      (_stream_allocation(opts), "Budget(allocation='sequential') (use 'global' or 'uniform')"),
                       (opts.statistics == "lean", "statistics='lean' (units are read by their consumer as groups "
                                                   "of head_dim columns or single neurons: use 'exact' or 'auto')")):
         if bad:

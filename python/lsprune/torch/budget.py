@@ -7,7 +7,8 @@ original network, Gram-only). In sequential mode the pairs are then pruned in a 
 sequential pass with these counts: the allocation sees the independent errors, which
 upper-bound what the error-correcting sequential pass achieves, and it cannot see the
 coupling between pairs; it ranks how compressible each pair is. ``allocation="uniform"``:
-the largest equal keep fraction that fits the budget (no extra pass).
+the largest equal keep fraction that fits the budget (no extra pass). ``allocation="sequential"``: the global
+counts re-allocated once from paths measured on the sequential pass's stream (:mod:`.streambudget`).
 """
 from __future__ import annotations
 

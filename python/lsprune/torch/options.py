@@ -411,9 +411,20 @@ class PruneOptions:
         if self.time_budget is not None and self.method not in TIME_LIMITED:
             raise ValueError(f"time_budget= limits the engine's selection ({', '.join(TIME_LIMITED)}); method="
                              f"{self.method!r} has no greedy steps to stop")
+        if self.budget is not None and self.budget.allocation == "sequential":
+            self._check_stream_allocation()
         if self.ratio is None and not self.keep and self.budget is None:
             raise ValueError("give ratio= (fraction of channels removed in every pair), budget= (e.g. "
                              "lsprune.Budget(flops=0.5)) or keep= ({producer name: channels to keep})")
+
+    def _check_stream_allocation(self) -> None:
+        """``Budget(allocation="sequential")`` measures LS re-fit paths on the sequential pass's stream."""
+        for bad, what in ((not self.sequential, "mode='sequential' (in independent mode every pair sees the "
+                                                "original stream: use allocation='global')"),
+                          (not self.refit, "refit=True (it measures the re-fit's error paths)"),
+                          (self.checkpoint is not None, "checkpoint=None (its measuring pass is not saved)")):
+            if bad:
+                raise ValueError(f"Budget(allocation='sequential') needs {what}")
 
     def _check_names(self, modules, ties) -> None:
         _check_names("keep", self.keep or (), modules)
@@ -502,6 +513,9 @@ class FactorizeOptions:
             raise ValueError("give exactly one of budget= (e.g. lsprune.Budget(flops=0.5)), rank= (the same rank in "
                              "every layer) and ratio= (fraction of every layer's cost removed)")
         opts = cls(**validate_params(cls, kwargs))
+        if opts.budget is not None and opts.budget.allocation == "sequential":
+            raise ValueError("factorize does not support Budget(allocation='sequential') (it re-allocates pairs "
+                             "of the sequential prune): use 'global' or 'uniform'")
         _check_names("layers", opts.layers or (), modules)
         return opts
 

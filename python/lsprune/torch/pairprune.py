@@ -2,7 +2,8 @@
 
 find the pairs and coupled groups (:mod:`.discovery`, :mod:`.coupling`) -> bound the budget and plan the
 counts (:mod:`.plan`) -> checkpoint -> memory guard -> [a global budget's independent pass, then the
-allocation] -> the pruning pass (the graph sweep of :mod:`.sweep` or the module hooks of :mod:`.hooks`; each
+allocation; ``Budget(allocation="sequential")``: a measuring pass and the re-allocation, :mod:`.streambudget`]
+-> the pruning pass (the graph sweep of :mod:`.sweep` or the module hooks of :mod:`.hooks`; each
 pair finished by :func:`.pruning.finish`, each group by :func:`.grouppruning.finish_group`) -> the report
 (:mod:`.reporting`). Nothing is modified before the checkpoint and memory checks pass.
 
@@ -32,12 +33,13 @@ from .pruning import PairJob, error_path, finish, make_job
 from .report import PruneReport
 from .reporting import prune_report, record_budget
 from .session import CalibrationSession
+from .streambudget import StreamAllocation
 from .sweep import sweep
 
 logger = logging.getLogger("lsprune.torch")
 
 
-class PairPrune:
+class PairPrune(StreamAllocation):
     """One prune of pairs on a :class:`CalibrationSession` (opened); :meth:`run` returns (pruned, report)."""
 
     def __init__(self, session: CalibrationSession, opts: PruneOptions, dist: Dist):
@@ -49,6 +51,7 @@ class PairPrune:
         self.keep = opts.keep  # with pairs pinned at their full count when the budget's pass cannot measure them
         self.memory_skipped: Dict[str, str] = {}  # pairs left unchanged by the memory guard: the reason
         self.modified: List[str] = []  # modules already pruned (for the sweeps after a pass of their own)
+        self.weights = None  # a global budget's error weights per unit
 
     def run(self) -> Tuple[nn.Module, PruneReport]:
         self.ref = self.s.reference()
@@ -59,8 +62,11 @@ class PairPrune:
         self._plan_memory()
         self._prepare()
         self._budget_pass()
-        jobs = self._make_jobs()
-        out_err = self._prune_pass(jobs)
+        if self._stream_budget():  # allocation="sequential": a measuring pass, the re-allocation, the choice
+            jobs, out_err = self._stream_prune()
+        else:
+            jobs = self._make_jobs()
+            out_err = self._prune_pass(jobs)
         if jobs and not self.found.use_graph:  # hooks cannot see every user of a pruned output: run the pruned model
             try:
                 self.s.run(self.pruned, self.batch0)
@@ -81,6 +87,7 @@ class PairPrune:
         self.group_chains = {c.group.name: c for c in f.groups}
         # units: the pairs (forward order), then the groups; pairs keep their indices (seeds) as without groups
         self.chosen = f.pairs + [c.group for c in f.groups]
+        self.index = {p.producer: i for i, p in enumerate(self.chosen)}
         self.ref_mods = dict(self.ref.named_modules())
         self.channels = {p.producer: p.channels if isinstance(p, CoupledGroup) else
                          producer_channels(self.ref_mods[p.producer]) for p in self.chosen}
@@ -176,19 +183,25 @@ class PairPrune:
         s, o, f = self.s, self.opts, self.found
         self.inputs, self.masks = s.graph_inputs(self.ref, f.gm.graph, self.batch0, f.inputs0) if f.use_graph \
             else ([], [])
-        self.pruned = s.working_copy()
-        self.pr_mods = dict(self.pruned.named_modules())
-        s.protect([self.pr_mods[n] for p in self.chosen for n in _members(p)])
+        self._open_working()
         dist = self.dist if self.dist.active else None
         self.job_kw = dict(device=s.dev, use_torch_sums=None, seed=o.seed, max_positions=o.max_positions,
                            n_samples=max(1, int(self.dist.reduce_numbers([s.n_samples])[0])), refit=o.refit,
                            norm=o.norm, dist=dist, ckpt=self.ckpt, time_budget=o.time_budget)
+        self.common = dict(complete=self._finish, progress=o.progress, timer=self.timer)
+        self.passes = s.per_batch if f.use_graph else (1.0 + len(f.probes)) * s.per_batch
+
+    def _open_working(self) -> None:
+        """The working model (protected when pruned in place) and the registries its surgery updates."""
+        s = self.s
+        self.pruned = s.working_copy()
+        self.pr_mods = dict(self.pruned.named_modules())
+        s.protect([self.pr_mods[n] for p in self.chosen for n in _members(p)])
         # output rows each module still has, shared by the jobs (only coupled groups remove a consumer's rows)
         self.rows: Optional[Dict[str, object]] = {} if self.group_chains else None
         # inputs (channels) each module still has, kept by concat groups (a reader of several slices)
         self.inputs_left: Dict[str, object] = {}
-        self.common = dict(complete=self._finish, progress=o.progress, timer=self.timer)
-        self.passes = s.per_batch if f.use_graph else (1.0 + len(f.probes)) * s.per_batch
+        self.modified = []
 
     def _pass(self, jobs: Dict[str, Job], *, seq: bool, collect_only: bool = False) -> Optional[float]:
         """One pass of the strategy over the calibration data; returns the output error (graph, sequential)
@@ -244,6 +257,11 @@ class PairPrune:
 
     def _finish(self, job: Job):
         """Selects, re-fits and shrinks a pair or group whose statistics are complete; returns its report."""
+        if self.measuring is not None:
+            return self._measure(job)
+        return self._finish_unit(job)
+
+    def _finish_unit(self, job: Job):
         if isinstance(job, GroupJob):
             return finish_group(job, method=self.opts.method, damping=float(self.opts.damping), timer=self.timer)
         return finish(job, method=self.opts.method, damping=float(self.opts.damping), timer=self.timer,
@@ -294,8 +312,8 @@ class PairPrune:
                     _release(j)
         with self.timer("allocation"):
             fc = b.costs if o.budget.kind == "flops" else self._costs("flops")
-            weights = budgeting.error_weights(o.budget, [p.producer for p in chosen], fc)
-            self.plan = self._plan_channels(self.paths, weights)
+            self.weights = budgeting.error_weights(o.budget, [p.producer for p in chosen], fc)
+            self.plan = self._plan_channels(self.paths, self.weights)
 
     def _make_jobs(self) -> Dict[str, Job]:
         """A job per pair or group that loses channels (the budget pass's own, in independent mode), as the
@@ -393,7 +411,12 @@ class PairPrune:
                 r.status, r.reason = "skipped", self.memory_skipped[r.producer]
                 report.skipped.append({"producer": r.producer, "consumer": r.consumer, "reason": r.reason})
         if self.opts.budget is not None:
-            record_budget(report, self.plan.budget, self.opts.budget, self.paths)
+            paths = self.paths if self.stream_paths is None else {**self.paths, **self.stream_paths}
+            record_budget(report, self.plan.budget, self.opts.budget, paths)
+            if self.proxy_plan is not None:
+                report.budget["proxy"] = dict(self.proxy_plan.budget, keep={k: int(v) for k, v in
+                                                                           self.proxy_plan.items()})
+                report.budget.update(self.stream_record)
         return report
 
 

@@ -92,8 +92,9 @@ class BudgetBounds:
 
     @property
     def needs_paths(self) -> bool:
-        """A global allocation with free units: it needs their error paths (an extra independent pass)."""
-        return self.budget.allocation == "global" and any(k is None for k in self.pinned) and not self.fits
+        """A global (or sequential) allocation with free units: it needs their error paths (an extra
+        independent pass)."""
+        return self.budget.allocation in ("global", "sequential") and any(k is None for k in self.pinned) and not self.fits
 
 
 def budget_bounds(budget: Budget, costs, sizes: Sequence[int], pinned: Optional[Sequence[Optional[int]]] = None,

@@ -533,7 +533,9 @@ def _pair_report(job: PairJob, sel, kept: np.ndarray, plain: float, added: bool,
 
 def error_path(job, method: str, damping: float, lo: int, hi: int, keep: bool = False) -> np.ndarray:
     """A pair's relative error for every kept count, from its independent statistics (or from the
-    checkpoint). ``keep``: the statistics can prune the pair too (independent mode): a checkpoint saves them."""
+    checkpoint). ``keep``: the statistics can prune the pair too (independent mode): a checkpoint saves them.
+    A sequential job's statistics have the reference outputs as targets: its path is that of the stream it saw
+    (``allocation="sequential"``)."""
     if job.saved is not None:
         return job.ckpt.load_arrays(job.saved)["path"]
     stats = job_statistics(job)
@@ -541,7 +543,7 @@ def error_path(job, method: str, damping: float, lo: int, hi: int, keep: bool = 
         raise ValueError(f"{job.label}: no calibration rows reached the statistics")
     damping = effective_damping(job, stats.count, damping)
     # lean statistics: the channel-level problem's path (with its own targets; an upper bound, see the design)
-    W, b = (None, None) if job.lean else target_matrix(job)
+    W, b = (None, None) if job.lean or not job.independent else target_matrix(job)
     order = job_order(job, method, stats) if method in ORDER_METHODS else None
     with log_engine_warnings(job.name):
         path = budgeting.pair_error_path(stats, method=method, refit=job.refit, n_channels=job.channels,
