@@ -1,4 +1,5 @@
-"""Wide layers at scale (issue 21): VGG-16 within memory, AlexNet and ViT-B/32-MLP Linear layers.
+"""Wide layers at scale (issue 21): VGG-16 within memory; AlexNet, ViT-B/32 (MLPs alone and the whole Hugging Face
+model) and ConvNeXt-T prune time.
 
 Every case runs in a child process of its own, so that its peak resident memory (``VmHWM``) is its own:
 
@@ -223,13 +224,17 @@ def main():
     cols = []
     for r in rows:
         cols += [k for k in r if k not in cols]
-    record("scale", "Wide layers at scale: VGG-16 within memory, AlexNet and ViT-B/32 MLP prune time",
+    record("scale", "Wide layers at scale: VGG-16 within memory; AlexNet, ViT-B/32 and ConvNeXt-T prune time",
            [("One prune per case (ratio 0.5, forward selection, sequential, 8 calibration samples)", rows, cols)],
            notes="Random-init models built by hand (scale_models.py), 224² crops of scikit-learn's two sample "
-                 "photographs (ViT: Gaussian tokens). 'forward s': one forward pass over the 8 calibration samples "
+                 "photographs (vit-mlp: Gaussian tokens). 'forward s': one forward pass over the 8 calibration samples "
                  "(best of 3). Peak RSS: VmHWM of the case's own process (model, its pruned copy, data and the "
                  "prune). Held-out: 32 other samples. Torch-Pruning: MagnitudePruner, ratio 0.5, last layer "
-                 "ignored (dependency graph + step), no re-fit.")
+                 "ignored (dependency graph + step), no re-fit; on the Hugging Face ViT-B/32 it is given the heads "
+                 "(num_heads, heads pruned whole) and, as its ViT example does, also prunes the hidden width. "
+                 "ConvNeXt-T: torchvision's layer scale 1e-6 at random init makes every block's MLP branch "
+                 "negligible, so its agreement says nothing; its row is a timing. lsprune prunes the 18 MLP pairs "
+                 "(the channel LayerNorms keep the stream, find_pairs says why).")
 
 
 if __name__ == "__main__":
