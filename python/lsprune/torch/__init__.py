@@ -8,6 +8,7 @@
 * :func:`save_pretrained` / :func:`load_pretrained` — a pruned transformers model as a Hugging Face folder
   (config with the new widths where they are uniform, weights, structure) and back.
 * :func:`find_units` — the attention-head and MLP units of a transformer block.
+* :func:`find_residual_blocks` — the residual blocks of a CNN that ``prune(reconstruct=)`` fits.
 * :func:`apply_structure` — shrink a freshly built model to a report's channel counts (to load a pruned state_dict).
 * :func:`count_flops_params` — parameters and multiply-accumulates (MACs) of a model.
 * :class:`ReconstructOptions` — settings of block reconstruction after LS selection (``prune(reconstruct=)``);
@@ -41,6 +42,7 @@ from .blockwise import BlocksNotFoundError
 from .layouts import Unit, find_units
 from .pretrained import load_pretrained, save_pretrained
 from .reconstruct import ReconstructionWarning, ReconstructOptions
+from .reconstruct_cnn import find_residual_blocks
 from .report import WindowReport
 from .saving import load_pruned, save_pruned
 from .surgery import apply_structure
@@ -50,4 +52,4 @@ __all__ = ["prune", "factorize", "Budget", "find_pairs", "apply_structure", "cou
            "NotTraceableError", "MemoryLimitError", "DistributedError", "DEFAULT_MAX_POSITIONS", "save_pruned",
            "load_pruned", "find_units", "Unit", "BlocksNotFoundError", "NoPrunablePairsError", "CoupledGroup",
            "GradualPruner", "save_pretrained", "load_pretrained", "ReconstructOptions", "ReconstructionWarning",
-           "WindowReport"]
+           "WindowReport", "find_residual_blocks"]

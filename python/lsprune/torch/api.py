@@ -23,6 +23,7 @@ from .layouts import normalize_units
 from .options import DEFAULT_MAX_POSITIONS, Flag, PruneOptions
 from .pairprune import PairPrune
 from .pairs import PairSearch
+from .reconstruct_cnn import find_residual_blocks
 from .report import PruneReport
 from .session import CalibrationSession, TrainState
 
@@ -268,7 +269,12 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
         the LS solution's; a loss that turns NaN/Inf keeps the LS weights and warns
         (:class:`lsprune.torch.ReconstructionWarning`). Options (window, steps, lr, batch_size, optimizer,
         targets, norms, seed): see :class:`lsprune.torch.ReconstructOptions` and the README;
-        ``report.reconstruction`` holds each window's losses and time.
+        ``report.reconstruction`` holds each window's losses and time. Graph/hooks strategy (a CNN built of
+        residual blocks, :func:`lsprune.torch.find_residual_blocks`): after the LS prune, every changed
+        residual block is fitted in forward order to the dense block's outputs on the channels it keeps
+        (``window="block"`` only; ``targets="pruned_stream"`` only with ``coupled=False``; ``batch_size``
+        counts images), then the Linear heads after the blocks are re-fitted by LS; BatchNorm running
+        statistics never change, its affine parameters train only with ``norms=True``.
 
     Returns
     -------
@@ -294,9 +300,7 @@ def prune(model: nn.Module, calibration, *, ratio: Optional[float] = None, keep:
             with session.opened():
                 return session.finish(*prune_blockwise(session, opts))
         if opts.reconstruct is not None:
-            raise ValueError("reconstruct= belongs to the blocks strategy (transformer blocks): the model was not "
-                             "pruned block by block (strategy='blocks', or 'auto' on a model with transformer "
-                             "blocks and no pairs=)")
+            _check_residual(model, opts, dist)
         if opts.time_budget is not None and dist.active:
             raise ValueError("time_budget= is not supported with distributed calibration (the ranks could stop "
                              "their selections at different steps): give time_budget=None or distributed=False")
@@ -335,6 +339,25 @@ def _use_blocks(model, opts: PruneOptions) -> bool:
     except BlocksNotFoundError:
         return False
     return True
+
+
+def _check_residual(model: nn.Module, opts: PruneOptions, dist: Dist) -> None:
+    """``reconstruct=`` without transformer blocks: the model must have residual CNN blocks, and the options
+    must make sense for them; refused before anything runs."""
+    r = opts.reconstruct
+    if not find_residual_blocks(model):
+        raise ValueError("reconstruct= needs blocks: transformer blocks (the blocks strategy: strategy='blocks', or "
+                         "'auto' on a model with transformer blocks and no pairs=) or the residual blocks of a CNN "
+                         "(children of an nn.Sequential / nn.ModuleList that add a branch to their input); this "
+                         "model has neither")
+    if r.window != "block":
+        raise ValueError(f"reconstruct window={r.window!r}: residual CNN blocks are fitted whole (window='block'); "
+                         "'sublayer' is for transformer blocks")
+    if r.targets == "pruned_stream" and opts.coupled:
+        raise ValueError("reconstruct targets='pruned_stream' needs the residual stream unpruned (the dense block "
+                         "cannot run on the pruned stream's fewer channels): use targets='dense' or coupled=False")
+    if dist.active:
+        raise ValueError("reconstruct= of residual CNN blocks does not support distributed calibration")
 
 
 def _check_blockwise(opts: PruneOptions, dist: Dist) -> None:

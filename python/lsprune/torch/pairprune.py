@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch.nn as nn
 
 from . import budget as budgeting
-from .batches import batch_size
+from .batches import batch_size, to_device
 from .checkpoint import Checkpoint, fingerprint
 from .costs import PairCosts
 from .discovery import check_keep, find_prunable, skip_groups_for_method
@@ -30,6 +30,7 @@ from .options import PruneOptions
 from .pairs import CoupledGroup, producer_channels
 from .plan import budget_bounds, plan_channels, producer_kind, unit_multiples
 from .pruning import PairJob, error_path, finish, make_job
+from .reconstruct_cnn import find_residual_blocks, plan_residual, reconstruct_residual
 from .report import PruneReport
 from .reporting import prune_report, record_budget
 from .session import CalibrationSession
@@ -60,6 +61,7 @@ class PairPrune(StreamAllocation):
         self._bound_budget()
         self._open_checkpoint()
         self._plan_memory()
+        self._plan_reconstruction()
         self._prepare()
         self._budget_pass()
         if self._stream_budget():  # allocation="sequential": a measuring pass, the re-allocation, the choice
@@ -74,8 +76,33 @@ class PairPrune(StreamAllocation):
                 raise pruned_failure(e) from e
             self.passes += self.s.per_batch
         report = self._report(jobs, out_err)
+        self._reconstruct(report)
         self.dist.close()  # the last collective: every rank got here
         return self.pruned, report
+
+    # ------------------------------------------------------------------------------------------ reconstruction
+    def _plan_reconstruction(self) -> None:
+        """``reconstruct=``: the residual blocks in call order and their memory guard (one forward of the example,
+        before anything is modified)."""
+        self.residual = None
+        if self.opts.reconstruct is None:
+            return
+        self.residual = plan_residual(self.ref, find_residual_blocks(self.ref), self.batch0, self.s.run,
+                                      self.opts.reconstruct, scale=self.scale, per_sample=1.0 / self.b0,
+                                      memory_limit=self.opts.memory_limit,
+                                      model_copy=sum(t.nelement() * t.element_size() for t in
+                                                     (*self.ref.parameters(), *self.ref.buffers())))
+
+    def _reconstruct(self, report: PruneReport) -> None:
+        """Block reconstruction of the pruned residual blocks, after the LS prune (:mod:`.reconstruct_cnn`)."""
+        if self.residual is None:
+            return
+        batches = [to_device(b, self.s.dev) for b in self.s.batches]
+        report.reconstruction = reconstruct_residual(
+            self.ref, self.pruned, report, batches, self.s.run, plan=self.residual, opts=self.opts.reconstruct,
+            device=self.s.dev, progress=self.opts.progress, timer=self.timer, damping=float(self.opts.damping))
+        if report.memory is not None:
+            report.memory["reconstruction"] = self.residual.estimate
 
     # ------------------------------------------------------------------------------------------ what and how much
     def _find(self, src: int) -> None:

@@ -290,8 +290,7 @@ class BlockReconstructor:
             torch.optim.SGD(params, lr=o.lr, momentum=0.9)
         work_tap = work.get_submodule(w.relative(w.tap)) if w.tap else None
         sizes = [rows_of(c) for c in inputs]
-        seq_tokens = max(1, targets[0][0].numel() // targets[0].shape[-1]) if targets[0].dim() >= 2 else 1
-        plan = minibatches(sizes, max(1, round(o.batch_size / seq_tokens)), o.steps,
+        plan = minibatches(sizes, self.per_step(targets), o.steps,
                            torch.Generator().manual_seed(o.seed * 1_000_003 + self._n))
         every = max(1, math.ceil(o.steps / EVALUATIONS))
         best, best_state, best_step, best_outs = rep.loss_before, None, 0, ls_outs
@@ -318,6 +317,12 @@ class BlockReconstructor:
         rep.loss_after, rep.best_step = best, best_step
         rep.status = "improved" if best_state is not None else "unchanged"
         return best_outs
+
+    def per_step(self, targets: Sequence[torch.Tensor]) -> int:
+        """Sequences per minibatch: ``batch_size`` tokens (rows of a target (B, T, H)) in whole sequences."""
+        t = targets[0]
+        seq_tokens = max(1, t[0].numel() // t.shape[-1]) if t.dim() >= 2 else 1
+        return max(1, round(self.opts.batch_size / seq_tokens))
 
     def _step(self, work, work_tap, opt, groups, inputs, targets, master) -> float:
         """One optimizer step on the sequences ``groups`` [(batch, rows)]; returns the minibatch loss."""
