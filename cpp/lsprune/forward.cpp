@@ -26,17 +26,15 @@
 namespace lsp {
 namespace {
 
-enum : char { ACTIVE = 0, CHOSEN = 1, DEGENERATE = 2 };
-
-struct ForwardState final : ForwardStateBase {
+struct ForwardState final : HostGainsState {
   Problem& P;
   const Groups& grp;
   const bool omp;
   const double rcond;
   Index NG, m, Du, Dact, K = 0, dead = 0;
   std::vector<Index> pos2col, wstart;
-  std::vector<char> state, counted;
-  std::vector<double> R, C, Lpacked, Z, Dblk, tol, gain;
+  std::vector<char> counted;
+  std::vector<double> R, C, Lpacked, Z, Dblk, tol;
   std::vector<Index> dboff;
   std::vector<Index> sel_cols;  // columns in selection order
   std::vector<double> work;     // per-thread scratch
@@ -148,9 +146,6 @@ struct ForwardState final : ForwardStateBase {
       }
   }
 
-  bool is_active(Index g) const override { return state[g] == ACTIVE; }
-  double gain_of(Index g) const override { return gain[g]; }
-  bool has_host_gains() const override { return true; }
   void release() override {
     for (std::vector<double>* v : {&R, &C, &Lpacked, &Z, &Dblk, &work}) std::vector<double>().swap(*v);
   }
@@ -169,15 +164,6 @@ struct ForwardState final : ForwardStateBase {
       for (Index k = 0; k <= i; ++k) L[std::size_t(i) * K + k] = Lpacked[q++];
     Zout = Z;
   }
-  std::vector<Index> degenerate() override {
-    std::vector<Index> out;
-    for (Index g = 0; g < NG; ++g)
-      if (state[g] == DEGENERATE) out.push_back(g);
-    return out;
-  }
-
-  Index best() override { return best_group(NG, gain.data(), [&](Index g) { return state[g] == ACTIVE; }); }
-
   // Adds group J (which must be ACTIVE and non-degenerate); returns ||z||^2.
   double add(Index J) override {
     const Index gJ = grp.size_of(J), pj = wstart[J], o = grp.offsets[J];

@@ -29,9 +29,8 @@ namespace lsp {
 namespace {
 
 constexpr Index kBlock = 64;  // columns between two BLAS-3 updates of S and M
-enum : char { ACTIVE = 0, CHOSEN = 1, DEGENERATE = 2 };
 
-struct BlockedState final : ForwardStateBase {
+struct BlockedState final : HostGainsState {
   Problem& P;
   const Groups& grp;
   const bool omp;
@@ -40,13 +39,13 @@ struct BlockedState final : ForwardStateBase {
   Index Dact, dead = 0;            // positions in the layout; those of chosen/degenerate groups in it
   std::vector<Index> pos2col;      // position -> column
   std::vector<Index> wstart;       // group -> its first position
-  std::vector<char> state, counted;
+  std::vector<char> counted;
   std::vector<double> S, M;        // Dact x Dact (leading dim Dact), upper triangle valid, as of the last flush
   std::vector<double> Cb, Vb;      // nb rows of stride Du (Dact used): the rows c, v added since the last flush
   Index nb = 0;
   std::vector<double> Sblk, Mblk;  // every group's g x g diagonal blocks, always current
   std::vector<Index> dboff;
-  std::vector<double> tol, gain, scol, mcol;
+  std::vector<double> tol, scol, mcol;
   std::vector<Index> sel_cols;     // columns in selection order
 
   BlockedState(Problem& p, bool omp_, double rc)
@@ -246,22 +245,10 @@ struct BlockedState final : ForwardStateBase {
     return drop;
   }
 
-  bool is_active(Index g) const override { return state[g] == ACTIVE; }
-  double gain_of(Index g) const override { return gain[g]; }
-  bool has_host_gains() const override { return true; }
   Index selected_columns() const override { return Index(sel_cols.size()); }
   void reserve(Index cap) override { sel_cols.reserve(cap); }
   void release() override {
     for (std::vector<double>* x : {&S, &M, &Cb, &Vb, &Sblk, &Mblk}) std::vector<double>().swap(*x);
-  }
-
-  Index best() override { return best_group(NG, gain.data(), [&](Index g) { return state[g] == ACTIVE; }); }
-
-  std::vector<Index> degenerate() override {
-    std::vector<Index> out;
-    for (Index g = 0; g < NG; ++g)
-      if (state[g] == DEGENERATE) out.push_back(g);
-    return out;
   }
 
   // The factor of the chosen columns' Gram in selection order, from a fresh Cholesky

@@ -31,8 +31,6 @@
 namespace lsp {
 namespace {
 
-enum : char { ACTIVE = 0, CHOSEN = 1, DEGENERATE = 2 };
-
 // The pivot rule stops at a remaining variance below kPivotStop * Du * eps of the largest one. The
 // factor is used only when what it leaves out, the trace of Gc - L^T L and the part of Bc outside
 // the range of L^T, is below kRounding of the trace of Gc and of ||Bc||: the level at which float32
@@ -160,15 +158,14 @@ std::vector<double> compressed(const std::vector<double>& T, Index r, Index m, I
   return Tc;
 }
 
-struct LowRankState final : ForwardStateBase {
+struct LowRankState final : HostGainsState {
   Problem& P;
   const Groups& grp;
   const bool omp;
   Index NG, m, Du, r, rc;
   double lam;
   std::vector<double> Lt, Ut, Rt, T;  // Du x r, Du x r, Du x rc, r x m
-  std::vector<double> tol, gain;
-  std::vector<char> state;
+  std::vector<double> tol;
   std::vector<Index> sel_cols, sel_pos;
   std::vector<double> work;
   Index work_stride, chunk;
@@ -303,9 +300,6 @@ struct LowRankState final : ForwardStateBase {
     }
   }
 
-  bool is_active(Index g) const override { return state[g] == ACTIVE; }
-  double gain_of(Index g) const override { return gain[g]; }
-  bool has_host_gains() const override { return true; }
   Index selected_columns() const override { return Index(sel_cols.size()); }
   void reserve(Index cap) override {
     sel_cols.reserve(cap);
@@ -313,15 +307,6 @@ struct LowRankState final : ForwardStateBase {
   }
   void release() override {
     for (std::vector<double>* x : {&Lt, &Rt, &work}) std::vector<double>().swap(*x);
-  }
-
-  Index best() override { return best_group(NG, gain.data(), [&](Index g) { return state[g] == ACTIVE; }); }
-
-  std::vector<Index> degenerate() override {
-    std::vector<Index> out;
-    for (Index g = 0; g < NG; ++g)
-      if (state[g] == DEGENERATE) out.push_back(g);
-    return out;
   }
 
   void factors(std::vector<Index>&, std::vector<double>&, std::vector<double>&) override {

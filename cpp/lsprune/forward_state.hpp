@@ -55,6 +55,27 @@ Index best_group(Index n_groups, const double* gain, Active&& active) {
   return -1;
 }
 
+// What every CPU state keeps per group and answers the same way: its state and its current criterion
+// (host-side gains; forward: the exact error drop, omp: ||R_J||^2). The states fill both.
+struct HostGainsState : ForwardStateBase {
+  enum : char { ACTIVE = 0, CHOSEN = 1, DEGENERATE = 2 };
+  std::vector<char> state;   // per group
+  std::vector<double> gain;  // per group
+
+  bool is_active(Index g) const override { return state[g] == ACTIVE; }
+  double gain_of(Index g) const override { return gain[g]; }
+  bool has_host_gains() const override { return true; }
+  Index best() override {
+    return best_group(Index(gain.size()), gain.data(), [&](Index g) { return state[g] == ACTIVE; });
+  }
+  std::vector<Index> degenerate() override {
+    std::vector<Index> out;
+    for (Index g = 0; g < Index(state.size()); ++g)
+      if (state[g] == DEGENERATE) out.push_back(g);
+    return out;
+  }
+};
+
 // The CPU state (forward.cpp) for forward (omp = false) or OMP selection on `prob`.
 std::unique_ptr<ForwardStateBase> make_forward_state(Problem& prob, bool omp, double rcond);
 
